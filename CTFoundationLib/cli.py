@@ -1,0 +1,38 @@
+"""The `ctfoundation` command line. Each feature module adds its sub-commands through `register(subparsers)`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import CTFoundationError
+
+FEATURE_MODULES = ("cli_input",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ctfoundation", description="Chest-CT foundation models, headless.")
+    parser.add_argument("--version", action="version", version=f"ctfoundation {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from importlib import import_module
+
+    for name in FEATURE_MODULES:
+        import_module(f".{name}", __package__).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CTFoundationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

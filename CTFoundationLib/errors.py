@@ -1,0 +1,17 @@
+"""Errors the library raises on bad input. Each message says what is wrong, where, and what to do."""
+
+
+class CTFoundationError(Exception):
+    """Base class: the CLI prints these as one clear line instead of a traceback."""
+
+
+class CTInputError(CTFoundationError):
+    """A CT file or folder that cannot be read or is not a usable chest CT."""
+
+
+class CheckpointError(CTFoundationError):
+    """A model checkpoint that is missing, of the wrong kind, or damaged."""
+
+
+class WeightsError(CTFoundationError):
+    """Getting, verifying or placing model weights failed."""
