@@ -9,8 +9,10 @@ clear error rather than silently resampled.
 from __future__ import annotations
 
 import gzip
+import os
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +191,6 @@ def _choose_series(series: dict, series_uid: str | None, source: str) -> str:
 
 
 def _assemble_series(items: list, source: str, rescale: tuple[float, float] | None) -> CTVolume:
-    import pydicom
-
     first = items[0][1]
     modality = str(first.get("Modality", ""))
     if modality and modality != "CT":
@@ -208,25 +208,7 @@ def _assemble_series(items: list, source: str, rescale: tuple[float, float] | No
             raise CTInputError(f"{source}: slices have different orientations; this is not one CT series")
     slice_step = _slice_step(positions, normal, source)
     pixel_spacing = [float(v) for v in first.get("PixelSpacing", [1.0, 1.0])]
-    slices, slopes, intercepts = [], [], []
-    for file, _ in items:
-        try:
-            dataset = pydicom.dcmread(file)
-            slices.append(dataset.pixel_array)
-        except Exception as error:  # pixel decoders raise many types; all mean "cannot decode this slice"
-            raise CTInputError(
-                f"{file}: cannot decode the pixel data ({type(error).__name__}: {error}). Compressed DICOM needs "
-                "`pip install pylibjpeg pylibjpeg-libjpeg` (the 'dicom' extra); a truncated file must be re-exported."
-            ) from error
-        slopes.append(float(dataset.get("RescaleSlope", 1.0)))
-        intercepts.append(float(dataset.get("RescaleIntercept", 0.0)))
-    shapes = {s.shape for s in slices}
-    if len(shapes) != 1:
-        raise CTInputError(f"{source}: slices have different sizes {sorted(shapes)}; this is not one CT series")
-    if rescale is not None:
-        slopes, intercepts = [rescale[0]] * len(slices), [rescale[1]] * len(slices)
-    hu_kji = _rescale(np.stack(slices), np.array(slopes), np.array(intercepts))
-    del slices
+    hu_kji, slopes, intercepts = _decode_slices([file for file, _ in items], rescale)
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = row_dir * pixel_spacing[1]  # i: along a row (column index), step = column spacing
     affine_lps[:3, 1] = col_dir * pixel_spacing[0]  # j: down a column (row index), step = row spacing
@@ -273,6 +255,40 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, source: str) -> float
             "first, e.g. with Slicer's DICOM import (it corrects tilt)."
         )
     return median
+
+
+def _decode_slices(files: list[Path], rescale: tuple[float, float] | None) -> tuple[np.ndarray, list, list]:
+    """Decode and rescale every slice straight into one (k, j, i) HU array (int16 while exact, else float32)."""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        decoded = pool.map(_decode_slice, files)
+        hu_kji, slopes, intercepts = None, [], []
+        for k, (raw, slope, intercept) in enumerate(decoded):
+            slope, intercept = rescale if rescale is not None else (slope, intercept)
+            hu = _rescale(raw[None], np.array([slope]), np.array([intercept]))[0]
+            if hu_kji is None:
+                hu_kji = np.empty((len(files), *raw.shape), dtype=hu.dtype)
+            if hu.shape != hu_kji.shape[1:]:
+                raise CTInputError(f"{files[k]}: slice size {hu.shape} differs from {hu_kji.shape[1:]}; not one series")
+            if hu.dtype != hu_kji.dtype:
+                hu_kji = hu_kji.astype(np.float32)
+            hu_kji[k] = hu
+            slopes.append(slope)
+            intercepts.append(intercept)
+    return hu_kji, slopes, intercepts
+
+
+def _decode_slice(file: Path) -> tuple[np.ndarray, float, float]:
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(file)
+        pixels = dataset.pixel_array
+    except Exception as error:  # pixel decoders raise many types; all mean "cannot decode this slice"
+        raise CTInputError(
+            f"{file}: cannot decode the pixel data ({type(error).__name__}: {error}). Compressed DICOM needs "
+            "`pip install pylibjpeg pylibjpeg-libjpeg` (the 'dicom' extra); a truncated file must be re-exported."
+        ) from error
+    return pixels, float(dataset.get("RescaleSlope", 1.0)), float(dataset.get("RescaleIntercept", 0.0))
 
 
 def _rescale(raw_kji: np.ndarray, slopes: np.ndarray, intercepts: np.ndarray) -> np.ndarray:
