@@ -1,0 +1,271 @@
+"""CT-CLIP v2 detection of the 18 CT-RATE abnormalities: one image pass per volume, prompt latents cached.
+
+`CTCLIPRuntime` holds one loaded checkpoint (+ tokenizer) and turns CT volumes into image latents,
+token grids and findings; texts into text latents. Zero-shot checkpoints (CT-CLIP v2, VocabFine) score
+"{name} is present." against "{name} is not present."; the LiPro checkpoint uses its linear head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import CheckpointError, CTFoundationError
+from .models.ctclip import (
+    CT_RATE_ABNORMALITIES,
+    CTCLIPConfig,
+    encode_zero_shot_prompts,
+    load_ctclip,
+    tokenize,
+    zero_shot_probabilities,
+)
+from .preprocess import CTCLIP_V2, PreprocessSpec, preprocess
+from .volume import CTVolume
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Finding:
+    name: str
+    probability: float
+    threshold: float | None = None
+    positive: bool | None = None
+
+
+@dataclass
+class DetectionResult:
+    """Per-finding probabilities of one volume, with what produced them. JSON-serialisable via `to_dict`."""
+
+    model: str
+    method: str
+    checkpoint: str
+    checkpoint_sha256: str
+    device: str
+    dtype: str
+    findings: list[Finding]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    software: str = f"ctfoundation {__version__}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def probability(self, name: str) -> float:
+        return next(f.probability for f in self.findings if f.name == name)
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CTFoundationError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(device)
+
+
+def load_thresholds(source: Path | Mapping[str, float] | None, names: Sequence[str] = CT_RATE_ABNORMALITIES) -> dict:
+    """Per-finding decision thresholds from a JSON file ({name: value} or {"thresholds": {...}}) or a mapping."""
+    if source is None:
+        return {}
+    if isinstance(source, Mapping):
+        table = dict(source)
+    else:
+        try:
+            table = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as error:
+            raise CTFoundationError(f"thresholds file {source} cannot be read as JSON ({error})") from error
+        table = table.get("thresholds", table) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise CTFoundationError(f"thresholds {source}: expected a JSON object mapping finding names to numbers")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise CTFoundationError(f"thresholds {source}: unknown findings {unknown}; use the names {list(names)}")
+    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0}
+    if bad:
+        raise CTFoundationError(f"thresholds {source}: values must be probabilities in [0, 1], got {bad}")
+    return {name: float(value) for name, value in table.items()}
+
+
+def file_sha256(path: Path, cache_file: Path | None = None) -> str:
+    """sha256 of a file, remembered in `cache_file` by (path, size, mtime) so big checkpoints hash once."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    known = _read_json(cache_file) if cache_file else {}
+    if key in known:
+        return known[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    if cache_file:
+        known[key] = digest.hexdigest()
+        _write_json_atomic(cache_file, known)
+    return digest.hexdigest()
+
+
+def load_tokenizer(folder: Path):
+    """The CXR-BERT (BERT WordPiece) tokenizer from a local folder holding vocab.txt, lower-casing as CT-CLIP."""
+    from transformers import BertTokenizerFast
+
+    vocab = folder / "vocab.txt" if folder.is_dir() else folder
+    if not vocab.is_file():
+        raise CheckpointError(
+            f"text encoder {folder}: no vocab.txt found. Give the CXR-BERT folder "
+            "(`ctfoundation weights download cxr-bert`) or a vocab.txt file."
+        )
+    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+
+
+class CTCLIPRuntime:
+    """One CT-CLIP v2 checkpoint ready for inference.
+
+    checkpoint: CT-CLIP_v2.pt / CT_VocabFine_v2.pt / CT_LiPro_v2.pt or a file in the same layout.
+    tokenizer_source: CXR-BERT folder or vocab.txt (needed for zero-shot and text; not for LiPro).
+    config: model sizes for non-standard checkpoints (default: full-size v2).
+    cache_dir: where prompt latents and checkpoint hashes are kept (default: $CTFOUNDATION_HOME/runtime).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        tokenizer_source: Path | None = None,
+        model_id: str = "ct-clip-v2",
+        config: CTCLIPConfig | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        cache_dir: Path | None = None,
+        spec: PreprocessSpec = CTCLIP_V2,
+        progress: Progress | None = None,
+    ) -> None:
+        if dtype not in DTYPES:
+            raise CTFoundationError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        self.model_id, self.spec, self.dtype = model_id, spec, dtype
+        self.checkpoint = Path(checkpoint)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.device = select_device(device)
+        self._progress = progress or (lambda message: None)
+        self.timings_s: dict[str, float] = {}
+        with self._timed("load_model"):
+            self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype])
+            self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
+        self.tokenizer = load_tokenizer(Path(tokenizer_source)) if tokenizer_source else None
+        self._prompt_latents: torch.Tensor | None = None
+
+    @property
+    def method(self) -> str:
+        return "lipro" if self.model.classifier is not None else "zero-shot"
+
+    @contextlib.contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        """Report the step to the progress callback and record its wall time in `timings_s`."""
+        self._progress(name.replace("_", " "))
+        start = time.perf_counter()
+        yield
+        self.timings_s[name] = round(time.perf_counter() - start, 3)
+
+    def prepare(self, volume: CTVolume) -> torch.Tensor:
+        """CT volume -> (1, 1, 240, 480, 480) model input."""
+        with self._timed("preprocess"):
+            return torch.from_numpy(preprocess(volume, self.spec))[None]
+
+    def encode_volume(self, volume: CTVolume, return_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One image pass: L2-normalised latent (1, 512) and, on request, the quantised token grid (1, 24, 24, 24, 512)."""
+        tensor = self.prepare(volume)
+        with self._timed("encode_image"):
+            latent, tokens = self.model.encode_image(tensor, return_tokens=return_tokens)
+        return latent.float().cpu(), (tokens.float().cpu() if tokens is not None else None)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Free texts -> L2-normalised latents (K, 512); each text tokenised without padding to 512."""
+        with self._timed("encode_text"):
+            ids, mask = tokenize(self._require_tokenizer(), texts)
+            return self.model.encode_text(ids, mask).float().cpu()
+
+    def prompt_latents(self) -> torch.Tensor:
+        """(18, 2, 512) [present, not present] latents, cached on disk per checkpoint and vocabulary."""
+        if self._prompt_latents is None:
+            path = self._prompt_cache_path()
+            if path.is_file():
+                with self._timed("encode_prompts_cached"):
+                    self._prompt_latents = load_file(path)["prompt_latents"]
+            else:
+                with self._timed("encode_prompts"):
+                    latents = encode_zero_shot_prompts(self.model, self._require_tokenizer()).float().cpu()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_suffix(f".tmp{os.getpid()}")
+                save_file({"prompt_latents": latents.contiguous()}, temporary)
+                os.replace(temporary, path)
+                self._prompt_latents = latents
+        return self._prompt_latents
+
+    def probabilities(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """(B, 512) image latents -> (B, 18) P(present)."""
+        if self.method == "lipro":
+            return self.model.lipro_probabilities(image_latents.to(self.device)).float().cpu()
+        return zero_shot_probabilities(image_latents, self.prompt_latents(), self.model.logit_scale.float().cpu())
+
+    def detect(self, volume: CTVolume, thresholds: Mapping[str, float] | None = None) -> DetectionResult:
+        """Findings for one volume: the image is encoded once and scored against all 18 findings."""
+        started = time.perf_counter()
+        latent, _ = self.encode_volume(volume)
+        with self._timed("score"):
+            probabilities = self.probabilities(latent)[0].tolist()
+        thresholds = thresholds or {}
+        findings = [
+            Finding(name, round(p, 6), thresholds.get(name), (p >= thresholds[name]) if name in thresholds else None)
+            for name, p in zip(CT_RATE_ABNORMALITIES, probabilities)
+        ]
+        self.timings_s["detect_total"] = round(time.perf_counter() - started, 3)
+        return DetectionResult(
+            model=self.model_id,
+            method=self.method,
+            checkpoint=str(self.checkpoint),
+            checkpoint_sha256=self.checkpoint_sha256,
+            device=str(self.device),
+            dtype=self.dtype,
+            findings=findings,
+            timings_s=dict(self.timings_s),
+        )
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise CheckpointError(
+                f"{self.model_id} needs the CXR-BERT tokenizer for text: pass --text-encoder DIR "
+                "(`ctfoundation weights download cxr-bert`)"
+            )
+        return self.tokenizer
+
+    def _prompt_cache_path(self) -> Path:
+        vocab = sorted(self._require_tokenizer().get_vocab().items())
+        vocab_hash = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+        return self.cache_dir / "prompt_latents" / f"{self.checkpoint_sha256[:16]}-{vocab_hash}.safetensors"
+
+
+def default_cache_dir() -> Path:
+    home = os.environ.get("CTFOUNDATION_HOME") or Path.home() / ".cache" / "ctfoundation"
+    return Path(home) / "runtime"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp{os.getpid()}")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)
