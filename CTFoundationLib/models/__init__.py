@@ -1,0 +1,1 @@
+"""Model ports: our own PyTorch implementations of the reference models, with checkpoint loaders."""
