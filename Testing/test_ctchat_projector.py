@@ -76,11 +76,12 @@ def test_loads_any_prefix_and_keeps_llm_tables(folder: Path, prefix: str, tmp_pa
             assert torch.equal(value, llm[name])
 
 
-def _variants() -> list[tuple[str, dict]]:
-    return list(json.loads(MANIFEST.read_text())["variants"].items()) if MANIFEST.is_file() else []
+def _variants() -> list:
+    variants = json.loads(MANIFEST.read_text())["variants"] if MANIFEST.is_file() else {}
+    return [pytest.param(name, variant, id=name) for name, variant in variants.items()]
 
 
-@pytest.mark.parametrize(("name", "variant"), _variants(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("name", "variant"), _variants())
 def test_fullsize_keys_match_meta_build(name: str, variant: dict) -> None:
     with torch.device("meta"):
         model = AttnPoolProjector(ProjectorConfig(llm_hidden_size=variant["llm_hidden_size"]))

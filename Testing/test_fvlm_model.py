@@ -120,11 +120,12 @@ def test_checkpoint_layouts_load(folder: Path, layout: str, tmp_path: Path) -> N
         c.check("organ_image_feats", model.encode_organs(c.image, c.mask)[0])
 
 
-def _variants() -> list[tuple[str, dict]]:
-    return list(json.loads(MANIFEST.read_text())["variants"].items()) if MANIFEST.is_file() else []
+def _variants() -> list:
+    variants = json.loads(MANIFEST.read_text())["variants"] if MANIFEST.is_file() else {}
+    return [pytest.param(name, variant, id=name) for name, variant in variants.items()]
 
 
-@pytest.mark.parametrize(("name", "variant"), _variants(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("name", "variant"), _variants())
 def test_fullsize_keys_match_meta_build(name: str, variant: dict) -> None:
     with torch.device("meta"):
         model = FVLM(FVLMConfig())
