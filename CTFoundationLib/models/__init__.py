@@ -1,1 +1,1 @@
-"""Model implementations (pure PyTorch, no slicer/qt): CT-CLIP v2 in `ctclip`."""
+"""Model implementations (pure PyTorch, no slicer/qt): one file per model, each with its checkpoint loader."""

@@ -1,0 +1,430 @@
+"""fVLM (alibaba-damo-academy/fvlm): organ-wise CT vision-language model, inference only.
+
+Image: (B, 1, Z, Y, X) in [0, 1] (HU window -1150..350) -> 3D ViT-B with patches (16, 16, 32) -> tokens
+flattened z-major, x fastest (index = (z * ny + y) * nx + x). Organ pooling: one learned query per organ
+attends over that organ's tokens from blocks 3, 6, 9 (not normed) and the final normed output, then a
+per-organ Linear and L2 norm. Text: BLIP 'med' BERT without token-type embedding; [CLS] -> Linear -> L2.
+Zero-shot: softmax over [negative, positive] of organ_feat . prompt_feat / temp.
+State-dict names are those of the reference BlipPretrain; dropout layers are omitted (eval only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint_io import StateSource, apply_state_dict, as_state_dict, load_torch_file, source_name
+
+WHAT = "fVLM checkpoint"
+
+ORGANS = ("lung", "heart", "esophagus", "aorta")  # organ mask ids 1..4
+
+
+@dataclass(frozen=True)
+class ZeroShotItem:
+    """One CT-RATE finding scored on one organ with a [negative, positive] prompt pair."""
+
+    organ: str
+    finding: str
+    negative: str
+    positive: str
+
+
+# fVLM's evaluation list (eval.py): 16 CT-RATE findings and their prompts.
+ZERO_SHOT_ITEMS = tuple(ZeroShotItem(*row) for row in (
+    ("lung", "Emphysema", "Not Emphysema.", "Emphysema."),
+    ("lung", "Atelectasis", "Not Atelectatic.", "Atelectatic."),
+    ("lung", "Lung nodule", "Not Nodule.", "Nodule."),
+    ("lung", "Lung opacity", "Not Opacity.", "Opacity."),
+    ("lung", "Pulmonary fibrotic sequela", "Not Pulmonary fibrotic.", "Pulmonary fibrotic."),
+    ("lung", "Pleural effusion", "Not Pleural effusion.", "Pleural effusion."),
+    ("lung", "Mosaic attenuation pattern", "Not Mosaic attenuation pattern.", "Mosaic attenuation pattern."),
+    ("lung", "Peribronchial thickening", "Not Peribronchial thickening.", "Peribronchial thickening."),
+    ("lung", "Consolidation", "Not Consolidation.", "Consolidation."),
+    ("lung", "Bronchiectasis", "Not Bronchiectasis.", "Bronchiectasis."),
+    ("lung", "Interlobular septal thickening", "Not Interlobular septal thickening.",
+     "Interlobular septal thickening."),
+    ("heart", "Cardiomegaly", "Not Cardiomegaly.", "Cardiomegaly."),
+    ("heart", "Pericardial effusion", "Not Pericardial effusion.", "Pericardial effusion."),
+    ("heart", "Coronary artery wall calcification", "Not Coronary artery wall calcification.",
+     "Coronary artery wall calcification."),
+    ("esophagus", "Hiatal hernia", "Not Hiatal hernia.", "Hiatal hernia."),
+    ("aorta", "Arterial wall calcification", "Not Arterial wall calcification.", "Arterial wall calcification."),
+))
+
+# Checkpoint entries the model does not use: BERT MLM head, position-id buffer, unused token-type table.
+_UNUSED_PREFIXES = ("text_encoder.cls.",)
+_UNUSED_KEYS = ("text_encoder.embeddings.position_ids", "text_encoder.embeddings.token_type_embeddings.weight")
+
+
+def is_unused_checkpoint_key(key: str) -> bool:
+    """True for checkpoint entries that fVLM inference does not read."""
+    return key.startswith(_UNUSED_PREFIXES) or key in _UNUSED_KEYS
+
+
+@dataclass(frozen=True)
+class FVLMConfig:
+    """Sizes of fVLM. Defaults: the released model (ViT-B, CXR-BERT-sized text tower, 256-d embeddings)."""
+
+    in_channels: int = 1
+    img_size: tuple[int, int, int] = (112, 256, 352)  # (Z, Y, X); position-embedding grid = img_size // patch
+    patch_size: tuple[int, int, int] = (16, 16, 32)
+    vit_hidden: int = 768  # also the pooling width (the reference hard-codes 768 there)
+    vit_mlp: int = 3072
+    vit_layers: int = 12
+    vit_heads: int = 12
+    vit_qkv_bias: bool = True
+    pool_levels: tuple[int, ...] = (3, 6, 9)  # blocks whose (un-normed) outputs join the final normed output
+    pool_heads: int = 4
+    organs: tuple[str, ...] = ORGANS
+    embed_dim: int = 256
+    vocab_size: int = 30522
+    text_hidden: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_position_embeddings: int = 512
+    text_layer_norm_eps: float = 1e-12
+    max_txt_len: int = 384  # prompts are padded to this length
+
+    @property
+    def pos_grid(self) -> tuple[int, int, int]:
+        return tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+
+    @classmethod
+    def from_reference_constructors(cls, constructors: Mapping[str, Mapping]) -> FVLMConfig:
+        """From a fixture's `constructors` block: ViT(...), the med BertConfig and BlipPretrain(...) arguments.
+
+        The pooling width follows the ViT width (the fixture's documented deviation; both are 768 for real).
+        """
+        vit = constructors["ViT"]
+        bert = next(v for k, v in constructors.items() if k.startswith("BertConfig"))
+        blip = constructors["BlipPretrain"]
+        if bert.get("hidden_act", "gelu") != "gelu" or bert.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only hidden_act 'gelu' with absolute position embeddings is implemented")
+        if bert.get("add_cross_attention", False):
+            raise ValueError("the text tower with cross-attention layers is not implemented")
+        return cls(
+            in_channels=vit["in_channels"], img_size=tuple(vit["img_size"]), patch_size=tuple(vit["patch_size"]),
+            vit_hidden=vit["hidden_size"], vit_mlp=vit["mlp_dim"], vit_layers=vit["num_layers"],
+            vit_heads=vit["num_heads"], vit_qkv_bias=vit.get("qkv_bias", False), embed_dim=blip["embed_dim"],
+            vocab_size=bert["vocab_size"], text_hidden=bert["hidden_size"], text_layers=bert["num_hidden_layers"],
+            text_heads=bert["num_attention_heads"], text_intermediate=bert["intermediate_size"],
+            max_position_embeddings=bert["max_position_embeddings"],
+            text_layer_norm_eps=bert.get("layer_norm_eps", 1e-12), max_txt_len=blip["max_txt_len"],
+        )
+
+
+# ---------------------------------------------------------------- image tower
+
+
+class PatchEmbedding(nn.Module):
+    """Conv patch embedding + learned position embedding, resized trilinearly to other token grids."""
+
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.grid = cfg.pos_grid
+        self.patch_embeddings = nn.Conv3d(cfg.in_channels, cfg.vit_hidden, cfg.patch_size, stride=cfg.patch_size)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, math.prod(self.grid), cfg.vit_hidden))
+
+    def position_embedding(self, grid: tuple[int, ...]) -> Tensor:
+        """(1, nz * ny * nx, C) for token grid (nz, ny, nx); align_corners=False when resized."""
+        if grid == self.grid:
+            return self.position_embeddings
+        table = self.position_embeddings.transpose(1, 2).reshape(1, -1, *self.grid)
+        return F.interpolate(table, size=grid, mode="trilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(B, 1, Z, Y, X) -> (B, L, C); trailing voxels that do not fill a patch are dropped."""
+        x = self.patch_embeddings(image)
+        return x.flatten(2).transpose(1, 2) + self.position_embedding(tuple(x.shape[2:]))
+
+
+class SelfAttention(nn.Module):
+    """MONAI-style SABlock: packed qkv split as (qkv, heads, dim_head), scale dim_head**-0.5."""
+
+    def __init__(self, width: int, heads: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=qkv_bias)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(width, hidden)
+        self.linear2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(F.gelu(self.linear1(x)))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + SA(LN1(x)), then x + MLP(LN2(x))."""
+
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.mlp = MLP(cfg.vit_hidden, cfg.vit_mlp)
+        self.norm1 = nn.LayerNorm(cfg.vit_hidden)
+        self.attn = SelfAttention(cfg.vit_hidden, cfg.vit_heads, cfg.vit_qkv_bias)
+        self.norm2 = nn.LayerNorm(cfg.vit_hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoder(nn.Module):
+    """3D ViT returning the pooling levels: outputs of `pool_levels` blocks and the final normed output."""
+
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        if max(cfg.pool_levels) >= cfg.vit_layers:
+            raise ValueError(f"pool levels {cfg.pool_levels} need more than {cfg.vit_layers} ViT blocks")
+        self.pool_levels = cfg.pool_levels
+        self.patch_embedding = PatchEmbedding(cfg)
+        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.vit_layers))
+        self.norm = nn.LayerNorm(cfg.vit_hidden)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(B, 1, Z, Y, X) -> (len(pool_levels) + 1, B, L, C)."""
+        x = self.patch_embedding(image)
+        levels = []
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in self.pool_levels:
+                levels.append(x)
+        return torch.stack([*levels, self.norm(x)])
+
+
+def organ_token_flags(organ_mask: Tensor, patch_size: Sequence[int], n_organs: int) -> Tensor:
+    """(B, [1,] Z, Y, X) organ ids (1..n_organs) -> (B, n_organs, L) bool: the token's patch holds the organ.
+
+    Equals max_pool3d((mask == id), kernel = stride = patch) > 0, including dropping partial patches.
+    """
+    mask = organ_mask[:, 0] if organ_mask.dim() == 5 else organ_mask
+    (pz, py, px), batch = patch_size, mask.shape[0]
+    nz, ny, nx = (size // p for size, p in zip(mask.shape[1:], patch_size))
+    patches = mask[:, : nz * pz, : ny * py, : nx * px].reshape(batch, nz, pz, ny, py, nx, px)
+    flags = [(patches == organ_id).any(dim=6).any(dim=4).any(dim=2) for organ_id in range(1, n_organs + 1)]
+    return torch.stack(flags, dim=1).flatten(2)
+
+
+# ---------------------------------------------------------------- text tower (BLIP 'med' BERT, text mode)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position embeddings -> LayerNorm (no token-type embedding is added)."""
+
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.text_hidden)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.text_hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.text_hidden, eps=cfg.text_layer_norm_eps)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.heads = cfg.text_heads
+        self.query = nn.Linear(cfg.text_hidden, cfg.text_hidden)
+        self.key = nn.Linear(cfg.text_hidden, cfg.text_hidden)
+        self.value = nn.Linear(cfg.text_hidden, cfg.text_hidden)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = (layer(x).view(batch, length, self.heads, -1).transpose(1, 2)
+                   for layer in (self.query, self.key, self.value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask)
+        return out.transpose(1, 2).reshape(batch, length, width)
+
+
+class BertAddNorm(nn.Module):
+    """LayerNorm(dense(h) + residual)."""
+
+    def __init__(self, width_in: int, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width_in, cfg.text_hidden)
+        self.LayerNorm = nn.LayerNorm(cfg.text_hidden, eps=cfg.text_layer_norm_eps)
+
+    def forward(self, hidden: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dense(hidden) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(cfg)
+        self.output = BertAddNorm(cfg.text_hidden, cfg)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        return self.output(self.self(x, additive_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.text_hidden, cfg.text_intermediate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertAddNorm(cfg.text_intermediate, cfg)
+
+    def forward(self, x: Tensor, additive_mask: Tensor) -> Tensor:
+        x = self.attention(x, additive_mask)
+        return self.output(self.intermediate(x), x)
+
+
+class TextEncoder(nn.Module):
+    """BERT encoder: token ids (N, T) + attention mask (N, T) -> last hidden states (N, T, H)."""
+
+    def __init__(self, cfg: FVLMConfig) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = nn.ModuleDict({"layer": nn.ModuleList(BertLayer(cfg) for _ in range(cfg.text_layers))})
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        x = self.embeddings(input_ids)
+        additive_mask = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0
+        for layer in self.encoder["layer"]:
+            x = layer(x, additive_mask)
+        return x
+
+
+# ---------------------------------------------------------------- full model
+
+
+class FVLM(nn.Module):
+    """fVLM: image organ features, text features and organ-wise zero-shot scores."""
+
+    def __init__(self, cfg: FVLMConfig = FVLMConfig()) -> None:
+        super().__init__()
+        self.config = cfg
+        width, n_organs = cfg.vit_hidden, len(cfg.organs)
+        self.visual_encoder = ImageEncoder(cfg)
+        self.text_encoder = TextEncoder(cfg)
+        self.text_proj = nn.Linear(cfg.text_hidden, cfg.embed_dim)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.attention = nn.MultiheadAttention(width, cfg.pool_heads, batch_first=True)
+        self.vision_projs = nn.ModuleList(nn.Linear(width, cfg.embed_dim) for _ in range(n_organs))
+        self.query_tokens = nn.Parameter(torch.zeros(n_organs, width))
+
+    def organ_token_flags(self, organ_mask: Tensor) -> Tensor:
+        """(B, [1,] Z, Y, X) organ ids -> (B, n_organs, L) bool."""
+        return organ_token_flags(organ_mask, self.config.patch_size, len(self.config.organs))
+
+    def pool_organs(self, levels: Tensor, flags: Tensor) -> Tensor:
+        """Levels (n_levels, B, L, C) + flags (B, n_organs, L) -> L2-normed organ features (B, n_organs, E).
+
+        Each organ's query attends over its tokens of all levels (level-major, as the reference concatenates
+        them). Organs without any token get NaN features.
+        """
+        n_levels, batch, length, width = levels.shape
+        attn, heads = self.attention, self.attention.num_heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        context = levels.transpose(0, 1).reshape(batch, n_levels * length, width)
+        q = F.linear(self.query_tokens, w_q, b_q).view(1, -1, heads, width // heads).transpose(1, 2)
+        k = F.linear(context, w_k, b_k).view(batch, -1, heads, width // heads).transpose(1, 2)
+        v = F.linear(context, w_v, b_v).view(batch, -1, heads, width // heads).transpose(1, 2)
+        present = flags.any(dim=-1, keepdim=True)
+        allowed = (flags | ~present).repeat(1, 1, n_levels)[:, None]  # absent organs: any finite result
+        pooled = F.scaled_dot_product_attention(q.expand(batch, -1, -1, -1), k, v, attn_mask=allowed)
+        pooled = attn.out_proj(pooled.transpose(1, 2).reshape(batch, -1, width))
+        weight = torch.stack([proj.weight for proj in self.vision_projs])
+        bias = torch.stack([proj.bias for proj in self.vision_projs])
+        feats = F.normalize(torch.einsum("boc,oec->boe", pooled, weight) + bias, dim=-1)
+        return feats.masked_fill(~present, float("nan"))
+
+    def encode_organs(self, image: Tensor, organ_mask: Tensor) -> Tensor:
+        """Image (B, 1, Z, Y, X) in [0, 1] + organ ids of the same grid -> (B, n_organs, E)."""
+        return self.pool_organs(self.visual_encoder(image), self.organ_token_flags(organ_mask))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Tokenised texts (N, T) -> L2-normed features (N, E) from the [CLS] state.
+
+        Trailing columns that no text attends to (max_length padding) are dropped first: their -10000 mask
+        gives them exactly zero attention weight in float32, so the [CLS] state does not change.
+        """
+        used = int(attention_mask.any(dim=0).nonzero().max()) + 1
+        hidden = self.text_encoder(input_ids[:, :used], attention_mask[:, :used])
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def organ_indices(self, items: Sequence[ZeroShotItem]) -> list[int]:
+        return [self.config.organs.index(item.organ) for item in items]
+
+    def zero_shot_logits(self, organ_feats: Tensor, prompt_feats: Tensor, items: Sequence[ZeroShotItem]) -> Tensor:
+        """Organ features (..., n_organs, E) x prompt pairs (n_items, 2, E) -> logits (..., n_items, 2)."""
+        feats = organ_feats[..., self.organ_indices(items), :]
+        return torch.einsum("...ie,ike->...ik", feats, prompt_feats) / self.temp
+
+    def zero_shot_p_positive(self, organ_feats: Tensor, prompt_feats: Tensor,
+                             items: Sequence[ZeroShotItem]) -> Tensor:
+        """P(positive) = softmax over [negative, positive] logits, second entry: (..., n_items)."""
+        return self.zero_shot_logits(organ_feats, prompt_feats, items).softmax(dim=-1)[..., 1]
+
+
+Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
+
+
+def encode_prompt_pairs(model: FVLM, tokenize: Tokenize,
+                        items: Sequence[ZeroShotItem] = ZERO_SHOT_ITEMS) -> Tensor:
+    """Encode every item's [negative, positive] prompts once -> (n_items, 2, E).
+
+    `tokenize(texts)` returns (input_ids, attention_mask), padded to `model.config.max_txt_len` like the
+    reference (padding='max_length', truncation).
+    """
+    texts = [text for item in items for text in (item.negative, item.positive)]
+    return model.encode_text(*tokenize(texts)).view(len(items), 2, -1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def read_state_dict(source: StateSource) -> dict[str, Tensor]:
+    """Model weights from a released checkpoint_*.pth ({'model': ...}), a bare state dict file or a mapping."""
+    obj = source if isinstance(source, Mapping) else load_torch_file(source, WHAT)
+    if isinstance(obj, Mapping) and "model" in obj:
+        obj = obj["model"]
+    return as_state_dict(obj, source_name(source), WHAT)
+
+
+def load_fvlm(source: StateSource, config: FVLMConfig | None = None) -> FVLM:
+    """Build fVLM and load a checkpoint as released (unused MLM-head / token-type entries are ignored).
+
+    Without `config`, the released sizes are used with the vocabulary and position count read from the file.
+    Returns the model in eval mode (float32, CPU).
+    """
+    state = read_state_dict(source)
+    if config is None:
+        config = FVLMConfig()
+        table = state.get("text_encoder.embeddings.word_embeddings.weight")
+        positions = state.get("text_encoder.embeddings.position_embeddings.weight")
+        if table is not None and positions is not None:
+            config = replace(config, vocab_size=table.shape[0], max_position_embeddings=positions.shape[0])
+    model = FVLM(config)
+    apply_state_dict(model, state, source=source_name(source), what=WHAT, ignore=is_unused_checkpoint_key)
+    return model.eval()
