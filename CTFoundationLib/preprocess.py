@@ -2,9 +2,9 @@
 
 Steps, in order (each spec says how):
 1. reorient the voxel axes so output axis n grows toward `axis_codes[n]` (views, no copy);
-2. clip HU to `hu_range`;
+2. clip HU to `hu_range` (CT-CLIP: before resampling; fVLM: after it, see `clip_before_resampling`);
 3. resample trilinearly (torch `F.interpolate`, `align_corners=False`, float64) to `spacing_mm`, with
-   new size = floor(n * current / target) per axis — as the CT-CLIP reference does;
+   new size = floor(n * current / target) per axis — as both references do;
 4. map `hu_range` linearly onto `value_range`;
 5. centre crop / centre pad (with `pad_value`) to `shape`, and/or pad at the end to a multiple of
    `pad_multiple`;
@@ -37,6 +37,7 @@ class PreprocessSpec:
     shape: tuple[int, int, int] | None = None
     pad_value: float = 0.0
     pad_multiple: tuple[int, int, int] | None = None
+    clip_before_resampling: bool = True
 
     def hu_to_value_(self, hu: torch.Tensor) -> torch.Tensor:
         """Linear map of `hu_range` onto `value_range`, in place (no clipping)."""
@@ -56,8 +57,8 @@ CTCLIP_V2 = PreprocessSpec(
     pad_value=-1.0,
 )
 
-# fVLM: (Z, Y, X) at 3 x 1 x 1 mm, HU [-1150, 350] -> [0, 1]; whole-volume tensor padded to the ViT patch
-# multiple. Organ-box windows are cut from it with `crop_around_box` (fVLM issue).
+# fVLM: (Z, Y, X) = (superior, posterior, left) at 3 x 1 x 1 mm, resampled in HU, then [-1150, 350] -> [0, 1]
+# clipped; the whole volume padded to the ViT patch multiple. Organ windows come from `crop_around_box`.
 FVLM = PreprocessSpec(
     name="fvlm",
     axis_codes="SPL",
@@ -66,6 +67,7 @@ FVLM = PreprocessSpec(
     value_range=(0.0, 1.0),
     pad_value=0.0,
     pad_multiple=(16, 16, 32),
+    clip_before_resampling=False,
 )
 
 SPECS = {spec.name: spec for spec in (CTCLIP_V2, FVLM)}
@@ -86,9 +88,12 @@ def resample_hu(hu: np.ndarray, spacing_mm: tuple[float, float, float], spec: Pr
     """Clip, resample to `spec.spacing_mm` (floor sizing, trilinear, float64), map to `spec.value_range`."""
     size = output_size(hu.shape, spacing_mm, spec.spacing_mm)
     low, high = spec.hu_range
-    tensor = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float64).clamp_(low, high)
+    tensor = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float64)
+    if spec.clip_before_resampling:
+        tensor.clamp_(low, high)
     resampled = F.interpolate(tensor[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     del tensor
+    resampled.clamp_(low, high)
     return spec.hu_to_value_(resampled).to(torch.float32).numpy()
 
 
