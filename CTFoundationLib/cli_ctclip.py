@@ -1,0 +1,158 @@
+"""`ctfoundation detect` and `ctfoundation embed`: CT-CLIP v2 on one CT, from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .cli_input import add_input_arguments, read_input
+from .detection import CTCLIPRuntime, DetectionResult, load_thresholds
+from .errors import CTFoundationError
+from .models.ctclip import CTCLIPConfig
+from .sanity import summarize
+from .weights import resolve_weights
+
+CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
+TEXT_ENCODER = "cxr-bert"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which CT-CLIP checkpoint, where its files are, and where it runs."""
+    parser.add_argument("--model", choices=CTCLIP_MODELS, default="ct-clip-v2")
+    parser.add_argument("--weights", type=Path, help="checkpoint file (default: the installed weights of --model)")
+    parser.add_argument("--model-config", type=Path, help="JSON of reference constructor arguments, for other sizes")
+    parser.add_argument("--text-encoder", type=Path, help="CXR-BERT folder or vocab.txt (default: installed cxr-bert)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+
+
+@contextlib.contextmanager
+def step_progress(name: str) -> Iterator[Callable[[str], None]]:
+    """A one-line tqdm status (step name and elapsed time) on stderr; yields the step callback."""
+    bar = tqdm(desc=name, bar_format="{desc} [{elapsed}]", file=sys.stderr, disable=None)
+
+    def progress(step: str) -> None:
+        bar.set_description_str(f"{name}: {step}")
+
+    try:
+        yield progress
+    finally:
+        bar.close()
+
+
+def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable[[str], None]) -> CTCLIPRuntime:
+    checkpoint = resolve_weights(args.model, args.weights)
+    tokenizer = resolve_weights(TEXT_ENCODER, args.text_encoder) if needs_text else None
+    return CTCLIPRuntime(
+        checkpoint,
+        tokenizer,
+        model_id=args.model,
+        config=read_model_config(args.model_config),
+        device=args.device,
+        dtype=args.dtype,
+        progress=progress,
+    )
+
+
+def read_model_config(path: Path | None) -> CTCLIPConfig | None:
+    if path is None:
+        return None
+    try:
+        constructors = json.loads(path.read_text())
+        return CTCLIPConfig.from_reference_constructors(constructors.get("constructors", constructors))
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CTFoundationError(
+            f"--model-config {path}: not a usable CT-CLIP constructor JSON ({error}); it needs the sections "
+            '"CTViT", "BertConfig" and "CTCLIP" as in a fixture config.json'
+        ) from error
+
+
+def register(subparsers) -> None:
+    detect = subparsers.add_parser("detect", help="probabilities of the 18 CT-RATE abnormalities (CT-CLIP v2)")
+    add_input_arguments(detect)
+    add_model_arguments(detect)
+    detect.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
+    detect.add_argument("--out", type=Path, help="write the result JSON here")
+    detect.set_defaults(run=run_detect)
+
+    embed = subparsers.add_parser("embed", help="CT-CLIP image latent (and token grid) of a CT, or text latents")
+    add_input_arguments(embed)
+    add_model_arguments(embed)
+    embed.add_argument("--tokens", action="store_true", help="also store the (24, 24, 24, 512) token grid")
+    embed.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    embed.set_defaults(run=run_embed)
+
+    text = subparsers.add_parser("embed-text", help="CT-CLIP text latents of free texts")
+    add_model_arguments(text)
+    text.add_argument("texts", nargs="+", help="texts to embed (quote each)")
+    text.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    text.set_defaults(run=run_embed_text)
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    volume = read_input(args)
+    summary = summarize(volume)
+    thresholds = load_thresholds(args.thresholds)
+    with step_progress("ct-clip") as progress:
+        runtime = build_runtime(args, args.model != "ct-clip-lipro", progress)
+        result = runtime.detect(volume, thresholds)
+    for warning in summary["warnings"]:
+        print(f"warning [{warning['code']}]: {warning['message']}", file=sys.stderr)
+    print(format_findings(result))
+    if args.out:
+        write_json(args.out, {"input": summary, "detection": result.to_dict()})
+        print(f"result: {args.out}")
+    return 0
+
+
+def format_findings(result: DetectionResult) -> str:
+    lines = [f"{result.model} ({result.method}, {result.device}, {result.dtype})", f"{'finding':36} P(present)  positive"]
+    for finding in sorted(result.findings, key=lambda f: -f.probability):
+        flag = {True: "yes", False: "no", None: "-"}[finding.positive]
+        lines.append(f"{finding.name:36} {finding.probability:10.3f}  {flag}")
+    return "\n".join(lines)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    volume = read_input(args)
+    with step_progress("ct-clip") as progress:
+        runtime = build_runtime(args, False, progress)
+        latent, tokens = runtime.encode_volume(volume, return_tokens=args.tokens)
+    tensors = {"image_latent": latent[0].contiguous()}
+    if tokens is not None:
+        tensors["token_grid"] = tokens[0].contiguous()
+    save_embedding(args.out, tensors, runtime, source=str(args.ct))
+    print(f"{args.out}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    return 0
+
+
+def run_embed_text(args: argparse.Namespace) -> int:
+    with step_progress("ct-clip") as progress:
+        runtime = build_runtime(args, True, progress)
+        latents = runtime.encode_texts(args.texts)
+    save_embedding(args.out, {"text_latents": latents.contiguous()}, runtime, texts=json.dumps(args.texts))
+    print(f"{args.out}: text_latents {tuple(latents.shape)}")
+    return 0
+
+
+def save_embedding(path: Path, tensors: dict[str, torch.Tensor], runtime: CTCLIPRuntime, **metadata: str) -> None:
+    if path.suffix != ".safetensors":
+        raise CTFoundationError(f"{path}: the output must be a .safetensors file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": runtime.model_id, "checkpoint_sha256": runtime.checkpoint_sha256, **metadata}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1))
+    temporary.replace(path)
