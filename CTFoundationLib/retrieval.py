@@ -36,7 +36,8 @@ class CaseMetadata:
     """What the index keeps beside one case's latent.
 
     fingerprint: `source_fingerprint(source_path)` when the latent was computed; a re-run compares it.
-    labels: optional 0/1 abnormality flags in a fixed order (e.g. the 18 CT-RATE abnormalities).
+    labels: optional 0/1 abnormality flags in a fixed order (e.g. the 18 CT-RATE abnormalities); `add` stores
+    any 0/1 sequence (list, NumPy row) as a tuple of ints and a Path source as a string.
     """
 
     source_path: str
@@ -164,7 +165,7 @@ class CaseIndex:
         if np.shape(latent) != (self.dim,):
             raise RetrievalError(f"{self.folder}: latent of case {case_id!r} has shape {np.shape(latent)}, but "
                                  f"this index holds ({self.dim},) latents of {self.model_id}")
-        _check_labels(metadata.labels, f"case {case_id!r}")
+        metadata = _canonical(metadata, f"{self.folder}: case {case_id!r}")
         vector = _unit_rows(latent, self.dim, f"latent of case {case_id!r}")[0]
         row = self._rows.get(case_id)
         if row is None:
@@ -389,9 +390,16 @@ def _label_matrix(labels: ArrayLike, rows: int) -> np.ndarray:
     return flags.astype(bool)
 
 
-def _check_labels(labels: tuple[int, ...] | None, what: str) -> None:
-    if labels is not None and (not isinstance(labels, tuple) or any(v not in (0, 1) for v in labels)):
-        raise RetrievalError(f"{what}: labels must be a tuple of 0/1 flags, got {labels!r}")
+def _canonical(metadata: CaseMetadata, what: str) -> CaseMetadata:
+    """Metadata with plain JSON-ready types (str paths, int label flags); refuses labels other than 0/1."""
+    labels = metadata.labels
+    if labels is not None:
+        flags = np.asarray(labels)
+        if flags.ndim != 1 or not np.isin(flags, (0, 1)).all():
+            raise RetrievalError(f"{what}: labels must be a sequence of 0/1 flags, got {labels!r}")
+        labels = tuple(int(v) for v in flags)
+    report = None if metadata.report is None else str(metadata.report)
+    return CaseMetadata(str(metadata.source_path), str(metadata.fingerprint), report, labels)
 
 
 def _id_set(exclude: str | Collection[str]) -> Collection[str]:

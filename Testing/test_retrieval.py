@@ -83,6 +83,16 @@ def test_latents_are_renormalised_and_bad_latents_refused(tmp_path: Path) -> Non
     assert index.case_ids == ("x",)
 
 
+def test_metadata_stored_as_plain_types(tmp_path: Path) -> None:
+    index = CaseIndex(tmp_path, MODEL, SHA_A, 3)
+    row = np.array([[0, 1, 1]], dtype=np.uint8)[0]
+    index.add("x", [1.0, 0.0, 0.0], CaseMetadata(tmp_path / "x.nrrd", "fp", None, row))  # type: ignore[arg-type]
+    index.save()
+    stored = CaseIndex.open(tmp_path).metadata("x")
+    assert stored == CaseMetadata(str(tmp_path / "x.nrrd"), "fp", None, (0, 1, 1))
+    assert all(type(v) is int for v in stored.labels)
+
+
 def test_labels_matrix(tmp_path: Path) -> None:
     index = new_index(tmp_path)
     np.testing.assert_array_equal(index.labels(), [[0, 1, 0]] * 3)
