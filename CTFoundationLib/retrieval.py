@@ -350,8 +350,20 @@ def _blocks(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
 
 
 def _ranked(scores: np.ndarray, k: int) -> np.ndarray:
-    """(Q, N) scores -> (Q, min(k, N)) column indices, best first, exact ties to the lower index."""
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    """(Q, N) scores -> (Q, min(k, N)) column indices, best first, exact ties to the lower index.
+
+    For k < N: a linear-time selection of the k best per row (all above the k-th best score, then the
+    lowest-index columns equal to it), and a stable sort of those k only.
+    """
+    columns = scores.shape[1]
+    if k >= columns:
+        return np.argsort(-scores, axis=1, kind="stable")
+    kth = np.partition(scores, columns - k, axis=1)[:, columns - k, None]
+    above, equal = scores > kth, scores == kth
+    room = k - above.sum(axis=1, keepdims=True)
+    chosen = np.nonzero(above | (equal & (np.cumsum(equal, axis=1) <= room)))[1].reshape(len(scores), k)
+    order = np.argsort(-np.take_along_axis(scores, chosen, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(chosen, order, axis=1)
 
 
 def _own_rank(block: np.ndarray, images: np.ndarray, start: int) -> np.ndarray:

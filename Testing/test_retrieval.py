@@ -253,10 +253,15 @@ def test_search_ties_go_to_lower_row(tmp_path: Path) -> None:
     for name, latent in (("a", [0.0, 1.0]), ("b", [1.0, 0.0]), ("c", [1.0, 0.0]), ("d", [2.0, 0.0])):
         index.add(name, latent, meta(name))
     assert [h.case_id for h in index.search([1.0, 0.0], 4)] == ["b", "c", "d", "a"]
-    for i in range(60):  # long enough that an unstable sort would shuffle the ties
-        index.add(f"t{i}", [1.0, 0.0] if i % 3 else [0.0, 1.0], meta(f"t{i}"))
-    tied = ["b", "c", "d"] + [f"t{i}" for i in range(60) if i % 3]
-    assert [h.case_id for h in index.search([1.0, 0.0], len(tied))] == tied
+    # 300 cases on 5 directions, in random order: long runs of exact ties that an unstable sort would shuffle.
+    directions = np.random.default_rng(3).integers(0, 5, 300)
+    many = CaseIndex(tmp_path, MODEL, SHA_A, 2)
+    for i, d in enumerate(directions):
+        many.add(f"t{i}", _angles(20.0 * d)[0], meta(f"t{i}"))
+    expected = [f"t{i}" for i in sorted(range(300), key=lambda i: directions[i])]  # stable: lower index first
+    assert [h.case_id for h in many.search([1.0, 0.0], 300)] == expected
+    assert [h.case_id for h in many.search([1.0, 0.0], 150)] == expected[:150]
+    assert [h.case_id for h in many.search([1.0, 0.0], 150, exclude="t0")] == [c for c in expected if c != "t0"][:150]
 
 
 # ---------------------------------------------------------------- metrics
