@@ -204,14 +204,15 @@ class CaseIndex:
                      exclude: Sequence[str | Collection[str]] | None = None) -> list[list[Hit]]:
         """`search` for (Q, dim) queries at once; exclude, when given, holds one id or id set per query."""
         queries = _unit_rows(query_latents, self.dim, f"{self.folder}: query latents")
-        if exclude is not None and len(exclude) != len(queries):
-            raise RetrievalError(f"{self.folder}: {len(queries)} queries but {len(exclude)} exclude entries")
+        excludes = [()] * len(queries) if exclude is None else exclude
+        if len(excludes) != len(queries):
+            raise RetrievalError(f"{self.folder}: {len(queries)} queries but {len(excludes)} exclude entries")
         if not isinstance(k, int) or k < 1:
             raise RetrievalError(f"{self.folder}: k must be a positive integer, got {k!r}")
         results: list[list[Hit]] = []
         for start, block in _blocks(queries):
             scores = block @ self._buffer[: len(self)].T
-            for offset, excluded in enumerate(exclude[start: start + len(block)] if exclude is not None else ()):
+            for offset, excluded in enumerate(excludes[start: start + len(block)]):
                 scores[offset, [self._rows[c] for c in _id_set(excluded) if c in self._rows]] = -np.inf
             for row_scores, order in zip(scores, _ranked(scores, k)):
                 results.append([Hit(self._ids[j], float(row_scores[j]), self._metadata[j])

@@ -229,7 +229,8 @@ def test_search_equals_brute_force(tmp_path: Path) -> None:
     assert len(index.search(queries[0], 1000)) == 300
 
 
-def test_search_exclude_self(tmp_path: Path) -> None:
+def test_search_exclude_self(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(retrieval, "_ROW_BLOCK", 1)  # each query in its own block: exclusions must follow it
     cases = random_units(50, seed=4)
     index = CaseIndex(tmp_path, MODEL, SHA_A, DIM)
     for i, latent in enumerate(cases):
