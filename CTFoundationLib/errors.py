@@ -15,3 +15,7 @@ class CheckpointError(CTFoundationError):
 
 class WeightsError(CTFoundationError):
     """Getting, verifying or placing model weights failed."""
+
+
+class RetrievalError(CTFoundationError):
+    """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
