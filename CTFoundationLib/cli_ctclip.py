@@ -13,10 +13,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from .cases import discover_cases
 from .cli_input import add_input_arguments, read_input
 from .detection import CTCLIPRuntime, DetectionResult, load_thresholds
-from .errors import CTFoundationError
+from .errors import CTFoundationError, CTInputError
 from .models.ctclip import CTCLIPConfig
+from .reading import read_ct
+from .retrieval import CaseIndex, CaseMetadata, source_fingerprint
 from .sanity import summarize
 from .weights import resolve_weights
 
@@ -95,6 +98,7 @@ def register(subparsers) -> None:
     text.add_argument("texts", nargs="+", help="texts to embed (quote each)")
     text.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     text.set_defaults(run=run_embed_text)
+    register_retrieval(subparsers)
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -156,3 +160,58 @@ def write_json(path: Path, data: dict) -> None:
     temporary = path.with_suffix(path.suffix + ".tmp")
     temporary.write_text(json.dumps(data, indent=1))
     temporary.replace(path)
+
+
+def register_retrieval(subparsers) -> None:
+    index = subparsers.add_parser("index", help="add CT cases to a similar-case index (CT-CLIP image latents)")
+    index.add_argument("inputs", type=Path, nargs="+", help="CT files, DICOM folders, folders of cases or a CSV")
+    index.add_argument("--index", type=Path, required=True, help="index folder (created or updated)")
+    add_model_arguments(index)
+    index.set_defaults(run=run_index)
+
+    search = subparsers.add_parser("search", help="most similar cases in an index, by a CT or by report text")
+    search.add_argument("--index", type=Path, required=True)
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--ct", type=Path, help="query CT (file or DICOM folder)")
+    query.add_argument("--text", help="query report text")
+    search.add_argument("-k", type=int, default=5, help="number of cases to list")
+    add_model_arguments(search)
+    search.set_defaults(run=run_search)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    cases = discover_cases(args.inputs)
+    failures = 0
+    with step_progress("ct-clip") as progress:
+        runtime = build_runtime(args, False, progress)
+        index = CaseIndex.open_or_create(
+            args.index, model_id=runtime.model_id, checkpoint_sha256=runtime.checkpoint_sha256, dim=runtime.latent_dim
+        )
+        for case in tqdm(cases, desc="index", unit="case", file=sys.stderr, disable=None):
+            fingerprint = source_fingerprint(case.path)
+            if index.contains(case.case_id, fingerprint):
+                continue
+            try:
+                latent, _ = runtime.encode_volume(read_ct(case.path))
+            except CTInputError as error:
+                failures += 1
+                print(f"skipped {case.case_id}: {error}", file=sys.stderr)
+                continue
+            index.add(case.case_id, latent[0].numpy(), CaseMetadata(str(case.path), fingerprint))
+            index.save()
+    print(f"{args.index}: {len(index)} cases ({failures} could not be read)")
+    return 1 if failures else 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    with step_progress("ct-clip") as progress:
+        runtime = build_runtime(args, args.text is not None, progress)
+        index = CaseIndex.open(args.index, model_id=runtime.model_id, checkpoint_sha256=runtime.checkpoint_sha256)
+        if args.text is not None:
+            query = runtime.encode_texts([args.text])[0]
+        else:
+            query = runtime.encode_volume(read_ct(args.ct))[0][0]
+    hits = index.search(query.numpy(), k=min(args.k, len(index)))
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:3d}. {hit.score:+.4f}  {hit.case_id}  {hit.metadata.source_path}")
+    return 0

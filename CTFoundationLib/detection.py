@@ -163,6 +163,10 @@ class CTCLIPRuntime:
         self._prompt_latents: torch.Tensor | None = None
 
     @property
+    def latent_dim(self) -> int:
+        return self.model.config.dim_latent
+
+    @property
     def method(self) -> str:
         return "lipro" if self.model.classifier is not None else "zero-shot"
 
