@@ -278,7 +278,7 @@ class _FeedForward(_Indexed):
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self[1](self[0](x)).chunk(2, dim=-1)
-        return self[4](F.gelu(gate) * value)
+        return self[4](F.gelu(gate).mul_(value))
 
 
 class _Layer(_Indexed):
@@ -588,7 +588,7 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch checkpoint ({reason}). It is truncated (an interrupted "
             f"download) or not a checkpoint at all. {_ADVICE}"
