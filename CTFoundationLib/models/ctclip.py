@@ -166,8 +166,8 @@ class CTCLIPConfig:
                 f"dim_image {self.dim_image} must be h*w*dim = {h}*{w}*{self.vision.dim} = {h * w * self.vision.dim} "
                 f"for v2 axial-mean pooling ({V1_MESSAGE} if this is a v1 configuration)"
             )
-        if self.dim_text != self.bert_config().hidden_size:
-            hidden = self.bert_config().hidden_size
+        hidden = self.bert_config().hidden_size
+        if self.dim_text != hidden:
             raise ValueError(f"dim_text {self.dim_text} differs from the BERT hidden_size {hidden}")
 
     @classmethod
@@ -471,7 +471,9 @@ class CTCLIP(nn.Module):
 
     @torch.inference_mode()
     def encode_image(self, volume: Tensor, return_tokens: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(B, 1, D, 480, 480) volume (HU/1000) -> (L2-normalised latent (B, dim_latent), token grid or None).
+        """(B, 1, D, H, W) volume, HU/1000, (H, W) the configured image size -> (latent, token grid or None).
+
+        latent: (B, dim_latent) L2-normalised, float32; D must be a multiple of the temporal patch (10).
 
         The token grid is the quantised (B, t, h, w, dim) grid, e.g. (B, 24, 24, 24, 512) for 240 slices.
         """
