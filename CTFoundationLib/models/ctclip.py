@@ -127,7 +127,8 @@ class CTViTConfig:
         """From `CTViT(...)` keyword arguments; training-only ones (dropout, GAN, VGG) are ignored."""
         names = {field.name for field in dataclasses.fields(cls)}
         kwargs = {key: value for key, value in args.items() if key in names}
-        missing = [field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING and field.name not in kwargs]
+        required = [field.name for field in dataclasses.fields(cls) if field.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in kwargs]
         if missing:
             raise ValueError(f"CTViT constructor arguments lack {missing}")
         kwargs["image_size"] = _pair(kwargs["image_size"])
@@ -165,8 +166,9 @@ class CTCLIPConfig:
                 f"dim_image {self.dim_image} must be h*w*dim = {h}*{w}*{self.vision.dim} = {h * w * self.vision.dim} "
                 f"for v2 axial-mean pooling ({V1_MESSAGE} if this is a v1 configuration)"
             )
-        if self.dim_text != self.bert_config().hidden_size:
-            raise ValueError(f"dim_text {self.dim_text} differs from the BERT hidden_size {self.bert_config().hidden_size}")
+        hidden = self.bert_config().hidden_size
+        if self.dim_text != hidden:
+            raise ValueError(f"dim_text {self.dim_text} differs from the BERT hidden_size {hidden}")
 
     @classmethod
     def from_reference_constructors(cls, constructors: Mapping[str, Mapping[str, Any]]) -> CTCLIPConfig:
@@ -274,11 +276,13 @@ class _FeedForward(_Indexed):
     """LayerNorm -> Linear(dim, 2*inner) -> GEGLU (first half value, second half gate) -> Linear(inner, dim)."""
 
     def __init__(self, dim: int, inner: int) -> None:
-        super().__init__({0: nn.LayerNorm(dim), 1: nn.Linear(dim, 2 * inner, bias=False), 4: nn.Linear(inner, dim, bias=False)})
+        super().__init__(
+            {0: nn.LayerNorm(dim), 1: nn.Linear(dim, 2 * inner, bias=False), 4: nn.Linear(inner, dim, bias=False)}
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self[1](self[0](x)).chunk(2, dim=-1)
-        return self[4](F.gelu(gate) * value)
+        return self[4](F.gelu(gate).mul_(value))
 
 
 class _Layer(_Indexed):
@@ -344,13 +348,15 @@ class _PatchEmbedding(_Indexed):
     """(B, C, D, H, W) -> (B, t, h, w, dim): patch vectors in (c, pt, p1, p2) order, LayerNorm, Linear, LayerNorm."""
 
     def __init__(self, config: CTViTConfig) -> None:
-        super().__init__({1: nn.LayerNorm(config.patch_dim), 2: nn.Linear(config.patch_dim, config.dim), 3: nn.LayerNorm(config.dim)})
+        dim, patch_dim = config.dim, config.patch_dim
+        super().__init__({1: nn.LayerNorm(patch_dim), 2: nn.Linear(patch_dim, dim), 3: nn.LayerNorm(dim)})
         self.patch = (config.temporal_patch_size, *config.patch_size)
 
     def forward(self, video: Tensor) -> Tensor:
         b, c, depth, height, width = video.shape
         pt, ph, pw = self.patch
-        patches = video.reshape(b, c, depth // pt, pt, height // ph, ph, width // pw, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        patches = video.reshape(b, c, depth // pt, pt, height // ph, ph, width // pw, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7)  # (b, t, h, w, c, pt, p1, p2)
         # One axial token slab at a time, so the (tokens x patch_dim) matrix is never held whole.
         return torch.stack([self._embed(patches[:, i]) for i in range(patches.shape[1])], dim=1)
 
@@ -380,7 +386,8 @@ class _VectorQuantizer(nn.Module):
             embed = self._codebook.embed[0].float()
             unit_codes = F.normalize(embed, dim=-1).t()
             flat = tokens.reshape(-1, tokens.shape[-1]).float()
-            indices = torch.cat([(F.normalize(part, dim=-1) @ unit_codes).argmax(dim=-1) for part in flat.split(self.chunk_tokens)])
+            parts = flat.split(self.chunk_tokens)
+            indices = torch.cat([(F.normalize(part, dim=-1) @ unit_codes).argmax(dim=-1) for part in parts])
         return embed[indices].view(tokens.shape), indices.view(tokens.shape[:-1])
 
 
@@ -399,8 +406,8 @@ class CTViT(nn.Module):
     def embed_patches(self, video: Tensor) -> Tensor:
         """(B, C, D, H, W) with (H, W) = image_size and D a multiple of the temporal patch -> (B, t, h, w, dim)."""
         cfg, shape = self.config, tuple(video.shape)
-        depth = shape[2] if len(shape) == 5 else 0
-        if len(shape) != 5 or shape[1] != cfg.channels or shape[3:] != cfg.image_size or not depth or depth % cfg.temporal_patch_size:
+        depth_ok = len(shape) == 5 and shape[2] > 0 and shape[2] % cfg.temporal_patch_size == 0
+        if not depth_ok or shape[1] != cfg.channels or shape[3:] != cfg.image_size:
             raise ValueError(
                 f"expected a (B, {cfg.channels}, D, {cfg.image_size[0]}, {cfg.image_size[1]}) volume with D a positive "
                 f"multiple of {cfg.temporal_patch_size}, got {tuple(video.shape)}"
@@ -464,7 +471,9 @@ class CTCLIP(nn.Module):
 
     @torch.inference_mode()
     def encode_image(self, volume: Tensor, return_tokens: bool = False) -> tuple[Tensor, Tensor | None]:
-        """(B, 1, D, 480, 480) volume (HU/1000) -> (L2-normalised latent (B, dim_latent), token grid or None).
+        """(B, 1, D, H, W) volume, HU/1000, (H, W) the configured image size -> (latent, token grid or None).
+
+        latent: (B, dim_latent) L2-normalised, float32; D must be a multiple of the temporal patch (10).
 
         The token grid is the quantised (B, t, h, w, dim) grid, e.g. (B, 24, 24, 24, 512) for 240 slices.
         """
@@ -565,7 +574,8 @@ def load_ctclip(
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    path, config = Path(path), config or CTCLIPConfig.full_size()
+    path = Path(path)
+    config = CTCLIPConfig.full_size() if config is None else config
     tensors, strays, lipro = _split_layout(_read_checkpoint(path))
     _reject_v1(path, tensors, config)
     tensors = {key: value for key, value in tensors.items() if not IGNORED_CHECKPOINT_KEYS.fullmatch(key)}
@@ -573,7 +583,8 @@ def load_ctclip(
         model = CTCLIP(config)
         if lipro:
             weight = tensors.get("classifier.weight")
-            model.attach_lipro_classifier(weight.shape[0] if weight is not None and weight.ndim == 2 else len(CT_RATE_ABNORMALITIES))
+            classes = weight.shape[0] if weight is not None and weight.ndim == 2 else len(CT_RATE_ABNORMALITIES)
+            model.attach_lipro_classifier(classes)
     _check_keys(path, model, tensors, strays)
     model.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True, assign=True)
     _restore_text_index_buffers(model.text_transformer)
@@ -588,13 +599,17 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
         raise CheckpointError(
             f"{path} cannot be read as a PyTorch checkpoint ({reason}). It is truncated (an interrupted "
             f"download) or not a checkpoint at all. {_ADVICE}"
         ) from None
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        raise CheckpointError(f"{path} is a {type(state).__name__}, not a state dict of tensors as CT-CLIP saves. {_ADVICE}")
+    is_state_dict = isinstance(state, Mapping) and all(
+        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
+    )
+    if not is_state_dict:
+        kind = type(state).__name__
+        raise CheckpointError(f"{path} is a {kind}, not a state dict of tensors as CT-CLIP saves. {_ADVICE}")
     return dict(state)
 
 
@@ -646,7 +661,8 @@ def _check_keys(path: Path, model: CTCLIP, tensors: Mapping[str, Tensor], strays
         for key in sorted(expected.keys() & tensors.keys())
         if tuple(tensors[key].shape) != expected[key] or not tensors[key].is_floating_point()
     ]
-    problems = [_listing(label, items) for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if items]
+    found = (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong))
+    problems = [_listing(label, items) for label, items in found if items]
     if problems:
         raise CheckpointError(f"{path} does not match the CT-CLIP v2 model: {'; '.join(problems)}. {_ADVICE}")
 
