@@ -134,7 +134,8 @@ def run_status(args: argparse.Namespace) -> int:
     specs = [registry.get(m) for m in args.models] if args.models else list(registry.models.values())
     report = [_status_entry(spec, registry, args.home) for spec in specs]
     if args.json:
-        print(json.dumps({"cache": str(cache_root(args.home)), "token": token_source(args.home), "models": report}, indent=2))
+        summary = {"cache": str(cache_root(args.home)), "token": token_source(args.home), "models": report}
+        print(json.dumps(summary, indent=2))
         return 0
     print(f"cache: {cache_root(args.home)}")
     print(f"Hugging Face token: {token_source(args.home)}")
@@ -155,6 +156,7 @@ def _status_entry(spec: ModelSpec, registry: Registry, home: Path | None) -> dic
         "partial_bytes": status.partial_bytes,
         "files": sorted(status.present),
         "missing": status.missing,
+        "set_aside": status.corrupt,
         "license": spec.license.name,
         "license_url": spec.license.url,
         "license_acknowledged": is_license_acknowledged(spec.license, home),
@@ -168,12 +170,15 @@ def _status_entry(spec: ModelSpec, registry: Registry, home: Path | None) -> dic
 def _print_status(e: dict) -> None:
     print(f"\n{e['model']}: {e['state']}  ({e['title']})")
     print(f"  folder:   {e['path']}")
-    print(f"  licence:  {e['license']} <{e['license_url']}>" + ("" if e["license_acknowledged"] else "  [not yet acknowledged]"))
+    acknowledged = "" if e["license_acknowledged"] else "  [not yet acknowledged]"
+    print(f"  licence:  {e['license']} <{e['license_url']}>{acknowledged}")
     print(f"  access:   {e['access']}  {e['page']}")
     if e["files"]:
         print(f"  verified: {len(e['files'])} file(s), {_size(e['size_bytes'])}")
     if e["missing"]:
         print(f"  missing:  {', '.join(e['missing'])}")
+    if e["set_aside"]:
+        print(f"  set aside (failed checks, not used; delete when done): {', '.join(e['set_aside'])}")
     if e["partial_bytes"]:
         print(f"  partial:  {_size(e['partial_bytes'])} downloaded so far (resumes on the next download)")
     if e["depends_on"]:
@@ -206,7 +211,9 @@ class _Bars:
 
     def on_file(self, name: str, size: int | None) -> None:
         self.close()
-        if self.enabled:
+        if not self.enabled:
+            say(f"downloading {name} ({_size(size) if size else 'size unknown'})")
+        else:
             from tqdm import tqdm
 
             self.bar = tqdm(total=size, desc=name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
@@ -253,7 +260,9 @@ def run_import(args: argparse.Namespace) -> int:
     registry = load_registry()
     spec = registry.get(args.model)
     confirm_licenses(pending_licenses([spec], args.home), args.yes)
-    path = import_model(args.model, args.source, home=args.home, accept_licenses=True, link=not args.copy, registry=registry)
+    path = import_model(
+        args.model, args.source, home=args.home, accept_licenses=True, link=not args.copy, registry=registry
+    )
     say(f"{args.model}: imported and verified, at {path}")
     return 0
 

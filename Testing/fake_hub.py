@@ -8,8 +8,8 @@ It serves real files with HTTP Range support the way the Hub does:
 - `/plain/<name>`: a plain file server (no Hub headers, no HEAD).
 
 Per-file switches (`FakeHub.behave(path, mode)`): "cut" (stop half-way, once), "cut_always", "401", "403",
-"404", "corrupt" (one byte flipped), "500_once", "no_range" (ignore Range). Bytes served are counted
-per repository path in `served`; request headers are logged in `requests_seen`.
+"bad_token" (401 for an invalid token), "404", "corrupt" (one byte flipped), "500_once", "no_range"
+(ignore Range). Bytes served are counted per repository path in `served`; request headers are logged in `requests_seen`.
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- endpoints ---
     def _resolve(self, path: str, head: bool) -> None:
-        repo_type, rest = ("dataset", path[len("/datasets/"):]) if path.startswith("/datasets/") else ("model", path[1:])
+        dataset = path.startswith("/datasets/")
+        repo_type, rest = ("dataset", path[len("/datasets/"):]) if dataset else ("model", path[1:])
         bits = rest.split("/")
         if len(bits) < 5 or bits[2] != "resolve":
             return self._status(404)
@@ -173,6 +174,8 @@ class _Handler(BaseHTTPRequestHandler):
         mode = self.state.modes.get(entry.path)
         if mode in ("401", "403"):
             return self._status(int(mode), {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"})
+        if mode == "bad_token":
+            return self._status(401, {"X-Error-Message": "Invalid credentials in Authorization header"})
         if mode == "404":
             return self._status(404, {"X-Error-Code": "EntryNotFound"})
         if not entry.lfs:

@@ -128,7 +128,8 @@ def hub(tmp_path: Path):
     for name, data in LORA.items():
         server.add(CTRATE, f"models/CT-CHAT/llava-lora-llama_3.1_8B/{name}", data, repo_type="dataset",
                    lfs=name.endswith((".bin", ".safetensors")))
-    server.add(CTRATE, "models/CT-CHAT/llava-lora-llama_3.1_70b/adapter_config.json", b"{}", repo_type="dataset", lfs=False)
+    server.add(CTRATE, "models/CT-CHAT/llava-lora-llama_3.1_70b/adapter_config.json", b"{}", repo_type="dataset",
+               lfs=False)
     server.add_plain("plain.pt", PLAIN)
     yield server
     server.stop()
@@ -307,6 +308,14 @@ def test_gated_errors_say_what_to_do(env: Path, hub: FakeHub, code: str, monkeyp
     assert ("HF_TOKEN" in message) if code == "401" else ("no access" in message)
 
 
+def test_rejected_token(env: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    hub.behave("models/clip.pt", "bad_token")
+    with pytest.raises(WeightsError, match="token was rejected.*settings/tokens") as info:
+        get("t-clip")
+    assert SECRET not in str(info.value)
+
+
 def test_404_error(env: Path, hub: FakeHub) -> None:
     hub.behave("models/clip.pt", "404")
     with pytest.raises(WeightsError, match="not found .*HTTP 404.*weights import t-clip"):
@@ -370,6 +379,7 @@ def test_folder_models_with_dependencies(env: Path, hub: FakeHub) -> None:
     names = sorted(p.name for p in llm.iterdir() if p.name not in ("manifest.json", ".lock"))
     assert names == sorted([*LLM_JSON, *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))])
     assert (model_dir("t-clip", env) / "clip.pt").read_bytes() == CLIP
+    assert any("cursor=" in p for _, p, _ in hub.requests_seen if "/tree/" in p)  # paginated listing followed
     manifest = Manifest("t-chat", env)
     assert manifest.folders["lora"]["source"].endswith("models/CT-CHAT/llava-lora-llama_3.1_8B")
     assert manifest.files["lora/non_lora_trainables.bin"].hash_origin == "hub"
@@ -469,7 +479,19 @@ def test_verify_sets_a_changed_file_aside(env: Path, hub: FakeHub) -> None:
     path.write_bytes(bytes(data))
     result = verify_model(load_registry().get("t-clip"))
     assert result.bad == ["clip.pt"] and path.with_name("clip.pt.corrupt").is_file()
-    assert model_status(load_registry().get("t-clip")).state == MISSING
+    status = model_status(load_registry().get("t-clip"))
+    assert status.state == MISSING and status.corrupt == ["clip.pt.corrupt"]
+
+
+def test_registry_update_makes_an_old_file_outdated(env: Path, hub: FakeHub) -> None:
+    get("t-pinned")
+    data = json.loads(Path(os.environ["CTFOUNDATION_REGISTRY"]).read_text())
+    newer = blob(len(PINNED), 8)
+    data["models"]["t-pinned"]["files"][0]["sha256"] = sha(newer)
+    Path(os.environ["CTFOUNDATION_REGISTRY"]).write_text(json.dumps(data))
+    assert model_status(load_registry().get("t-pinned")).state == PARTIAL
+    hub.add(CTRATE, "models/pinned.pt", newer, repo_type="dataset")
+    assert get("t-pinned").read_bytes() == newer
 
 
 def test_resolve_weights_override(env: Path, tmp_path: Path) -> None:
@@ -537,6 +559,23 @@ def test_cli_needs_licence_acceptance_without_a_terminal(env: Path, hub: FakeHub
     code, _, err = run_cli("weights", "download", "t-clip")
     assert code == 2 and "must be accepted once" in err and "--yes" in err
     assert hub.served["models/clip.pt"] == 0
+
+
+def test_cli_asks_for_the_licence_once(env: Path, hub: FakeHub, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal:
+        def isatty(self) -> bool:
+            return True
+
+    answers = iter(["no", "yes"])
+    monkeypatch.setattr(sys, "stdin", Terminal())
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    code, _, err = run_cli("weights", "download", "t-clip")
+    assert code == 2 and "not accepted" in err and hub.served["models/clip.pt"] == 0
+    code, _, err = run_cli("weights", "download", "t-clip")
+    assert code == 0 and "Creative Commons" in err
+    code, _, err = run_cli("weights", "download", "t-pinned")  # same licence: no second question
+    assert code == 0 and "Creative Commons" not in err
+    assert "CC-BY-NC-SA-4.0" in json.loads((env / "licenses.json").read_text())
 
 
 def test_cli_import_and_errors(env: Path, run_cli, tmp_path: Path) -> None:

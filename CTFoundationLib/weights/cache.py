@@ -1,4 +1,4 @@
-"""The local weights cache: one folder per model, a manifest of what was verified, settings and licence acknowledgements.
+"""The local weights cache: a folder per model, a manifest of what was verified, settings, licence acknowledgements.
 
 Layout under the cache root ($CTFOUNDATION_HOME, default ~/.cache/ctfoundation, or a root the caller passes):
 

@@ -161,7 +161,9 @@ def head_metadata(
     check_response(response, spec, what, "Authorization" in headers)
     etag = (response.headers.get("X-Linked-Etag") or response.headers.get("ETag") or "").strip()
     etag = etag.removeprefix("W/").strip('"').lower()
-    size = response.headers.get("X-Linked-Size") or (None if response.is_redirect else response.headers.get("Content-Length"))
+    size = response.headers.get("X-Linked-Size")
+    if size is None and not response.is_redirect:
+        size = response.headers.get("Content-Length")
     return (etag if SHA256_RE.match(etag) else None), (int(size) if size and size.isdigit() else None)
 
 
@@ -232,7 +234,8 @@ def _tree(
         try:
             page = response.json()
         except ValueError:
-            raise WeightsError(f"{display_url(url)} did not answer a JSON file list; is the mirror Hub-compatible?") from None
+            message = f"{display_url(url)} did not answer a JSON file list; is the mirror Hub-compatible?"
+            raise WeightsError(message) from None
         entries.extend(page if isinstance(page, list) else [])
         url = response.links.get("next", {}).get("url", "")
     return entries

@@ -24,6 +24,7 @@ class ModelStatus:
     folder: Path
     present: list[str] = field(default_factory=list)  # verified files
     missing: list[str] = field(default_factory=list)  # registry files (or folders) not yet verified
+    corrupt: list[str] = field(default_factory=list)  # files set aside after a failed check
     partial_bytes: int = 0  # bytes in .part files
     size_bytes: int = 0  # bytes of verified files
 
@@ -34,7 +35,7 @@ def model_status(spec: ModelSpec, home: Path | str | None = None) -> ModelStatus
     status = ModelStatus(spec.id, MISSING, manifest.dir)
     for file in spec.files:
         members = _members(file, manifest)
-        if members is None or not all(manifest.file_ok(m) for m in members):
+        if members is None or not all(manifest.file_ok(m) for m in members) or _outdated(file, manifest):
             status.missing.append(_label(file))
     for rel in manifest.files:
         if manifest.file_ok(rel):
@@ -42,8 +43,15 @@ def model_status(spec: ModelSpec, home: Path | str | None = None) -> ModelStatus
             status.size_bytes += manifest.files[rel].size
     if manifest.dir.is_dir():
         status.partial_bytes = sum(p.stat().st_size for p in manifest.dir.rglob(f"*{PART_SUFFIX}"))
+        status.corrupt = sorted(str(p.relative_to(manifest.dir)) for p in manifest.dir.rglob(f"*{CORRUPT_SUFFIX}"))
     status.state = _state(status, spec)
     return status
+
+
+def _outdated(file: FileSpec, manifest: Manifest) -> bool:
+    """The registry pins a sha256 and the verified file is another version (the registry was updated)."""
+    record = manifest.files.get(file.name)
+    return bool(file.sha256 and record and record.sha256 != file.sha256)
 
 
 def _label(file: FileSpec) -> str:
@@ -108,7 +116,10 @@ def not_installed_message(spec: ModelSpec, status: ModelStatus) -> str:
         how = f"get it from {manual.source.url} ({manual.source.instructions})"
     else:
         gated = f" (gated: accept its licence at {spec.page} and set HF_TOKEN)" if spec.gated else ""
-        how = f"get it with `ctfoundation weights download {spec.id}`{gated} or `ctfoundation weights import {spec.id} FILE`"
+        how = (
+            f"get it with `ctfoundation weights download {spec.id}`{gated} "
+            f"or `ctfoundation weights import {spec.id} FILE`"
+        )
     return f"model {spec.id} is not installed: missing {missing}; {how}"
 
 

@@ -138,7 +138,8 @@ def load_registry(path: Path | None = None) -> Registry:
     """Load the built-in registry merged with the override ($CTFOUNDATION_REGISTRY or `path`)."""
     data = _read_json(BUILTIN_REGISTRY)
     origin = str(BUILTIN_REGISTRY)
-    override_path = path or (Path(os.environ["CTFOUNDATION_REGISTRY"]) if os.environ.get("CTFOUNDATION_REGISTRY") else None)
+    env = os.environ.get("CTFOUNDATION_REGISTRY")
+    override_path = path or (Path(env) if env else None)
     if override_path is not None:
         data = _merge(data, _read_json(override_path))
         origin = f"{BUILTIN_REGISTRY} + {override_path}"
