@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -85,7 +86,7 @@ def plan_model(
             raise WeightsError(manual_message(spec, file))
         if file.folder:
             headers = _base_headers(token, True)
-            listing = lambda: list_folder(session, registry.endpoint, file, spec, headers)  # noqa: E731
+            listing = partial(list_folder, session, registry.endpoint, file, spec, headers)
             folder, entries = _retrying(listing, spec, options)
             found = folder_remotes(registry.endpoint, file, folder, entries, auth=True)
             folders[file.name] = (f"hf:{file.source.repo}@{file.source.revision}/{folder}", [r.rel for r in found])
@@ -109,7 +110,7 @@ def _plan_file(
     if sha is None or size is None:
         headers = _base_headers(token, auth)
         try:
-            metadata = lambda: head_metadata(session, url, headers, spec, f"'{file.name}'")  # noqa: E731
+            metadata = partial(head_metadata, session, url, headers, spec, f"'{file.name}'")
             hub_sha, hub_size = _retrying(metadata, spec, options)
         except NotFoundError:
             if file.optional:
@@ -206,7 +207,8 @@ class PartFile:
                     f"disk full while writing {self.path} ({mib(free)} free): free some space or set CTFOUNDATION_HOME "
                     f"to a larger disk, then run the same command again to resume ({mib(self.done)} kept)"
                 ) from None
-            raise
+            reason = error.strerror or error
+            raise WeightsError(f"cannot write {self.path}: {reason}; check the disk and try again") from None
         self.hasher.update(chunk)
         self.done += len(chunk)
 
@@ -418,7 +420,16 @@ def download_files(
     spec: ModelSpec, registry: Registry, home: Path | str | None, options: DownloadOptions
 ) -> Path:
     """Fetch every missing or unverified file of one model (no dependencies, no licence check)."""
-    session = options.session or requests.Session()
+    if options.session is None:
+        with requests.Session() as session:
+            return _download_files(spec, registry, home, options, session)
+    return _download_files(spec, registry, home, options, options.session)
+
+
+def _download_files(
+    spec: ModelSpec, registry: Registry, home: Path | str | None, options: DownloadOptions,
+    session: requests.Session,
+) -> Path:
     token = get_token(home)
     folder = model_dir(spec.id, home)
     with model_lock(folder):
