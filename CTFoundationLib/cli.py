@@ -8,7 +8,7 @@ import sys
 from . import __version__
 from .errors import CTFoundationError
 
-FEATURE_MODULES = ("cli_input", "cli_ctclip")
+FEATURE_MODULES = ("cli_input", "cli_ctclip", "cli_weights")
 
 
 def build_parser() -> argparse.ArgumentParser:

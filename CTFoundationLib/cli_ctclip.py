@@ -22,6 +22,7 @@ from .reading import read_ct
 from .retrieval import CaseIndex, CaseMetadata, source_fingerprint
 from .sanity import summarize
 from .weights import resolve_weights
+from .weights.cache import write_json_atomic
 
 CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
 TEXT_ENCODER = "cxr-bert"
@@ -52,13 +53,14 @@ def step_progress(name: str) -> Iterator[Callable[[str], None]]:
 
 
 def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable[[str], None]) -> CTCLIPRuntime:
+    config = read_model_config(args.model_config)
     checkpoint = resolve_weights(args.model, args.weights)
     tokenizer = resolve_weights(TEXT_ENCODER, args.text_encoder) if needs_text else None
     return CTCLIPRuntime(
         checkpoint,
         tokenizer,
         model_id=args.model,
-        config=read_model_config(args.model_config),
+        config=config,
         device=args.device,
         dtype=args.dtype,
         progress=progress,
@@ -112,7 +114,7 @@ def run_detect(args: argparse.Namespace) -> int:
         print(f"warning [{warning['code']}]: {warning['message']}", file=sys.stderr)
     print(format_findings(result))
     if args.out:
-        write_json(args.out, {"input": summary, "detection": result.to_dict()})
+        write_json_atomic(args.out, {"input": summary, "detection": result.to_dict()})
         print(f"result: {args.out}")
     return 0
 
@@ -154,12 +156,6 @@ def save_embedding(path: Path, tensors: dict[str, torch.Tensor], runtime: CTCLIP
     meta = {"model": runtime.model_id, "checkpoint_sha256": runtime.checkpoint_sha256, **metadata}
     save_file(tensors, str(path), metadata=meta)
 
-
-def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1))
-    temporary.replace(path)
 
 
 def register_retrieval(subparsers) -> None:

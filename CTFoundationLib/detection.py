@@ -31,6 +31,7 @@ from .models.ctclip import (
 )
 from .preprocess import CTCLIP_V2, PreprocessSpec, preprocess
 from .volume import CTVolume
+from .weights.cache import cache_root, read_json, write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Progress = Callable[[str], None]
@@ -101,7 +102,7 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
     """sha256 of a file, remembered in `cache_file` by (path, size, mtime) so big checkpoints hash once."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    known = _read_json(cache_file) if cache_file else {}
+    known = read_json(cache_file, {}) if cache_file else {}
     if key in known:
         return known[key]
     digest = hashlib.sha256()
@@ -110,7 +111,7 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
             digest.update(chunk)
     if cache_file:
         known[key] = digest.hexdigest()
-        _write_json_atomic(cache_file, known)
+        write_json_atomic(cache_file, known)
     return digest.hexdigest()
 
 
@@ -257,19 +258,5 @@ class CTCLIPRuntime:
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("CTFOUNDATION_HOME") or Path.home() / ".cache" / "ctfoundation"
-    return Path(home) / "runtime"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=1))
-    os.replace(temporary, path)
+    """Runtime caches (prompt latents, checkpoint hashes) inside the weights cache ($CTFOUNDATION_HOME)."""
+    return cache_root() / "runtime"

@@ -1,0 +1,474 @@
+"""Downloading model weights: streamed, hashed on the fly, resumable from `*.part`, verified before use.
+
+A file is written to `<name>.part` (with `<name>.part.json` remembering what it should become), hashed while
+it arrives, and renamed into place only when its sha256 matches. After an interruption the bytes already
+in `.part` are hashed once and the transfer continues with an HTTP Range request. A checksum mismatch sets
+the data aside as `<name>.corrupt`; it is never used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import requests
+import urllib3
+
+from ..errors import WeightsError
+from .cache import CORRUPT_SUFFIX, PART_SUFFIX, FileRecord, Manifest, get_token, model_dir, now_iso, read_json
+from .cache import write_json_atomic
+from .hub import (
+    NotFoundError,
+    Remote,
+    RetryableError,
+    auth_headers,
+    check_response,
+    display_url,
+    folder_remotes,
+    head_metadata,
+    list_folder,
+    offline_message,
+    resolve_url,
+    short_reason,
+)
+from .registry import FileSpec, ModelSpec, Registry
+
+CHUNK_BYTES = 8 * 1024 * 1024  # bytes per write + hash update
+READ_PIECE_BYTES = 256 * 1024  # most bytes taken from the socket per read (measured best on loopback)
+MAX_BACKOFF_S = 60.0
+USER_AGENT = "ctfoundation-weights"
+
+ProgressFn = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class DownloadOptions:
+    """How to download. `progress(done_bytes, total_bytes)` is called per file (total None if unknown)."""
+
+    retries: int = 5
+    backoff_s: float = 1.0
+    chunk_bytes: int = CHUNK_BYTES
+    progress: ProgressFn | None = None
+    on_file: Callable[[str, "int | None"], None] | None = None  # a file starts: (name, size)
+    on_event: Callable[[str], None] | None = None  # one-line notes: skipped, resuming, ...
+    session: requests.Session | None = None
+
+    def event(self, message: str) -> None:
+        if self.on_event:
+            self.on_event(message)
+
+
+def mib(n: int | None) -> str:
+    return "unknown size" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+# --- planning ----------------------------------------------------------------------------------------
+
+
+def plan_model(
+    spec: ModelSpec, registry: Registry, session: requests.Session, token: str | None, options: DownloadOptions
+) -> tuple[list[Remote], dict[str, tuple[str, list[str]]]]:
+    """The concrete files to fetch for a model, and the Hub folders they were expanded from."""
+    remotes: list[Remote] = []
+    folders: dict[str, tuple[str, list[str]]] = {}
+    for file in spec.files:
+        if file.source.type == "manual":
+            raise WeightsError(manual_message(spec, file))
+        if file.folder:
+            headers = _base_headers(token, True)
+            listing = partial(list_folder, session, registry.endpoint, file, spec, headers)
+            folder, entries = _retrying(listing, spec, options)
+            found = folder_remotes(registry.endpoint, file, folder, entries, auth=True)
+            folders[file.name] = (f"hf:{file.source.repo}@{file.source.revision}/{folder}", [r.rel for r in found])
+            remotes.extend(found)
+        else:
+            remote = _plan_file(spec, file, registry, session, token, options)
+            if remote is not None:
+                remotes.append(remote)
+    return remotes, folders
+
+
+def _plan_file(
+    spec: ModelSpec, file: FileSpec, registry: Registry, session: requests.Session, token: str | None,
+    options: DownloadOptions,
+) -> Remote | None:
+    """One file: its URL plus expected sha256/size (registry first, else the Hub's HEAD metadata)."""
+    hf = file.source.type == "hf"
+    url = resolve_url(registry.endpoint, file.source) if hf else file.source.url
+    auth = hf or file.source.auth
+    sha, size, origin = file.sha256, file.size, "registry" if file.sha256 else "computed"
+    if sha is None or size is None:
+        headers = _base_headers(token, auth)
+        try:
+            metadata = partial(head_metadata, session, url, headers, spec, f"'{file.name}'")
+            hub_sha, hub_size = _retrying(metadata, spec, options)
+        except NotFoundError:
+            if file.optional:
+                options.event(f"{spec.id}: optional file {file.name} is not on the server; skipped")
+                return None
+            raise
+        if sha is None and hub_sha:
+            sha, origin = hub_sha, "hub"
+        size = size if size is not None else hub_size
+    return Remote(file.name, url, sha, size, origin, auth, file.optional)
+
+
+def manual_message(spec: ModelSpec, file: FileSpec) -> str:
+    return (
+        f"model '{spec.id}' cannot be downloaded automatically: {file.source.instructions} "
+        f"(source: {file.source.url}; the file is placed as '{file.name}')"
+    )
+
+
+def _base_headers(token: str | None, auth: bool) -> dict[str, str]:
+    return {"User-Agent": USER_AGENT, **auth_headers(token, auth)}
+
+
+def _retrying(call: Callable, spec: ModelSpec, options: DownloadOptions):
+    """Run `call`, retrying RetryableError with exponential back-off; then fail with its message."""
+    for attempt in range(options.retries + 1):
+        try:
+            return call()
+        except RetryableError as error:
+            if attempt == options.retries:
+                message = str(error) if error.connect else f"model '{spec.id}': {error}; try again later"
+                raise WeightsError(message) from None
+            _sleep(options, attempt, error.retry_after)
+
+
+def _sleep(options: DownloadOptions, attempt: int, retry_after: float | None) -> None:
+    delay = min(MAX_BACKOFF_S, options.backoff_s * 2**attempt)
+    if retry_after is not None:
+        delay = min(MAX_BACKOFF_S, max(delay, retry_after))
+    options.event(f"retrying in {delay:.1f} s")
+    time.sleep(delay)
+
+
+# --- one file ------------------------------------------------------------------------------------------
+
+
+class PartFile:
+    """The growing `.part` file: bytes written so far and their running sha256."""
+
+    def __init__(self, dest: Path, remote: Remote):
+        self.dest = dest
+        self.path = dest.with_name(dest.name + PART_SUFFIX)
+        self.meta = dest.with_name(dest.name + PART_SUFFIX + ".json")
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        self.expect = {"sha256": remote.sha256, "size": remote.size}
+
+    def resume(self, chunk_bytes: int, options: DownloadOptions) -> None:
+        """Reuse bytes from an earlier attempt when they are for the same file: hash them once."""
+        if not self.path.is_file():
+            return
+        before = read_json(self.meta, {})
+        same = all(before.get(k) in (None, v) or v is None for k, v in self.expect.items())
+        size = self.path.stat().st_size
+        if not same or (self.expect["size"] is not None and size > self.expect["size"]):
+            self.restart()
+            return
+        options.event(f"resuming {self.dest.name}: checking the {mib(size)} already downloaded")
+        with open(self.path, "rb", buffering=0) as handle:
+            while block := handle.read(chunk_bytes):
+                self.hasher.update(block)
+                self.done += len(block)
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.meta, self.expect)
+
+    def restart(self) -> None:
+        """Forget the bytes so far (the server would not resume, or they belong to another version)."""
+        self.path.unlink(missing_ok=True)
+        self.hasher = hashlib.sha256()
+        self.done = 0
+
+    def write(self, handle, chunk: bytes) -> None:
+        """Append one chunk and hash it; disk-full becomes an honest error (the part is kept for resume)."""
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[handle.write(view):]
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                free = shutil.disk_usage(self.path.parent).free
+                raise WeightsError(
+                    f"disk full while writing {self.path} ({mib(free)} free): free some space or set CTFOUNDATION_HOME "
+                    f"to a larger disk, then run the same command again to resume ({mib(self.done)} kept)"
+                ) from None
+            reason = error.strerror or error
+            raise WeightsError(f"cannot write {self.path}: {reason}; check the disk and try again") from None
+        self.hasher.update(chunk)
+        self.done += len(chunk)
+
+    def finish(self, remote: Remote, model_id: str) -> FileRecord:
+        """Check size and sha256, then rename into place; a mismatch is set aside as `.corrupt`."""
+        digest = self.hasher.hexdigest()
+        wrong_size = remote.size is not None and self.done != remote.size
+        if wrong_size or (remote.sha256 and digest != remote.sha256):
+            corrupt = self.dest.with_name(self.dest.name + CORRUPT_SUFFIX)
+            os.replace(self.path, corrupt)
+            self.meta.unlink(missing_ok=True)
+            got = f"{self.done} bytes" if wrong_size else f"sha256 {digest}"
+            want = f"{remote.size} bytes" if wrong_size else f"sha256 {remote.sha256}"
+            raise WeightsError(
+                f"checksum mismatch for '{remote.rel}' of model '{model_id}': expected {want}, got {got}. "
+                f"The data was set aside as {corrupt} and is not used; run the download again "
+                f"(if it fails the same way, the source or the registry entry is wrong)"
+            )
+        with open(self.path, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(self.path, self.dest)
+        self.meta.unlink(missing_ok=True)
+        origin = remote.hash_origin if remote.sha256 else "computed"
+        return FileRecord(digest, self.done, now_iso(), display_url(remote.url), origin)
+
+
+def fetch_file(
+    session: requests.Session, remote: Remote, dest: Path, spec: ModelSpec, token: str | None,
+    options: DownloadOptions,
+) -> FileRecord:
+    """Download one file to `dest` with resume and retries; return its verified record."""
+    part = PartFile(dest, remote)
+    part.resume(options.chunk_bytes, options)
+    part.start()
+    failures = 0
+    while True:
+        before = part.done
+        try:
+            _transfer(session, remote, part, spec, token, options)
+            return part.finish(remote, spec.id)
+        except RetryableError as error:
+            failures = 1 if part.done > before else failures + 1  # progress resets the count
+            if failures > options.retries:
+                raise WeightsError(_gave_up(spec, remote, part, error)) from None
+            _sleep(options, failures - 1, error.retry_after)
+
+
+def _gave_up(spec: ModelSpec, remote: Remote, part: PartFile, error: RetryableError) -> str:
+    if error.connect and part.done == 0:
+        return str(error)
+    return (
+        f"download of '{remote.rel}' of model '{spec.id}' stopped after {mib(part.done)} of {mib(remote.size)} "
+        f"({error}); the partial file is kept: run the same command again to resume"
+    )
+
+
+def _transfer(
+    session: requests.Session, remote: Remote, part: PartFile, spec: ModelSpec, token: str | None,
+    options: DownloadOptions,
+) -> None:
+    """One GET from `part.done` to the end (or to the first failure)."""
+    headers = {**_base_headers(token, remote.auth), "Accept-Encoding": "identity"}
+    if part.done:
+        headers["Range"] = f"bytes={part.done}-"
+    try:
+        response = session.get(remote.url, headers=headers, stream=True, timeout=(15.0, 60.0))
+    except (requests.ConnectionError, requests.Timeout) as error:
+        raise RetryableError(offline_message(spec, remote.url, short_reason(error)), connect=True) from None
+    with response:
+        if not _accept_range(response, part, remote):
+            return
+        check_response(response, spec, f"'{remote.rel}'", bool(token) and remote.auth)
+        total = _total(response, part.done, remote.size)
+        _stream(response, part, total, options)
+
+
+def _accept_range(response: requests.Response, part: PartFile, remote: Remote) -> bool:
+    """Reconcile the answer with a resume request. False: nothing more to read (already complete)."""
+    if response.status_code == 416 and part.done:
+        if remote.size is None or part.done == remote.size:
+            return False
+        part.restart()
+        raise RetryableError("the server refused to resume; starting the file again")
+    if part.done and response.status_code == 200:
+        part.restart()  # the server ignored the Range header and sends everything
+    elif response.status_code == 206:
+        start = response.headers.get("Content-Range", "").removeprefix("bytes ").split("-")[0]
+        if start != str(part.done):
+            part.restart()
+            raise RetryableError("the server resumed at the wrong offset; starting the file again")
+    return True
+
+
+def _total(response: requests.Response, done: int, expected: int | None) -> int | None:
+    length = response.headers.get("Content-Length")
+    return done + int(length) if length and length.isdigit() else expected
+
+
+def _stream(response: requests.Response, part: PartFile, total: int | None, options: DownloadOptions) -> None:
+    """Copy the body into the part file, hashing it; bytes that arrived before a failure are kept.
+
+    The socket is read on this thread while a helper thread hashes and writes the previous chunks.
+    """
+    encoding = response.headers.get("Content-Encoding", "identity").lower()
+    if encoding not in ("", "identity"):
+        raise WeightsError(
+            f"{display_url(response.url)} sent the file {encoding}-encoded although plain bytes were asked for; "
+            f"use a server or mirror that serves files as they are"
+        )
+    read = _reader(response.raw, min(READ_PIECE_BYTES, options.chunk_bytes))
+    pending = bytearray()
+    _report(options, part, total)
+    with open(part.path, "ab", buffering=0) as handle:
+        writer = _Writer(part, handle)
+        try:
+            while True:
+                try:
+                    piece = read()
+                except (urllib3.exceptions.HTTPError, OSError) as error:
+                    writer.put(pending)
+                    writer.close()
+                    raise RetryableError(f"connection lost ({short_reason(error)})") from None
+                if not piece:
+                    break
+                pending += piece
+                if len(pending) >= options.chunk_bytes:
+                    writer.put(pending)
+                    pending = bytearray()
+                    _report(options, part, total)
+            writer.put(pending)
+        finally:
+            writer.close()
+    _report(options, part, total)
+
+
+def _report(options: DownloadOptions, part: PartFile, total: int | None) -> None:
+    if options.progress:
+        options.progress(part.done, total)
+
+
+class _Writer:
+    """Hashes and writes chunks on a helper thread; its first error is raised to the reading thread."""
+
+    def __init__(self, part: PartFile, handle, depth: int = 3):
+        self.part, self.handle = part, handle
+        self.queue: queue.Queue[bytearray | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ctfoundation-weights-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self.queue.get()) is not None:
+            if self.error is None and chunk:
+                try:
+                    self.part.write(self.handle, chunk)
+                except BaseException as error:  # handed to the reading thread
+                    self.error = error
+
+    def put(self, chunk: bytearray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def close(self) -> None:
+        """Wait until everything queued is written; raise the writer's error if it had one."""
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+def _reader(raw, piece: int) -> Callable[[], bytes]:
+    """Read what has arrived (up to `piece` bytes) without waiting to fill a whole chunk.
+
+    urllib3's read(n) keeps reading until it has n bytes and drops them all if the connection breaks
+    on the way; read1 hands over each piece as it comes, so an interruption loses nothing.
+    """
+    if hasattr(raw, "read1"):
+        return lambda: raw.read1(piece, decode_content=False)
+    return lambda: raw.read(piece, decode_content=False)  # older urllib3: at most `piece` bytes lost on a cut
+
+
+# --- whole models --------------------------------------------------------------------------------------
+
+
+@contextmanager
+def model_lock(folder: Path) -> Iterator[None]:
+    """Keep two processes from downloading into the same model folder at once (POSIX; no-op elsewhere)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise WeightsError(f"another process is writing {folder}; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def download_files(
+    spec: ModelSpec, registry: Registry, home: Path | str | None, options: DownloadOptions
+) -> Path:
+    """Fetch every missing or unverified file of one model (no dependencies, no licence check)."""
+    if options.session is None:
+        with requests.Session() as session:
+            return _download_files(spec, registry, home, options, session)
+    return _download_files(spec, registry, home, options, options.session)
+
+
+def _download_files(
+    spec: ModelSpec, registry: Registry, home: Path | str | None, options: DownloadOptions,
+    session: requests.Session,
+) -> Path:
+    token = get_token(home)
+    folder = model_dir(spec.id, home)
+    with model_lock(folder):
+        remotes, folders = plan_model(spec, registry, session, token, options)
+        manifest = Manifest(spec.id, home)
+        todo = [r for r in remotes if not _already_verified(manifest, r)]
+        for remote in remotes:
+            if remote not in todo:
+                options.event(f"{spec.id}: {remote.rel} already verified")
+        _check_space(folder, todo)
+        for remote in todo:
+            if options.on_file:
+                options.on_file(remote.rel, remote.size)
+            record = fetch_file(session, remote, folder / remote.rel, spec, token, options)
+            manifest.record_file(remote.rel, record)
+            manifest.save()
+        for name, (source, members) in folders.items():
+            manifest.record_folder(name, source, members)
+        manifest.save()
+    return folder
+
+
+def _already_verified(manifest: Manifest, remote: Remote) -> bool:
+    record = manifest.files.get(remote.rel)
+    if record is None or not manifest.file_ok(remote.rel):
+        return False
+    return remote.sha256 in (None, record.sha256) and remote.size in (None, record.size)
+
+
+def _check_space(folder: Path, todo: list[Remote]) -> None:
+    """Refuse to start when the known remaining bytes do not fit on the disk."""
+    needed = 0
+    for remote in todo:
+        if remote.size is not None:
+            part = folder / (remote.rel + PART_SUFFIX)
+            needed += max(0, remote.size - (part.stat().st_size if part.is_file() else 0))
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise WeightsError(
+            f"not enough disk space in {folder}: {mib(needed)} still to download, {mib(free)} free; "
+            f"free some space or set CTFOUNDATION_HOME to a larger disk"
+        )
