@@ -18,13 +18,14 @@ from .cli_input import add_input_arguments, read_input
 from .detection import CTCLIPRuntime, DetectionResult, load_thresholds
 from .errors import CTFoundationError, CTInputError
 from .models.ctclip import CTCLIPConfig
+from .preprocess import SPECS
 from .reading import read_ct
 from .retrieval import CaseIndex, CaseMetadata, source_fingerprint
 from .sanity import summarize
-from .weights import resolve_weights
+from .weights import load_registry, resolve_weights
 from .weights.cache import write_json_atomic
 
-CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
+CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", "ct-clip-demo")
 TEXT_ENCODER = "cxr-bert"
 
 
@@ -53,9 +54,16 @@ def step_progress(name: str) -> Iterator[Callable[[str], None]]:
 
 
 def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable[[str], None]) -> CTCLIPRuntime:
-    config = read_model_config(args.model_config)
+    """The runtime for --model: its registry entry says which input spec, sizes and tokenizer it uses."""
+    runtime_spec = load_registry().get(args.model).runtime
+    if runtime_spec.notice:
+        print(f"note: {runtime_spec.notice}", file=sys.stderr)
+    config = read_model_config(args.model_config or model_file(args.model, runtime_spec.constructors))
     checkpoint = resolve_weights(args.model, args.weights)
-    tokenizer = resolve_weights(TEXT_ENCODER, args.text_encoder) if needs_text else None
+    tokenizer = None
+    if needs_text:
+        tokenizer = args.text_encoder or model_file(args.model, runtime_spec.tokenizer)
+        tokenizer = tokenizer or resolve_weights(TEXT_ENCODER)
     return CTCLIPRuntime(
         checkpoint,
         tokenizer,
@@ -63,8 +71,21 @@ def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable
         config=config,
         device=args.device,
         dtype=args.dtype,
+        spec=SPECS[runtime_spec.preprocess or "ct-clip-v2"],
         progress=progress,
     )
+
+
+def model_file(model_id: str, name: str | None) -> Path | None:
+    """A file of an installed model named by its registry `runtime` section (None when not named)."""
+    return resolve_weights(model_id).parent / name if name else None
+
+
+def default_thresholds(args: argparse.Namespace) -> Path | None:
+    """--thresholds, else the thresholds file the model ships with (if any)."""
+    if args.thresholds or args.weights:
+        return args.thresholds
+    return model_file(args.model, load_registry().get(args.model).runtime.thresholds)
 
 
 def read_model_config(path: Path | None) -> CTCLIPConfig | None:
@@ -106,7 +127,7 @@ def register(subparsers) -> None:
 def run_detect(args: argparse.Namespace) -> int:
     volume = read_input(args)
     summary = summarize(volume)
-    thresholds = load_thresholds(args.thresholds)
+    thresholds = load_thresholds(default_thresholds(args))
     with step_progress("ct-clip") as progress:
         runtime = build_runtime(args, args.model != "ct-clip-lipro", progress)
         result = runtime.detect(volume, thresholds)

@@ -100,6 +100,8 @@ def _size(n: float | int | None) -> str:
 
 
 def _access(spec: ModelSpec) -> str:
+    if any(f.source.type == "local" for f in spec.files):
+        return "local"
     return "manual" if spec.manual else ("gated" if spec.gated else "public")
 
 

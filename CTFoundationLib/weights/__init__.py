@@ -65,7 +65,7 @@ def pending_licenses(
 def check_downloadable(specs: list[ModelSpec]) -> None:
     """Fail early, before any prompt or network, when a model can only be obtained by hand."""
     for spec in specs:
-        manual = next((f for f in spec.files if f.source.type == "manual"), None)
+        manual = next((f for f in spec.files if f.source.type in ("manual", "local")), None)
         if manual is not None:
             raise WeightsError(manual_message(spec, manual))
 

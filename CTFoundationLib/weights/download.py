@@ -82,7 +82,7 @@ def plan_model(
     remotes: list[Remote] = []
     folders: dict[str, tuple[str, list[str]]] = {}
     for file in spec.files:
-        if file.source.type == "manual":
+        if file.source.type in ("manual", "local"):
             raise WeightsError(manual_message(spec, file))
         if file.folder:
             headers = _base_headers(token, True)
@@ -124,6 +124,8 @@ def _plan_file(
 
 
 def manual_message(spec: ModelSpec, file: FileSpec) -> str:
+    if file.source.type == "local":
+        return f"model '{spec.id}' is built on this machine, not downloaded: run `{file.source.command}`"
     return (
         f"model '{spec.id}' cannot be downloaded automatically: {file.source.instructions} "
         f"(source: {file.source.url}; the file is placed as '{file.name}')"

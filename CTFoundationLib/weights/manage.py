@@ -111,7 +111,10 @@ def resolve_weights(
 
 def not_installed_message(spec: ModelSpec, status: ModelStatus) -> str:
     missing = ", ".join(m for m in status.missing if not _is_optional(m, spec))
-    if spec.manual:
+    local = next((f for f in spec.files if f.source.type == "local"), None)
+    if local is not None:
+        how = f"build it on this machine with `{local.source.command}` ({local.source.instructions})"
+    elif spec.manual:
         manual = next(f for f in spec.files if f.source.type == "manual")
         how = f"get it from {manual.source.url} ({manual.source.instructions})"
     else:

@@ -21,7 +21,7 @@ BUILTIN_REGISTRY = RESOURCES / "models.json"
 SCHEMA_PATH = RESOURCES / "models.schema.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 FAMILIES = ("ct-clip", "fvlm", "ct-chat", "text-encoder", "llm")
-SOURCE_TYPES = ("hf", "url", "manual")
+SOURCE_TYPES = ("hf", "url", "manual", "local")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class License:
 
 @dataclass(frozen=True)
 class Source:
-    """Where one file (or Hub folder) comes from: type 'hf', 'url' or 'manual'."""
+    """Where one file (or Hub folder) comes from: type 'hf', 'url', 'manual' or 'local' (built here by `command`)."""
 
     type: str
     repo: str = ""
@@ -46,6 +46,7 @@ class Source:
     path: str = ""
     url: str = ""
     instructions: str = ""
+    command: str = ""
     select: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -55,6 +56,8 @@ class Source:
         """Short human description: 'hf:dataset:owner/name@rev/path', the URL, or 'manual'."""
         if self.type == "hf":
             return f"hf:{self.repo_type}:{self.repo}@{self.revision}/{self.path}"
+        if self.type == "local":
+            return f"built on this machine ({self.command})"
         return self.url if self.type == "url" else f"manual ({self.url})"
 
 
@@ -72,6 +75,22 @@ class FileSpec:
 
 
 @dataclass(frozen=True)
+class RuntimeSpec:
+    """How the runtime uses a model's files (all optional; paths are relative to the model folder).
+
+    preprocess: name of the input `PreprocessSpec` (None: the family's default); constructors: JSON of the
+    reference constructor arguments (None: full size); tokenizer: vocab.txt or tokenizer folder (None: the
+    family's text-encoder model); thresholds: per-finding thresholds JSON; notice: shown whenever it is used.
+    """
+
+    preprocess: str | None = None
+    constructors: str | None = None
+    tokenizer: str | None = None
+    thresholds: str | None = None
+    notice: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model entry: its files, licence, access and dependencies."""
 
@@ -86,11 +105,12 @@ class ModelSpec:
     resources: dict[str, Any] = field(default_factory=dict)
     entry: str | None = None
     notes: str = ""
+    runtime: RuntimeSpec = field(default_factory=lambda: RuntimeSpec())
 
     @property
     def manual(self) -> bool:
-        """True when at least one file can only be obtained by hand."""
-        return any(f.source.type == "manual" for f in self.files)
+        """True when at least one file can only be obtained by hand or built on this machine."""
+        return any(f.source.type in ("manual", "local") for f in self.files)
 
     def entry_name(self) -> str:
         """What resolve_weights returns, relative to the model folder."""
@@ -232,6 +252,7 @@ def _model(key: str, raw: dict[str, Any], licenses: dict[str, License], origin: 
         resources=dict(raw.get("resources", {})),
         entry=raw.get("entry"),
         notes=raw.get("notes", ""),
+        runtime=RuntimeSpec(**raw.get("runtime", {})),
     )
 
 
@@ -265,6 +286,8 @@ def _source(raw: dict[str, Any], where: str) -> Source:
         raise WeightsError(f"{where}: an 'hf' source needs 'repo'")
     if kind in ("url", "manual") and not raw.get("url"):
         raise WeightsError(f"{where}: a '{kind}' source needs 'url'")
+    if kind == "local" and not raw.get("command"):
+        raise WeightsError(f"{where}: a 'local' source needs 'command'")
     return Source(
         type=kind,
         repo=raw.get("repo", ""),
@@ -273,6 +296,7 @@ def _source(raw: dict[str, Any], where: str) -> Source:
         path=raw.get("path", ""),
         url=raw.get("url", ""),
         instructions=raw.get("instructions", ""),
+        command=raw.get("command", ""),
         select=raw.get("select"),
         include=tuple(raw.get("include", ())),
         exclude=tuple(raw.get("exclude", ())),
