@@ -19,3 +19,7 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class TrainingError(CTFoundationError):
+    """A training config, dataset or run that cannot be used (what is wrong, which file, what to do)."""

@@ -1,0 +1,176 @@
+"""Smoke runs of the three CT-CLIP recipes on real CTs and real CT-RATE report texts, with a tiny model.
+
+Each run trains a few steps on one fixed batch (the three chest CTs, batch three): the loss must be finite and fall.
+The checkpoints each recipe exports load in the runtime unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from CTFoundationLib.detection import CTCLIPRuntime
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIPConfig, load_ctclip
+from CTFoundationLib.reading import read_ct
+from training.config import load_config
+from training.ctrate import CTRateDataset, load_cases
+from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
+from training.recipes import positive_class_weights
+from training.trainer import Trainer
+from training_fixtures import TINY_SPEC, make_ctrate_split, tiny_constructors, tokenizer_path
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return make_ctrate_split(tmp_path_factory.mktemp("ctrate"))
+
+
+def write_config(folder, split, recipe: str, **train) -> object:
+    raw = {
+        "model": {"constructors": tiny_constructors(), "tokenizer": str(tokenizer_path())},
+        "data": {"root": str(split["root"]), "reports_csv": str(split["reports_csv"]),
+                 "labels_csv": str(split["labels_csv"]), "num_workers": 0, "cache_images": True},
+        "train": {"recipe": recipe, "batch_size": 3, "lr": 1e-2, "steps": STEPS, "log_every": 1, "save_every": 4,
+                  "output_dir": str(folder / recipe), **train},
+    }
+    path = folder / f"{recipe}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def dataset(config) -> CTRateDataset:
+    needs_labels = config.train.recipe != "contrastive"
+    cases = load_cases(config.data.root, config.data.reports_csv, config.data.labels_csv if needs_labels else None)
+    return CTRateDataset(cases, TINY_SPEC, cache_images=True)
+
+
+def assert_learns(losses: list[float]) -> None:
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, split):
+    folder = tmp_path_factory.mktemp("runs")
+    config = write_config(folder, split, "contrastive")
+    result = Trainer(config, dataset(config)).train()
+    return folder, config, result
+
+
+def test_contrastive_learns_logs_and_exports(pretrained):
+    folder, config, result = pretrained
+    assert_learns(result.losses)
+    log = [json.loads(line) for line in (folder / "contrastive" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1))
+    assert {"loss", "lr", "temperature", "logit_scale"} <= set(log[0]) and log[0]["lr"] == pytest.approx(1e-2)
+    assert log[-1]["temperature"] != pytest.approx(1.0)  # the temperature is learned
+    clip = load_ctclip(result.checkpoint, CTCLIPConfig.from_reference_constructors(tiny_constructors()))
+    assert clip.classifier is None and float(clip.temperature) == pytest.approx(log[-1]["temperature"], abs=1e-4)
+
+
+def test_resume_continues_from_the_saved_state(pretrained, split):
+    folder, config, _ = pretrained
+    checkpoints = sorted(p.name for p in (folder / "contrastive" / "checkpoints").iterdir())
+    assert checkpoints == ["step_4", "step_8"]
+    longer = write_config(folder, split, "contrastive", steps=STEPS + 2)
+    result = Trainer(longer, dataset(longer)).train()
+    assert result.steps == STEPS + 2 and len(result.losses) == 2  # only the two new steps ran
+    steps = [json.loads(line)["step"] for line in (folder / "contrastive" / "log.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [STEPS + 1, STEPS + 2]
+
+
+def test_vocabfine_learns_from_labels(pretrained, split, tmp_path):
+    _, _, result = pretrained
+    config = write_config(tmp_path, split, "vocabfine", lr=3e-3)
+    config.model.init_checkpoint = result.checkpoint
+    run = Trainer(config, dataset(config)).train()
+    assert_learns(run.losses)
+    assert load_ctclip(run.checkpoint, CTCLIPConfig.from_reference_constructors(tiny_constructors())).classifier is None
+
+
+def test_lipro_trains_only_its_head_and_exports_the_lipro_layout(pretrained, split, tmp_path, ct_dir):
+    _, _, result = pretrained
+    config = write_config(tmp_path, split, "lipro", lr=3e-2, dropout=0.0)
+    config.model.init_checkpoint = result.checkpoint
+    trainer = Trainer(config, dataset(config))
+    frozen = {k: v.clone() for k, v in trainer.model.clip.state_dict().items() if not k.startswith("classifier")}
+    run = trainer.train()
+    assert_learns(run.losses)
+    after = trainer.model.clip.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)  # the CT-CLIP weights and codebook stay fixed
+    state = torch.load(run.checkpoint, weights_only=True)
+    assert state["classifier.weight"].shape == (18, 16) and "trained_model.temperature" in state
+    runtime = CTCLIPRuntime(run.checkpoint, None, "ct-clip-lipro", config=CTCLIPConfig.from_reference_constructors(
+        tiny_constructors()), device="cpu", cache_dir=tmp_path / "cache", spec=TINY_SPEC)
+    volume = read_ct(ct_dir / "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz")
+    latent, _ = runtime.encode_volume(volume)
+    expected = torch.sigmoid(torch.relu(latent) @ state["classifier.weight"].t() + state["classifier.bias"])[0]
+    assert [f.probability for f in runtime.detect(volume).findings] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_pos_weight_is_negatives_over_positives():
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    assert positive_class_weights(labels).tolist() == [3.0, 1.0, 1 / 3]
+
+
+def test_contrastive_loss_matches_the_reference_formula():
+    torch.manual_seed(0)
+    text, image = (torch.nn.functional.normalize(torch.randn(5, 8), dim=-1) for _ in range(2))
+    scale = torch.tensor(3.0)
+    sim = torch.exp(text @ image.t() * scale)
+    text_to_image = (-torch.log(sim.diag()) + torch.log(sim.sum(dim=1))).mean()
+    image_to_text = (-torch.log(sim.t().diag()) + torch.log(sim.t().sum(dim=1))).mean()
+    assert float(contrastive_loss(text, image, scale)) == pytest.approx(float((text_to_image + image_to_text) / 2))
+    assert float(contrastive_loss(text, text, torch.tensor(100.0))) < 1e-3  # matched pairs, sharp scale
+
+
+def test_codebook_ema_straight_through_and_update():
+    codebook = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)[None].clone()
+    quantizer = CodebookEMA(3, decay=0.5, dead_code_threshold=0.0)
+    tokens = torch.tensor([[2.0, 0.2], [0.1, 3.0]], requires_grad=True)
+    codes = quantizer(tokens, codebook)
+    assert torch.equal(codes.detach(), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # cosine nearest rows
+    codes.sum().backward()
+    assert torch.equal(tokens.grad, torch.ones(2, 2))  # straight-through
+    unit = torch.nn.functional.normalize(tokens.detach(), dim=-1)
+    assert torch.allclose(codebook[0, 0], 0.5 * torch.tensor([1.0, 0.0]) + 0.5 * unit[0])
+    assert torch.equal(codebook[0, 2], torch.tensor([-1.0, 0.0]))  # unused code unchanged
+    assert quantizer.cluster_size.tolist() == [[0.5, 0.5, 0.0]]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    clip = build_clip(tiny_constructors(), seed=3)
+    volumes = torch.randn(2, 1, 16, 32, 32)
+    ids, mask = torch.randint(1000, 2000, (2, 7)), torch.ones(2, 7, dtype=torch.long)
+
+    def gradients(model: TrainableCTCLIP) -> dict:
+        model.train()
+        images, texts, scale = model(volumes, ids, mask)
+        contrastive_loss(texts, images, scale).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients(TrainableCTCLIP(build_clip(tiny_constructors(), seed=3)))
+    enable_gradient_checkpointing(clip)
+    checkpointed = gradients(TrainableCTCLIP(clip))
+    assert plain.keys() == checkpointed.keys() and len(plain) > 20
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    (tmp_path / "bad.yaml").write_text("train:\n  recipe: contrastive\n  batchsize: 8\n")
+    with pytest.raises(TrainingError, match=r"unknown keys \['batchsize'\] in 'train'"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "vf.yaml").write_text("train:\n  recipe: vocabfine\n")
+    with pytest.raises(TrainingError, match="set model.init_checkpoint"):
+        load_config(tmp_path / "vf.yaml")
+
+
+def test_names_follow_ct_clip_order(split):
+    cases = load_cases(split["root"], split["reports_csv"], split["labels_csv"])
+    assert len(cases) == 3 and cases[0].labels.shape == (len(CT_RATE_ABNORMALITIES),)

@@ -1,0 +1,175 @@
+"""Training configs: YAML files of four sections (model, data, train, export) read into dataclasses.
+
+Relative paths in a config are taken from the config file's folder. Unknown keys are errors, so a typo
+never silently falls back to a default. See training/configs/*.yaml for the reference recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import FULL_SIZE_CONSTRUCTORS
+
+RECIPES = ("contrastive", "vocabfine", "lipro")
+
+
+@dataclass
+class ModelSection:
+    """constructors: "full_size", a JSON file, or inline {"CTViT", "BertConfig", "CTCLIP"} arguments.
+    init_checkpoint: an official-layout checkpoint to start from (VocabFine, LiPro, or resuming elsewhere).
+    text_init: a local BERT folder for the text tower (e.g. CXR-BERT, MiniLM); tokenizer: vocab.txt/folder.
+    temperature_init: starting value of the learned temperature (logit scale = exp of it) of a fresh model;
+    None keeps the reference's 1.0."""
+
+    constructors: Any = "full_size"
+    init_checkpoint: Path | None = None
+    text_init: Path | None = None
+    tokenizer: Path | None = None
+    temperature_init: float | None = None
+
+    def constructor_arguments(self) -> dict:
+        if self.constructors == "full_size":
+            return json.loads(json.dumps(FULL_SIZE_CONSTRUCTORS))
+        if isinstance(self.constructors, dict):
+            return self.constructors
+        path = Path(self.constructors)
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"model.constructors {path}: not a readable JSON file ({error})") from None
+        return loaded.get("constructors", loaded)
+
+
+@dataclass
+class DataSection:
+    """A CT-RATE split: root (the split folder), reports_csv, labels_csv (VocabFine, LiPro, validation),
+    metadata_csv + stored_values "raw" for first-release volumes; validation_* the same for the validation
+    split that thresholds are chosen on. text_sentences: train on that many randomly chosen sentences of each
+    report (in order) per step, a text augmentation; None = the whole Findings text (the reference)."""
+
+    root: Path | None = None
+    reports_csv: Path | None = None
+    labels_csv: Path | None = None
+    metadata_csv: Path | None = None
+    stored_values: str = "hu"
+    validation_root: Path | None = None
+    validation_reports_csv: Path | None = None
+    validation_labels_csv: Path | None = None
+    validation_metadata_csv: Path | None = None
+    preprocess: str = "ct-clip-v2"
+    num_workers: int = 4
+    cache_images: bool = False
+    text_sentences: int | None = None
+
+
+@dataclass
+class TrainSection:
+    """Optimisation. Defaults are the reference CTClipTrainer's: batch 8, Adam (betas 0.9/0.99) lr 1.25e-6,
+    no weight decay, gradient-norm clip 0.5, 100,001 steps, constant learning rate. text_lr: another rate for
+    the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed."""
+
+    recipe: str = "contrastive"
+    batch_size: int = 8
+    lr: float = 1.25e-6
+    text_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float | None = 0.5
+    steps: int = 100001
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    freeze_text_layers: int = 0
+    log_every: int = 10
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    output_dir: Path = Path("runs/ct-clip")
+    resume: bool = True
+    dropout: float = 0.3
+    pos_weight: Any = "auto"
+
+
+@dataclass
+class ExportSection:
+    """Where the final official-layout checkpoint goes, and whether to choose thresholds on validation."""
+
+    checkpoint: Path | None = None
+    thresholds: bool = True
+
+
+@dataclass
+class TrainingConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    source: Path | None = None
+
+    def check(self) -> TrainingConfig:
+        train = self.train
+        if train.recipe not in RECIPES:
+            raise TrainingError(f"{self.source}: train.recipe must be one of {RECIPES}, got {train.recipe!r}")
+        if train.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TrainingError(f"{self.source}: train.mixed_precision must be no, bf16 or fp16")
+        if train.schedule not in ("constant", "cosine"):
+            raise TrainingError(f"{self.source}: train.schedule must be constant or cosine")
+        if train.batch_size < 1 or train.steps < 1:
+            raise TrainingError(f"{self.source}: train.batch_size and train.steps must be positive")
+        if train.recipe != "contrastive" and self.model.init_checkpoint is None:
+            raise TrainingError(f"{self.source}: {train.recipe} fine-tunes a trained model: set model.init_checkpoint")
+        return self
+
+
+def _section(cls: type, raw: Any, name: str, base: Path, source: Path | None):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise TrainingError(f"{source}: section '{name}' must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise TrainingError(f"{source}: unknown keys {unknown} in '{name}'; known: {sorted(fields)}")
+    values = {}
+    for key, value in raw.items():
+        kind = str(fields[key].type)
+        if value is not None and "Path" in kind and not (key == "constructors"):
+            path = Path(str(value)).expanduser()
+            value = path if path.is_absolute() else base / path
+        elif key == "betas":
+            value = tuple(float(v) for v in value)
+        values[key] = value
+    if name == "model" and isinstance(values.get("constructors"), str) and values["constructors"] != "full_size":
+        path = Path(values["constructors"]).expanduser()
+        values["constructors"] = path if path.is_absolute() else base / path
+    return cls(**values)
+
+
+def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> TrainingConfig:
+    """Read a YAML config; `overrides` ({"train": {"steps": 10}, ...}) replace values after reading."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise TrainingError(f"{path}: cannot read this YAML config ({error})") from None
+    if not isinstance(raw, dict):
+        raise TrainingError(f"{path}: a config is a mapping with sections model, data, train, export")
+    unknown = sorted(set(raw) - {"model", "data", "train", "export"})
+    if unknown:
+        raise TrainingError(f"{path}: unknown sections {unknown}; use model, data, train, export")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    base = path.resolve().parent
+    sections = {
+        name: _section(cls, raw.get(name), name, base, path)
+        for name, cls in (("model", ModelSection), ("data", DataSection), ("train", TrainSection), ("export", ExportSection))
+    }
+    return TrainingConfig(**sections, source=path).check()

@@ -1,0 +1,194 @@
+"""CT-RATE as released, read for training: volumes, reports, labels and (for raw volumes) the metadata CSV.
+
+Layout: `<split>/<split>_<pid>/<split>_<pid>_<scan>/<split>_<pid>_<scan>_<rec>.nii.gz`, e.g.
+`train/train_1/train_1_a/train_1_a_1.nii.gz`. Reports CSV: `VolumeName, Findings_EN, Impressions_EN`.
+Labels CSV: `VolumeName` + the 18 abnormality columns (0/1). Metadata CSV: `VolumeName, XYSpacing, ZSpacing,
+RescaleSlope, RescaleIntercept, ...`; it is needed only for volumes stored as raw values (the first
+release), whose NIfTI headers carry neither HU rescale nor spacing. The HU re-release is read as is.
+
+Images go through the library's own `preprocess` with the model's `PreprocessSpec`, exactly as at inference.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.preprocess import PreprocessSpec, preprocess
+from CTFoundationLib.reading import read_ct
+from CTFoundationLib.volume import CTVolume
+
+from .text import clean_report_text
+
+STORED_VALUES = ("hu", "raw")
+
+
+@dataclass(frozen=True)
+class VolumeMetadata:
+    """What the metadata CSV says about one raw volume: HU = slope * stored + intercept; spacing in mm."""
+
+    slope: float
+    intercept: float
+    xy_spacing_mm: float
+    z_spacing_mm: float
+
+
+@dataclass(frozen=True)
+class CTRateCase:
+    """One volume with its training text (cleaned Findings) and, when known, its 18 labels."""
+
+    name: str
+    path: Path
+    text: str
+    labels: np.ndarray | None
+
+
+def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Rows of a CSV as dicts; TrainingError naming the file when it is missing or lacks a column."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = reader.fieldnames or []
+    except OSError as error:
+        raise TrainingError(f"{path}: cannot read this CSV ({error}); check the path in the config") from None
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise TrainingError(f"{path}: the columns {missing} are missing (found {columns[:8]}...); is it the right CSV?")
+    return rows
+
+
+def read_reports(path: Path) -> dict[str, str]:
+    """VolumeName -> cleaned Findings text."""
+    rows = read_csv_rows(path, ("VolumeName", "Findings_EN"))
+    return {row["VolumeName"]: clean_report_text(row["Findings_EN"]) for row in rows}
+
+
+def read_labels(path: Path, names: tuple[str, ...] = CT_RATE_ABNORMALITIES) -> dict[str, np.ndarray]:
+    """VolumeName -> float32 (18,) labels in `names` order (CT-CLIP's), whatever the column order."""
+    rows = read_csv_rows(path, ("VolumeName", *names))
+    try:
+        return {row["VolumeName"]: np.array([float(row[name]) for name in names], np.float32) for row in rows}
+    except ValueError as error:
+        raise TrainingError(f"{path}: a label is not a number ({error}); labels must be 0 or 1") from None
+
+
+def read_metadata(path: Path) -> dict[str, VolumeMetadata]:
+    """VolumeName -> rescale and spacing, for volumes stored as raw values."""
+    rows = read_csv_rows(path, ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"))
+    table = {}
+    for row in rows:
+        xy = re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", row["XYSpacing"])
+        try:
+            table[row["VolumeName"]] = VolumeMetadata(
+                float(row["RescaleSlope"]), float(row["RescaleIntercept"]), float(xy[0]), float(row["ZSpacing"])
+            )
+        except (IndexError, ValueError):
+            raise TrainingError(f"{path}: unreadable spacing or rescale for {row['VolumeName']}") from None
+    return table
+
+
+def find_volumes(split_root: Path) -> dict[str, Path]:
+    """File name -> path of every `*.nii.gz` in the CT-RATE layout under `split_root` (patient/scan folders)."""
+    volumes = {path.name: path for path in sorted(Path(split_root).glob("*/*/*.nii.gz"))}
+    if not volumes:
+        raise TrainingError(
+            f"{split_root}: no volumes in the CT-RATE layout (<split>_<pid>/<split>_<pid>_<scan>/*.nii.gz); "
+            "point `data.root` at the split folder, e.g. dataset/train"
+        )
+    return volumes
+
+
+def load_cases(split_root: Path, reports_csv: Path, labels_csv: Path | None = None) -> list[CTRateCase]:
+    """Every volume that has a report (and labels, when a labels CSV is given), in file-name order."""
+    volumes = find_volumes(split_root)
+    reports = read_reports(reports_csv)
+    labels = read_labels(labels_csv) if labels_csv else None
+    cases = [
+        CTRateCase(name, path, reports[name], labels[name] if labels is not None else None)
+        for name, path in volumes.items()
+        if name in reports and (labels is None or name in labels)
+    ]
+    if not cases:
+        raise TrainingError(f"none of the {len(volumes)} volumes under {split_root} has a row in {reports_csv}")
+    return cases
+
+
+def read_raw_volume(path: Path, metadata: VolumeMetadata) -> CTVolume:
+    """A first-release volume: stored values -> HU with the CSV rescale; voxel axes (i, j, k) = (L, P, S)."""
+    try:
+        stored = np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32)
+    except Exception as error:  # nibabel raises several types for damaged files
+        raise TrainingError(f"{path}: cannot read this NIfTI file ({error})") from None
+    hu = stored * np.float32(metadata.slope) + np.float32(metadata.intercept)
+    xy, z = metadata.xy_spacing_mm, metadata.z_spacing_mm
+    return CTVolume(hu, np.diag([-xy, -xy, z, 1.0]), str(path), {"rescale": (metadata.slope, metadata.intercept)})
+
+
+class CTRateDataset(Dataset):
+    """Items {"image": (1, *spec.shape) float32, "text": str, "labels": (18,) float32, "name": str}.
+
+    stored_values: "hu" (headers hold HU and spacing) or "raw" (needs `metadata`). cache_images keeps each
+    preprocessed image in memory (small demo sets; use with num_workers=0). text_sentences: see `sample_sentences`.
+    """
+
+    def __init__(
+        self,
+        cases: list[CTRateCase],
+        spec: PreprocessSpec,
+        stored_values: str = "hu",
+        metadata: dict[str, VolumeMetadata] | None = None,
+        cache_images: bool = False,
+        text_sentences: int | None = None,
+    ) -> None:
+        if stored_values not in STORED_VALUES:
+            raise TrainingError(f"data.stored_values must be one of {STORED_VALUES}, got {stored_values!r}")
+        if stored_values == "raw" and metadata is None:
+            raise TrainingError("data.stored_values is 'raw' but no data.metadata_csv was given (rescale and spacing)")
+        self.cases, self.spec, self.stored_values, self.metadata = cases, spec, stored_values, metadata
+        self._cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+        self.text_sentences = text_sentences
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def volume(self, index: int) -> CTVolume:
+        case = self.cases[index]
+        if self.stored_values == "hu":
+            return read_ct(case.path)
+        if case.name not in self.metadata:
+            raise TrainingError(f"{case.name}: no row in the metadata CSV (needed for rescale and spacing)")
+        return read_raw_volume(case.path, self.metadata[case.name])
+
+    def image(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = torch.from_numpy(preprocess(self.volume(index), self.spec))
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        labels = case.labels if case.labels is not None else np.zeros(len(CT_RATE_ABNORMALITIES), np.float32)
+        text = sample_sentences(case.text, self.text_sentences) if self.text_sentences else case.text
+        return {"image": self.image(index), "text": text, "labels": torch.from_numpy(labels), "name": case.name}
+
+
+def sample_sentences(text: str, count: int) -> str:
+    """`count` sentences of `text` chosen at random (Python's seeded RNG), kept in their original order."""
+    sentences = re.split(r"(?<=\.)\s+", text)
+    if len(sentences) <= count:
+        return text
+    chosen = sorted(random.sample(range(len(sentences)), count))
+    return " ".join(sentences[i] for i in chosen)

@@ -1,0 +1,257 @@
+"""Inserting findings of known type and place into a chest CT (HU, 3 mm grid, voxel axes (i, j, k) = L, P, S).
+
+Each inserter changes `hu` in place and returns an `Inserted` record (CT-RATE finding name, centre voxel,
+size in mm, side and zone) that the report templates turn into sentences. Appearance, in HU:
+- Lung nodule: 1-3 solid spheres, 6-30 mm, 0..60 HU, soft edge, inside the lung;
+- Pleural effusion: fluid (5..25 HU) layering in the dependent (posterior) lung base, one or both sides,
+  a crescent that thins upward (meniscus);
+- Consolidation: an irregular 30-70 mm patch of lung at 20..50 HU;
+- Lung opacity (ground glass): an irregular 40-90 mm patch of lung pulled 55-70 % toward -450 HU
+  (vessels stay visible);
+- Emphysema: clustered low-attenuation holes (-990..-960 HU) and 1-2 subpleural bullae, upper zones or diffuse;
+- Arterial wall calcification: 4-9 dense plaques (1100..1800 HU) on the wall of an artery mask;
+- Medical material: a pacemaker (generator + lead), a port (chamber + catheter) or a central catheter,
+  metal-dense (2000..3000 HU) in soft tissue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+SPACING_MM = 3.0
+OUTSIDE_AIR_HU = -930.0  # air components darker than this on average and touching the border are outside
+
+
+@dataclass
+class Inserted:
+    """One inserted finding: CT-RATE name, where (voxel centre, side, zone) and how big (mm)."""
+
+    name: str
+    centre_ijk: tuple[int, int, int]
+    size_mm: float
+    side: str = ""
+    zone: str = ""
+    kind: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Anatomy:
+    """Masks of one working volume: lung (inside the body), its distance to the lung edge (voxels), body."""
+
+    lung: np.ndarray
+    lung_depth: np.ndarray
+    body: np.ndarray
+    artery: np.ndarray | None
+    artery_name: str = ""
+
+
+def find_anatomy(hu: np.ndarray, artery: np.ndarray | None, artery_name: str = "") -> Anatomy:
+    """Lung = air components that are not outside air (mean HU above OUTSIDE_AIR_HU or not touching the border)."""
+    air = hu < -500
+    labels, count = ndimage.label(air)
+    index = np.arange(1, count + 1)
+    sizes = ndimage.sum(air, labels, index)
+    means = ndimage.mean(hu, labels, index)
+    border = np.zeros_like(air)
+    border[[0, -1], :, :] = border[:, [0, -1], :] = True
+    touching = ndimage.maximum(border, labels, index) > 0
+    outside = touching & (means < OUTSIDE_AIR_HU)
+    keep = (~outside) & (sizes >= 0.02 * sizes[~outside].max()) if (~outside).any() else outside
+    lung = np.isin(labels, index[keep])
+    lung = ndimage.binary_opening(lung, iterations=1)
+    body = ~np.isin(labels, index[outside])
+    return Anatomy(lung, ndimage.distance_transform_edt(lung), body, artery, artery_name)
+
+
+def side_and_zone(anatomy: Anatomy, centre: tuple[int, int, int]) -> tuple[str, str]:
+    """'right'/'left' (i grows toward the patient's left) and the lobe by height within the lung."""
+    i_range = np.flatnonzero(anatomy.lung.any(axis=(1, 2)))
+    k_range = np.flatnonzero(anatomy.lung.any(axis=(0, 1)))
+    side = "left" if centre[0] > (i_range[0] + i_range[-1]) / 2 else "right"
+    height = (centre[2] - k_range[0]) / max(1, k_range[-1] - k_range[0])
+    if side == "left":
+        return side, "upper lobe" if height > 0.45 else "lower lobe"
+    return side, "upper lobe" if height > 0.62 else ("middle lobe" if height > 0.38 else "lower lobe")
+
+
+def pick_lung_point(anatomy: Anatomy, rng: np.random.Generator, min_depth_vox: float) -> tuple[int, int, int]:
+    """A random lung voxel at least `min_depth_vox` from the lung edge (the deepest ones if none is)."""
+    candidates = np.argwhere(anatomy.lung_depth >= min_depth_vox)
+    if len(candidates) == 0:
+        candidates = np.argwhere(anatomy.lung_depth >= anatomy.lung_depth.max() * 0.8)
+    return tuple(int(v) for v in candidates[rng.integers(len(candidates))])
+
+
+def local_box(shape: tuple[int, ...], centre: tuple[int, int, int], radius: float) -> tuple[slice, ...]:
+    r = int(np.ceil(radius)) + 2
+    return tuple(slice(max(c - r, 0), min(c + r + 1, n)) for c, n in zip(centre, shape))
+
+
+def sphere_weight(box: tuple[slice, ...], centre: tuple[int, int, int], radius: float) -> np.ndarray:
+    """Soft sphere (1 inside, 0 outside, ~1 voxel ramp) over the voxels of `box`."""
+    grids = np.ogrid[tuple(slice(s.start, s.stop) for s in box)]
+    distance = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
+    return np.clip(radius + 0.5 - distance, 0.0, 1.0).astype(np.float32)
+
+
+def irregular_patch(shape, centre, radius: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean blob: smoothed noise thresholded inside a sphere of `radius` voxels around `centre`."""
+    box = local_box(shape, centre, radius * 1.3)
+    noise = ndimage.gaussian_filter(rng.standard_normal(tuple(s.stop - s.start for s in box)), 1.5)
+    noise /= noise.std() + 1e-6
+    taper = sphere_weight(box, centre, radius) * 2.0 - 1.0
+    patch = np.zeros(shape, bool)
+    patch[box] = noise * 0.6 + taper * 1.5 > 0.4
+    return patch
+
+
+def insert_nodules(hu, anatomy, rng) -> Inserted:
+    count = int(rng.choice([1, 1, 2, 3]))
+    diameters = np.sort(rng.uniform(6.0, 30.0, size=count))[::-1]
+    centres = []
+    for diameter in diameters:
+        radius = diameter / 2 / SPACING_MM
+        centre = pick_lung_point(anatomy, rng, radius + 1)
+        box = local_box(hu.shape, centre, radius)
+        weight = sphere_weight(box, centre, radius)
+        hu[box] += weight * (rng.uniform(0.0, 60.0) - hu[box])
+        centres.append(centre)
+    side, zone = side_and_zone(anatomy, centres[0])
+    return Inserted("Lung nodule", centres[0], round(float(diameters[0])), side, zone, extra={"count": count})
+
+
+def insert_effusion(hu, anatomy, rng) -> Inserted:
+    sides = [str(rng.choice(["right", "left", "both"]))]
+    sides = ["right", "left"] if sides == ["both"] else sides
+    lung = anatomy.lung
+    i_range = np.flatnonzero(lung.any(axis=(1, 2)))
+    middle = (i_range[0] + i_range[-1]) / 2
+    k_range = np.flatnonzero(lung.any(axis=(0, 1)))
+    height = rng.uniform(0.4, 0.7) * (k_range[-1] - k_range[0])
+    thicknesses, centre = {}, None
+    for side in sides:
+        thickness = rng.uniform(12.0, 45.0) / SPACING_MM
+        columns = np.arange(lung.shape[0])
+        on_side = (columns > middle) if side == "left" else (columns <= middle)
+        k = np.arange(lung.shape[2])
+        taper = np.clip(1 - (k - k_range[0]) / height, 0, 1) ** 0.7 * thickness  # (k,) voxels, meniscus
+        j = np.arange(lung.shape[1])
+        posterior = np.where(lung.any(axis=1), lung.shape[1] - 1 - np.argmax(lung[:, ::-1, :], axis=1), -1)  # (i, k)
+        fluid = lung & on_side[:, None, None] & (j[None, :, None] >= (posterior - taper[None, :])[:, None, :])
+        fluid &= posterior[:, None, :] >= 0
+        if not fluid.any():
+            continue
+        hu[fluid] = rng.uniform(5.0, 25.0) + rng.normal(0.0, 6.0, size=int(fluid.sum()))
+        thicknesses[side] = round(float(thickness * SPACING_MM))
+        centre = tuple(int(v) for v in np.argwhere(fluid).mean(axis=0))
+    size = max(thicknesses.values()) if thicknesses else 0.0
+    return Inserted("Pleural effusion", centre or (0, 0, 0), size, "both" if len(thicknesses) == 2 else sides[0],
+                    extra={"thickness_mm": thicknesses})
+
+
+def insert_patch(hu, anatomy, rng, name: str, diameter_mm: tuple[float, float]) -> tuple[Inserted, np.ndarray]:
+    diameter = rng.uniform(*diameter_mm)
+    radius = diameter / 2 / SPACING_MM
+    centre = pick_lung_point(anatomy, rng, min(radius * 0.5, 3))
+    patch = irregular_patch(hu.shape, centre, radius, rng) & anatomy.lung
+    side, zone = side_and_zone(anatomy, centre)
+    return Inserted(name, centre, round(float(diameter)), side, zone), patch
+
+
+def insert_consolidation(hu, anatomy, rng) -> Inserted:
+    record, patch = insert_patch(hu, anatomy, rng, "Consolidation", (30.0, 70.0))
+    hu[patch] = rng.uniform(20.0, 50.0) + rng.normal(0.0, 10.0, size=int(patch.sum()))
+    return record
+
+
+def insert_ground_glass(hu, anatomy, rng) -> Inserted:
+    record, patch = insert_patch(hu, anatomy, rng, "Lung opacity", (40.0, 90.0))
+    hu[patch] += rng.uniform(0.55, 0.7) * (-450.0 - hu[patch])
+    return record
+
+
+def insert_emphysema(hu, anatomy, rng) -> Inserted:
+    lung = anatomy.lung
+    k_range = np.flatnonzero(lung.any(axis=(0, 1)))
+    diffuse = bool(rng.random() < 0.4)
+    floor = k_range[0] if diffuse else k_range[0] + 0.45 * (k_range[-1] - k_range[0])
+    zone = lung & (np.arange(lung.shape[2]) >= floor)[None, None, :]
+    holes = ndimage.gaussian_filter(rng.standard_normal(lung.shape), 1.0)
+    holes = zone & (holes > np.quantile(holes[zone], 1 - rng.uniform(0.3, 0.45)))
+    hu[holes] = rng.uniform(-990.0, -960.0, size=int(holes.sum()))
+    for _ in range(int(rng.integers(1, 3))):
+        radius = rng.uniform(10.0, 25.0) / SPACING_MM
+        centre = pick_lung_point(anatomy, rng, 1.0)
+        box = local_box(hu.shape, centre, radius)
+        bulla = (sphere_weight(box, centre, radius) > 0.5) & lung[box]
+        hu[box][bulla] = -995.0
+    centre = tuple(int(v) for v in np.argwhere(zone).mean(axis=0))
+    return Inserted("Emphysema", centre, 0.0, "both", "diffuse" if diffuse else "upper lobes")
+
+
+def insert_calcification(hu, anatomy, rng) -> Inserted:
+    artery = anatomy.artery
+    wall = artery & ~ndimage.binary_erosion(artery)
+    seeds = np.argwhere(wall)
+    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(4, 10)), replace=False)]
+    near_wall = ndimage.binary_dilation(wall)
+    for seed in chosen:
+        centre = tuple(int(v) for v in seed)
+        radius = rng.uniform(0.8, 1.8)
+        box = local_box(hu.shape, centre, radius)
+        plaque = (sphere_weight(box, centre, radius) > 0.5) & near_wall[box]
+        hu[box][plaque] = np.maximum(hu[box][plaque], rng.uniform(1100.0, 1800.0))
+    centre = tuple(int(v) for v in chosen.mean(axis=0))
+    return Inserted("Arterial wall calcification", centre, 0.0, kind=anatomy.artery_name)
+
+
+def draw_tube(hu, points: np.ndarray, radius: float, value: float) -> None:
+    """A dense tube through consecutive voxel points (soft edge, max-blended)."""
+    for a, b in zip(points[:-1], points[1:]):
+        for t in np.linspace(0.0, 1.0, int(np.ceil(np.linalg.norm(b - a))) * 2 + 1):
+            centre = tuple(int(round(v)) for v in a + t * (b - a))
+            box = local_box(hu.shape, centre, radius)
+            weight = sphere_weight(box, centre, radius)
+            hu[box] = np.maximum(hu[box], hu[box] + weight * (value - hu[box]))
+
+
+def soft_tissue_point(hu, anatomy, rng, upper: bool) -> tuple[int, int, int]:
+    tissue = anatomy.body & ~anatomy.lung & (hu > -150) & (hu < 150)
+    if upper:
+        k_cut = int(np.quantile(np.flatnonzero(tissue.any(axis=(0, 1))), 0.5))
+        tissue[:, :, :k_cut] = False
+    candidates = np.argwhere(tissue)
+    return tuple(int(v) for v in candidates[rng.integers(len(candidates))])
+
+
+def insert_device(hu, anatomy, rng) -> Inserted:
+    kind = str(rng.choice(["pacemaker", "port catheter", "central venous catheter"]))
+    start = np.array(soft_tissue_point(hu, anatomy, rng, upper=True), float)
+    if kind != "central venous catheter":
+        half = np.array([22.0, 5.0, 18.0] if kind == "pacemaker" else [12.0, 6.0, 12.0]) / SPACING_MM
+        box = tuple(slice(max(int(c - h), 0), int(c + h) + 1) for c, h in zip(start, half))
+        hu[box] = np.maximum(hu[box], rng.uniform(2000.0, 3000.0))
+    length = rng.uniform(60.0, 140.0) / SPACING_MM
+    direction = np.array([rng.normal(0, 0.3), rng.normal(0, 0.3), -1.0])
+    steps = np.cumsum(np.vstack([start, np.tile(direction / np.linalg.norm(direction) * length / 6, (6, 1))]), axis=0)
+    steps += np.vstack([np.zeros(3), rng.normal(0, 1.0, size=(6, 3))])
+    steps = np.clip(steps, 0, np.array(hu.shape) - 1)
+    draw_tube(hu, steps, 0.6, rng.uniform(2000.0, 3000.0))
+    side = "left" if start[0] > hu.shape[0] / 2 else "right"
+    return Inserted("Medical material", tuple(int(v) for v in start), round(float(length * SPACING_MM)), side, kind=kind)
+
+
+INSERTERS = {
+    "Emphysema": insert_emphysema,
+    "Pleural effusion": insert_effusion,
+    "Lung opacity": insert_ground_glass,
+    "Consolidation": insert_consolidation,
+    "Lung nodule": insert_nodules,
+    "Arterial wall calcification": insert_calcification,
+    "Medical material": insert_device,
+}
+DEMO_FINDINGS = tuple(INSERTERS)  # also the order of insertion: later ones are drawn over earlier ones

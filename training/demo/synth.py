@@ -1,0 +1,196 @@
+"""Demo cases: real sample chest CTs, randomly re-posed, with inserted findings, written in the CT-RATE layout.
+
+Bases (from the shared data folder, never copied into the repository): the RICORD non-contrast chest CT
+and the two TotalSegmentator chest crops, whose aorta / pulmonary-artery masks place the calcifications
+(so calcification is inserted only in those two). Every case: a random affine pose (MONAI RandAffined:
+rotation up to 8 degrees, scale 0.9-1.1, shift up to 12 mm) on a 3 mm grid, each finding independently
+with probability `prevalence`, image noise, then a report from the templates. Output, for each split
+(train, valid, test): `<split>/<split>_<n>/<split>_<n>_a/<split>_<n>_a_1.nii.gz` (int16 HU, proper
+affine), `<split>_reports.csv`, `<split>_labels.csv` (18 CT-RATE columns) and `<split>_findings.json`
+(type, centre voxel/mm, size, side, zone of every inserted finding).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import RandAffined
+
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.reading import read_ct
+from CTFoundationLib.volume import CTVolume
+
+from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, find_anatomy
+from .reports import write_report
+
+GENERATOR_VERSION = 2  # bump when the cases change, so cached demo data is rebuilt
+AIR_HU = -1000.0
+
+
+@dataclass(frozen=True)
+class BaseCT:
+    name: str
+    ct: str
+    artery_mask: str | None = None
+    artery_name: str = ""
+
+
+BASES = (
+    BaseCT("ricord", "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"),
+    BaseCT("totalseg-aorta", "ct/totalseg_chest_crop_aorta/ct.nii.gz", "ct/totalseg_chest_crop_aorta/aorta_mask.nii.gz", "aorta"),
+    BaseCT("totalseg-pulmonary", "ct/totalseg_chest_crop_pulmonary/ct.nii.gz",
+           "ct/totalseg_chest_crop_pulmonary/pulmonary_artery_mask.nii.gz", "main vascular structures"),
+)
+
+
+@dataclass(frozen=True)
+class DemoDataSpec:
+    """How many cases per split, the seed, and how often each finding is inserted."""
+
+    train: int = 200
+    valid: int = 40
+    test: int = 60
+    seed: int = 7
+    prevalence: float = 0.4
+
+    def key(self) -> str:
+        return f"v{GENERATOR_VERSION}-s{self.seed}-{self.train}-{self.valid}-{self.test}-p{self.prevalence:g}"
+
+
+def to_working_grid(volume: CTVolume, mask: CTVolume | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """LPS voxel order at 3 mm isotropic (trilinear; nearest for the mask) -> (hu, mask, RAS affine)."""
+    volume = volume.reoriented("LPS")
+    size = [max(1, round(n * s / SPACING_MM)) for n, s in zip(volume.shape_ijk, volume.spacing_ijk_mm)]
+    hu = F.interpolate(torch.from_numpy(volume.hu.astype(np.float32))[None, None], size=size, mode="trilinear")[0, 0]
+    affine = volume.affine_ras.copy()
+    affine[:3, :3] = affine[:3, :3] / np.array(volume.spacing_ijk_mm) * SPACING_MM
+    affine[:3, 3] += affine[:3, :3] @ (0.5 * (np.array(volume.spacing_ijk_mm) / SPACING_MM - 1))
+    grid_mask = None
+    if mask is not None:
+        m = torch.from_numpy(mask.reoriented("LPS").hu.astype(np.float32))[None, None]
+        grid_mask = F.interpolate(m, size=size, mode="nearest")[0, 0].numpy() > 0.5
+    return hu.numpy(), grid_mask, affine
+
+
+def load_bases(data_root: Path) -> list[tuple[BaseCT, np.ndarray, np.ndarray | None, np.ndarray]]:
+    """Each base on the working grid; a clear error when the shared data is not there."""
+    loaded = []
+    for base in BASES:
+        path = data_root / base.ct
+        if not path.is_file():
+            raise TrainingError(f"demo data: {path} not found; give the shared data folder (--data, CTFOUNDATION_DATA)")
+        mask = read_ct(data_root / base.artery_mask) if base.artery_mask else None
+        loaded.append((base, *to_working_grid(read_ct(path), mask)))
+    return loaded
+
+
+def repose(hu: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Random rotation/scale/shift of the HU volume (air fills the border) and its mask, identically."""
+    shift = 12.0 / SPACING_MM
+    transform = RandAffined(
+        keys=["image", "mask"], mode=("bilinear", "nearest"), prob=1.0, padding_mode="zeros",
+        rotate_range=(np.radians(3), np.radians(3), np.radians(8)), scale_range=(0.1, 0.1, 0.1),
+        translate_range=(shift, shift, shift), allow_missing_keys=True,
+    )
+    transform.set_random_state(seed=seed)
+    data = {"image": torch.from_numpy(hu - AIR_HU)[None]}
+    if mask is not None:
+        data["mask"] = torch.from_numpy(mask.astype(np.float32))[None]
+    out = transform(data)
+    image = np.asarray(out["image"][0], dtype=np.float32) + AIR_HU
+    return image, (np.asarray(out["mask"][0]) > 0.5 if mask is not None else None)
+
+
+def make_case(base_entry, seed: int, prevalence: float) -> tuple[np.ndarray, list, tuple[str, str]]:
+    """One case: re-posed base with inserted findings -> (int16 HU, inserted records, (findings, impressions))."""
+    base, hu, mask, _ = base_entry
+    rng = np.random.default_rng(seed)
+    hu, mask = repose(hu, mask, seed)
+    anatomy = find_anatomy(hu, mask, base.artery_name)
+    inserted = []
+    for name in DEMO_FINDINGS:
+        if name == "Arterial wall calcification" and (mask is None or mask.sum() < 50):
+            continue
+        if rng.random() < prevalence:
+            inserted.append(INSERTERS[name](hu, anatomy, rng))
+    hu += rng.normal(0.0, rng.uniform(5.0, 20.0), size=hu.shape).astype(np.float32)
+    hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    return hu, inserted, write_report(inserted, rng)
+
+
+_BASES: list = []  # the bases on the working grid, loaded once per worker process
+
+
+def _load_worker_bases(data_root: Path) -> None:
+    _BASES[:] = load_bases(data_root)
+
+
+def synthesise_case(out: Path, split: str, n: int, seed: int, prevalence: float) -> tuple[dict, dict, dict]:
+    """Write case `n` of `split`; returns its reports row, labels row and manifest entry."""
+    base_entry = _BASES[seed % len(_BASES)]
+    hu, inserted, (findings_text, impressions) = make_case(base_entry, seed, prevalence)
+    name = f"{split}_{n}_a_1.nii.gz"
+    folder = out / split / f"{split}_{n}" / f"{split}_{n}_a"
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = base_entry[3]
+    nib.save(nib.Nifti1Image(hu, affine), str(folder / name))
+    present = {f.name for f in inserted}
+    findings = [
+        {**asdict(f), "centre_ras_mm": [round(float(v), 1) for v in affine[:3, :3] @ f.centre_ijk + affine[:3, 3]]}
+        for f in inserted
+    ]
+    return (
+        {"VolumeName": name, "Findings_EN": findings_text, "Impressions_EN": impressions},
+        {"VolumeName": name, **{k: int(k in present) for k in CT_RATE_ABNORMALITIES}},
+        {"name": name, "base": base_entry[0].name, "seed": seed, "findings": findings},
+    )
+
+
+def write_split(out: Path, split: str, count: int, spec: DemoDataSpec, pool: Executor, progress) -> None:
+    offset = {"train": 0, "valid": 1_000_000, "test": 2_000_000}[split]
+    seeds = [spec.seed * 10_000_000 + offset + n for n in range(1, count + 1)]
+    jobs = [pool.submit(synthesise_case, out, split, n, seed, spec.prevalence) for n, seed in enumerate(seeds, 1)]
+    rows = []
+    for job in jobs:
+        rows.append(job.result())
+        progress(1)
+    write_csv(out / f"{split}_reports.csv", [r[0] for r in rows])
+    write_csv(out / f"{split}_labels.csv", [r[1] for r in rows])
+    manifest = {r[2].pop("name"): r[2] for r in rows}
+    (out / f"{split}_findings.json").write_text(json.dumps(manifest, indent=1))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build_demo_data(
+    data_root: Path, out: Path, spec: DemoDataSpec, progress: Callable[[int], None] = lambda n: None
+) -> Path:
+    """Write all splits under `out` (skipped when a complete set for this spec is there); returns `out`."""
+    marker = out / "complete.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("key") == spec.key():
+        return out
+    load_bases(Path(data_root))  # fail early, in this process, when the shared data is missing
+    workers = min(2, os.cpu_count() or 1)
+    context = multiprocessing.get_context("spawn")  # forking a process that already runs torch threads can hang
+    with ProcessPoolExecutor(workers, context, _load_worker_bases, (Path(data_root),)) as pool:
+        for split in ("train", "valid", "test"):
+            write_split(out, split, getattr(spec, split), spec, pool, progress)
+    marker.write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "bases": [b.name for b in BASES]}))
+    return out

@@ -1,0 +1,151 @@
+"""CT-CLIP in training: the library's `CTCLIP` modules driven with gradients.
+
+The library's `encode_image` / `encode_text` are inference-only; here the same submodules run with autograd.
+CTViT's vector quantiser trains as vector-quantize-pytorch 1.1.2 (the reference's) does in train mode:
+cosine-similarity code choice, straight-through gradient, codebook moved by an exponential moving average
+(decay 0.8) of the unit-normalised tokens assigned to each code, and codes whose EMA use falls below 2
+replaced by random tokens of the batch. The contrastive loss is the reference's symmetric InfoNCE with the
+learned temperature (logit scale = exp(temperature)).
+"""
+
+from __future__ import annotations
+
+import functools
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import CTCLIP, LIPRO_PREFIX, CTCLIPConfig
+
+CLUSTER_SIZE_KEY = "visual_transformer.vq._codebook.cluster_size"
+CODE_CHUNK = 4096  # tokens scored against the codebook at a time (bounds the (tokens x codes) matrix)
+
+
+class CodebookEMA(nn.Module):
+    """Train-mode quantiser for a CTViT codebook: straight-through codes, EMA codebook, dead-code restarts.
+
+    The codebook is the (1, codes, dim) `embed` buffer of the model's quantiser, passed at each call and
+    updated in place; this module keeps the EMA use count of each code.
+    """
+
+    def __init__(self, codebook_size: int, decay: float = 0.8, dead_code_threshold: float = 2.0) -> None:
+        super().__init__()
+        self.decay, self.dead_code_threshold = decay, dead_code_threshold
+        self.register_buffer("cluster_size", torch.zeros(1, codebook_size))
+
+    def forward(self, tokens: Tensor, codebook: Tensor) -> Tensor:
+        """(..., dim) encoder tokens -> (..., dim) codebook rows (float32) with the tokens' gradient."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            tokens = tokens.float()
+            flat = F.normalize(tokens.detach().reshape(-1, tokens.shape[-1]), dim=-1)
+            embed = codebook[0]
+            unit_codes = F.normalize(embed, dim=-1).t()
+            indices = torch.cat([(part @ unit_codes).argmax(dim=-1) for part in flat.split(CODE_CHUNK)])
+            codes = embed[indices].view(tokens.shape)
+            if self.training:
+                self._update(embed, flat, indices)
+            return tokens + (codes - tokens).detach()
+
+    @torch.no_grad()
+    def _update(self, embed: Tensor, flat: Tensor, indices: Tensor) -> None:
+        bins = torch.bincount(indices, minlength=embed.shape[0]).to(flat.dtype)
+        self.cluster_size[0].lerp_(bins, 1 - self.decay)
+        sums = torch.zeros_like(embed).index_add_(0, indices, flat)
+        means = F.normalize(sums / bins.clamp(min=1)[:, None], dim=-1)
+        embed.lerp_(torch.where((bins == 0)[:, None], embed, means), 1 - self.decay)
+        dead = self.cluster_size[0] < self.dead_code_threshold
+        if dead.any():
+            picks = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
+            embed[dead] = flat[picks]
+
+
+class TrainableCTCLIP(nn.Module):
+    """CTCLIP + its train-mode quantiser as one module (what accelerate wraps for data parallelism)."""
+
+    def __init__(self, clip: CTCLIP, cluster_size: Tensor | None = None) -> None:
+        super().__init__()
+        self.clip = clip
+        self.quantizer = CodebookEMA(clip.config.vision.codebook_size)
+        if cluster_size is not None:
+            self.quantizer.cluster_size.copy_(cluster_size.reshape(self.quantizer.cluster_size.shape))
+
+    def image_latents(self, volumes: Tensor) -> Tensor:
+        """(B, 1, D, H, W) model-ready volumes -> (B, dim_latent) L2-normalised latents (float32)."""
+        vit = self.clip.visual_transformer
+        codes = self.quantizer(vit.encode(vit.embed_patches(volumes)), vit.vq._codebook.embed)
+        return self.clip.image_latents_from_tokens(codes)
+
+    def text_latents(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(K, L) token ids and mask -> (K, dim_latent) L2-normalised latents (float32)."""
+        return F.normalize(self.clip.to_text_latent(self.clip.text_cls(input_ids, attention_mask)).float(), dim=-1)
+
+    def forward(
+        self, volumes: Tensor | None = None, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
+        """(image latents or None, text latents or None, logit scale exp(temperature)); the one entry point,
+        so that data-parallel wrappers see every parameter used."""
+        images = self.image_latents(volumes) if volumes is not None else None
+        texts = self.text_latents(input_ids, attention_mask) if input_ids is not None else None
+        return images, texts, self.clip.temperature.exp()
+
+
+def contrastive_loss(text_latents: Tensor, image_latents: Tensor, logit_scale: Tensor) -> Tensor:
+    """Mean of text->image and image->text cross-entropy over cosine * logit_scale; pair i matches i."""
+    logits = text_latents @ image_latents.t() * logit_scale
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def enable_gradient_checkpointing(clip: CTCLIP) -> None:
+    """Recompute activations in the backward pass: every CTViT layer and every BERT layer (less memory)."""
+    clip.text_transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    vit = clip.visual_transformer
+    for layer in [*vit.enc_spatial_transformer.layers, *vit.enc_temporal_transformer.layers]:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def build_clip(
+    constructors: dict, text_init: Path | None = None, seed: int = 0, temperature_init: float | None = None
+) -> CTCLIP:
+    """A fresh CTCLIP of these reference constructor sizes; the text tower from a local BERT folder if given."""
+    try:
+        config = CTCLIPConfig.from_reference_constructors(constructors)
+    except (ValueError, TypeError, KeyError) as error:
+        raise TrainingError(f"model.constructors: not usable CT-CLIP constructor arguments ({error})") from None
+    torch.manual_seed(seed)
+    clip = CTCLIP(config)
+    if temperature_init is not None:
+        with torch.no_grad():
+            clip.temperature.fill_(temperature_init)
+    if text_init is not None:
+        load_text_tower(clip, Path(text_init))
+    return clip
+
+
+def load_text_tower(clip: CTCLIP, folder: Path) -> None:
+    """Copy pretrained BERT weights (a local Hugging Face folder, never the Hub) into the text tower."""
+    from transformers import BertModel
+
+    try:
+        pretrained = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"model.text_init {folder}: not a local BERT model folder ({error})") from None
+    ours, theirs = clip.text_transformer.config, pretrained.config
+    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    different = {f: (getattr(ours, f), getattr(theirs, f)) for f in fields if getattr(ours, f) != getattr(theirs, f)}
+    if different:
+        raise TrainingError(
+            f"model.text_init {folder} does not fit the BertConfig of model.constructors: {different} (ours, theirs)"
+        )
+    clip.text_transformer.load_state_dict(pretrained.state_dict(), strict=True)
+
+
+def read_cluster_size(checkpoint_path: Path) -> Tensor | None:
+    """The codebook use counts stored in an official-layout checkpoint (None when absent)."""
+    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(checkpoint_path))
+    return state.get(CLUSTER_SIZE_KEY, state.get(LIPRO_PREFIX + CLUSTER_SIZE_KEY))

@@ -1,0 +1,264 @@
+"""One training loop for the three recipes, on `accelerate` (single CPU/GPU, multi-GPU, multi-node alike).
+
+Launch with `python -m training.run CONFIG` or `accelerate launch [--multi_gpu ...] -m training.run CONFIG`.
+Mixed precision (bf16) and data parallelism come from accelerate; checkpoints are accelerate states
+(`output_dir/checkpoints/step_N`: weights, optimiser, scheduler, RNG) and a run resumes from the latest
+one. Every `log_every` steps loss, learning rate and temperature go to `output_dir/log.jsonl` and the bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from CTFoundationLib.detection import load_tokenizer
+from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip
+from CTFoundationLib.preprocess import SPECS
+
+from .config import TrainingConfig
+from .ctrate import CTRateDataset, load_cases, read_metadata
+from .export import save_checkpoint
+from .modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
+from .recipes import LiProHead, contrastive_step, lipro_step, positive_class_weights, vocabfine_step
+
+Logger = Callable[[dict], None]
+
+
+@dataclass
+class TrainingResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    losses: list[float]
+
+
+def training_dataset(config: TrainingConfig) -> CTRateDataset:
+    data = config.data
+    if data.root is None or data.reports_csv is None:
+        raise TrainingError(f"{config.source}: data.root and data.reports_csv are required")
+    needs_labels = config.train.recipe != "contrastive"
+    if needs_labels and data.labels_csv is None:
+        raise TrainingError(f"{config.source}: {config.train.recipe} needs data.labels_csv")
+    cases = load_cases(data.root, data.reports_csv, data.labels_csv if needs_labels else None)
+    metadata = read_metadata(data.metadata_csv) if data.metadata_csv else None
+    if data.preprocess not in SPECS:
+        raise TrainingError(f"{config.source}: data.preprocess must be one of {sorted(SPECS)}")
+    return CTRateDataset(cases, SPECS[data.preprocess], data.stored_values, metadata, data.cache_images, data.text_sentences)
+
+
+def initial_model(config: TrainingConfig) -> TrainableCTCLIP:
+    """A fresh model (contrastive) or the init checkpoint with its codebook use counts (fine-tuning)."""
+    constructors = config.model.constructor_arguments()
+    if config.model.init_checkpoint is None:
+        model = config.model
+        return TrainableCTCLIP(build_clip(constructors, model.text_init, config.train.seed, model.temperature_init))
+    path = config.model.init_checkpoint
+    clip = load_ctclip(path, CTCLIPConfig.from_reference_constructors(constructors))
+    for parameter in clip.parameters():
+        parameter.requires_grad_(True)
+    return TrainableCTCLIP(clip, read_cluster_size(path))
+
+
+def make_optimizer(params: list[dict], config: TrainingConfig) -> torch.optim.Optimizer:
+    """Adam without weight decay (the reference's choice for wd 0), else AdamW."""
+    train = config.train
+    if train.weight_decay == 0:
+        return torch.optim.Adam(params, lr=train.lr, betas=train.betas, eps=1e-8)
+    return torch.optim.AdamW(params, lr=train.lr, betas=train.betas, eps=1e-8, weight_decay=train.weight_decay)
+
+
+def lr_factor(step: int, config: TrainingConfig) -> float:
+    """Linear warm-up over warmup_steps, then constant (reference CT-CLIP) or cosine to 0 (fine-tuning)."""
+    train = config.train
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    if train.schedule == "constant":
+        return 1.0
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(model: TrainableCTCLIP, config: TrainingConfig) -> list[dict]:
+    """Text tower at text_lr (when set), everything else at lr."""
+    text = [p for p in model.clip.text_transformer.parameters() if p.requires_grad]
+    text_ids = {id(p) for p in text}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]
+    return [{"params": rest, "lr": config.train.lr}, {"params": text, "lr": config.train.text_lr or config.train.lr}]
+
+
+def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
+    """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains)."""
+    if count <= 0:
+        return
+    bert = model.clip.text_transformer
+    for module in (bert.embeddings, *bert.encoder.layer[:count]):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
+    found = [(p, int(p.name.split("_")[1])) for p in (output_dir / "checkpoints").glob("step_*") if p.is_dir()]
+    return max(found, key=lambda item: item[1]) if found else None
+
+
+class Trainer:
+    """Holds the accelerator, model, optimiser and data of one run."""
+
+    def __init__(self, config: TrainingConfig, dataset: CTRateDataset | None = None) -> None:
+        self.config, train = config, config.train
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train.recipe == "vocabfine")],
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        set_seed(train.seed)
+        self.output_dir = Path(train.output_dir)
+        self.tokenizer = load_tokenizer(Path(config.model.tokenizer)) if config.model.tokenizer else None
+        if self.tokenizer is None and train.recipe != "lipro":
+            raise TrainingError(f"{config.source}: model.tokenizer is required for {train.recipe}")
+        self.dataset = dataset or training_dataset(config)
+        self.model = initial_model(config)
+        if train.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model.clip)
+        freeze_text_layers(self.model, train.freeze_text_layers)
+        self.head = self.pos_weight = None
+        if train.recipe == "lipro":
+            self._prepare_lipro()
+        trainable = self.head if self.head is not None else self.model
+        params = [{"params": list(self.head.parameters())}] if self.head else parameter_groups(self.model, config)
+        self.optimizer = make_optimizer(params, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        loader = DataLoader(
+            self.dataset, batch_size=train.batch_size, shuffle=True, drop_last=train.recipe == "contrastive",
+            num_workers=config.data.num_workers,
+        )
+        if len(loader) == 0:
+            raise TrainingError(f"{config.source}: {len(self.dataset)} cases make no full batch of {train.batch_size}")
+        prepared = self.accelerator.prepare(trainable, self.optimizer, loader, self.scheduler)
+        trainable, self.optimizer, self.loader, self.scheduler = prepared
+        if self.head is not None:
+            self.head = trainable
+            self.model.to(self.accelerator.device)
+        else:
+            self.model = trainable
+
+    def _prepare_lipro(self) -> None:
+        clip = self.model.clip
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.model.eval()
+        clip.attach_lipro_classifier()
+        self.head = LiProHead(clip.classifier, self.config.train.dropout)
+        weights = self.config.train.pos_weight
+        if weights == "auto":
+            labels = torch.stack([torch.from_numpy(case.labels) for case in self.dataset.cases])
+            self.pos_weight = positive_class_weights(labels)
+        else:
+            self.pos_weight = torch.tensor([float(w) for w in weights])
+
+    @property
+    def core(self) -> TrainableCTCLIP:
+        return self.accelerator.unwrap_model(self.model)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        recipe = self.config.train.recipe
+        if recipe == "lipro":
+            return lipro_step(self.model, self.head, batch, self.pos_weight)
+        step = contrastive_step if recipe == "contrastive" else vocabfine_step
+        return step(self.model, batch, self.tokenizer)
+
+    def train(self, log: Logger | None = None) -> TrainingResult:
+        """Run (or resume) to train.steps; returns the exported checkpoint and the logged losses."""
+        train, accelerator = self.config.train, self.accelerator
+        start = self._resume()
+        steps_per_epoch = len(self.loader)
+        started, losses = time.perf_counter(), []
+        bar = tqdm(total=train.steps, initial=start, desc=train.recipe, disable=not accelerator.is_main_process)
+        step = start
+        while step < train.steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            self.loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(self.loader, offset) if offset else self.loader
+            for batch in batches:
+                loss = self._step(batch)
+                step += 1
+                losses.append(loss)
+                bar.update(1)
+                if step % train.log_every == 0 or step == train.steps:
+                    self._log(step, loss, time.perf_counter() - started, bar, log)
+                if step % train.save_every == 0 or step == train.steps:
+                    self._save_state(step)
+                if step >= train.steps:
+                    break
+        bar.close()
+        checkpoint = self.export()
+        return TrainingResult(checkpoint, step, time.perf_counter() - started, losses)
+
+    def _step(self, batch: dict) -> float:
+        trainable = self.head if self.head is not None else self.model
+        trainable.train()
+        with self.accelerator.autocast():
+            loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the loss became {loss.item()}; lower train.lr or check the data")
+        self.accelerator.backward(loss)
+        if self.config.train.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(trainable.parameters(), self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    def _log(self, step: int, loss: float, seconds: float, bar: tqdm, log: Logger | None) -> None:
+        temperature = float(self.core.clip.temperature.detach())
+        record = {
+            "step": step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
+            "temperature": round(temperature, 5), "logit_scale": round(math.exp(temperature), 4),
+            "seconds": round(seconds, 1),
+        }
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record['logit_scale']:.2f}")
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if log:
+                log(record)
+
+    def _save_state(self, step: int) -> None:
+        folder = self.output_dir / "checkpoints" / f"step_{step}"
+        self.accelerator.save_state(str(folder))
+        if self.accelerator.is_main_process:
+            kept = sorted((self.output_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+            for old in kept[: -self.config.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> int:
+        found = latest_checkpoint(self.output_dir) if self.config.train.resume else None
+        if found is None:
+            return 0
+        folder, step = found
+        self.accelerator.load_state(str(folder))
+        self.accelerator.print(f"resumed from {folder} (step {step})")
+        return step
+
+    def export(self) -> Path:
+        """The trained model in the official layout (train.output_dir/model.pt unless export.checkpoint)."""
+        path = Path(self.config.export.checkpoint or self.output_dir / "model.pt")
+        if self.accelerator.is_main_process:
+            core = self.core
+            save_checkpoint(core.clip, path, core.quantizer.cluster_size)
+        self.accelerator.wait_for_everyone()
+        return path
