@@ -10,6 +10,7 @@ from .errors import CTInputError
 from .reading import NIFTI_SUFFIXES, NRRD_SUFFIXES, _is_dicom_file
 
 CT_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+EMBEDDING_SUFFIX = ".safetensors"  # a case already embedded by `ctfoundation embed`
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,8 @@ class Case:
 
 
 def discover_cases(inputs: list[Path]) -> list[Case]:
-    """Cases in input order. A CT file is a case; a folder holding DICOM files is a case; any other folder
-    contributes each CT file and each DICOM folder found below it; a .csv lists paths in a `path` column
+    """Cases in input order. A CT file (or a saved embedding) is a case; a folder holding DICOM files is a
+    case; any other folder contributes each CT file, embedding and DICOM folder found below it; a .csv lists paths in a `path` column
     (optional `case_id`). Case ids are file/folder names, made unique with a numeric suffix."""
     found: list[tuple[str | None, Path]] = []
     for path in inputs:
@@ -63,7 +64,7 @@ def _cases_below(folder: Path) -> list[Path]:
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
-        if child.is_file() and child.name.lower().endswith(CT_SUFFIXES):
+        if child.is_file() and child.name.lower().endswith(CT_SUFFIXES + (EMBEDDING_SUFFIX,)):
             cases.append(child)
         elif child.is_dir():
             cases += [child] if _holds_dicom(child) else _cases_below(child)
@@ -72,7 +73,7 @@ def _cases_below(folder: Path) -> list[Path]:
 
 def case_name(path: Path) -> str:
     name = path.name
-    for suffix in CT_SUFFIXES:
+    for suffix in CT_SUFFIXES + (EMBEDDING_SUFFIX,):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
