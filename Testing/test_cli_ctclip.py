@@ -12,6 +12,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from small_models import bert_vocab, make_small_ctclip
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
+RICORD_DICOM = "ricord1a_419639-000082_chest_noncontrast/dicom"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,13 @@ def private_home(tmp_path, monkeypatch):
 
 def test_detect_writes_json_and_prints_a_table(ct_dir, tmp_path, small, capsys):
     out = tmp_path / "result.json"
-    assert main(["detect", str(ct_dir / RICORD_3MM), *small, "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["detect", str(ct_dir / RICORD_DICOM), *small, "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "P(present)" in printed and "Emphysema" in printed
     result = json.loads(out.read_text())
     findings = result["detection"]["findings"]
     assert [f["name"] for f in findings] == list(CT_RATE_ABNORMALITIES)
-    assert result["input"]["shape_ijk"] == [120, 120, 106] and result["input"]["warnings"] == []
+    assert result["input"]["shape_ijk"] == [512, 512, 255] and result["input"]["warnings"] == []
     assert result["detection"]["method"] == "zero-shot" and result["detection"]["device"] == "cpu"
 
 
