@@ -66,14 +66,6 @@ class GroundedSentence:
     laterality: str | None = None
     negated: bool = False  # every mention of the chosen region is negated
 
-    @property
-    def regions(self) -> set[str]:
-        return {m.region for m in self.mentions}
-
-    def to_dict(self) -> dict:
-        return {"text": self.text, "region": self.region, "path": self.path, "laterality": self.laterality,
-                "negated": self.negated, "mentions": [m.__dict__ for m in self.mentions]}
-
 
 def lobe_path(side: str, position: str) -> str:
     lobe = LOBE_NAMES[position]
