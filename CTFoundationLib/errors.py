@@ -19,3 +19,7 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class AnatomyError(CTFoundationError):
+    """Anatomy masks (segmentation files, mask folders, TotalSegmentator) that cannot be read or used."""
