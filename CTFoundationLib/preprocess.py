@@ -80,7 +80,7 @@ def preprocess(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
     if spec.shape is not None:
         values = centre_crop_or_pad(values, spec.shape, spec.pad_value)
     if spec.pad_multiple is not None:
-        values = pad_to_multiple(values, spec.pad_multiple, spec.pad_value)
+        values = pad_end_to_multiple(values, spec.pad_multiple, spec.pad_value)
     return values[None]
 
 
@@ -110,12 +110,6 @@ def centre_crop_or_pad(values: np.ndarray, shape: tuple[int, ...], pad_value: fl
     if any(p for pair in pads for p in pair):
         values = np.pad(values, pads, mode="constant", constant_values=pad_value)
     return np.ascontiguousarray(values)
-
-
-def pad_to_multiple(values: np.ndarray, multiple: tuple[int, ...], pad_value: float) -> np.ndarray:
-    """Pad each axis at its end so its length is a multiple of `multiple`."""
-    pads = [(0, -n % m) for n, m in zip(values.shape, multiple)]
-    return np.pad(values, pads, mode="constant", constant_values=pad_value) if any(p for _, p in pads) else values
 
 
 @dataclass(frozen=True)
