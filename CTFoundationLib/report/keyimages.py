@@ -156,8 +156,8 @@ def _render_slice(grid: CTVolume, plane: str, index: int, window: Window, masks,
 
 
 def _plane(array_ijk: np.ndarray, cut: int, index: int) -> np.ndarray:
-    """The 2-D slice at `index` along `cut`, transposed so rows run along the higher remaining grid axis."""
-    return np.take(array_ijk, index, axis=cut).T
+    """The 2-D slice at `index` along `cut` (a view), transposed so rows run along the higher remaining grid axis."""
+    return array_ijk[(slice(None),) * cut + (index,)].T
 
 
 def _display_mask(volume: CTVolume, overlay: Overlay) -> np.ndarray:
