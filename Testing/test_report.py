@@ -237,8 +237,11 @@ def test_finished_cases_are_skipped_until_the_settings_change(runtime, ct_dir, t
     assert (shown["Emphysema"], shown["Lung nodule"], shown["Atelectasis"]) == ("yes", "no", "—")
 
 
-def test_sections_add_data_html_and_key_images(runtime, ct_dir, tmp_path):
-    """A producer of localised findings plugs in as a section: its point and mask reach the key images."""
+def test_sections_add_data_html_and_key_images(small, ct_dir, tmp_path):
+    """A producer of localised findings plugs in as a section: its point and mask reach the key images.
+    The model here is a site's own checkpoint, unknown to the registry."""
+    checkpoint, _, config = small
+    runtime = CTCLIPRuntime(checkpoint, bert_vocab(), "site-finetune", config, "cpu", cache_dir=tmp_path / "c")
     folder = ct_dir / "totalseg_chest_crop_aorta"
     mask = np.asarray(nib.load(folder / "aorta_mask.nii.gz").dataobj) > 0
 
@@ -259,8 +262,10 @@ def test_sections_add_data_html_and_key_images(runtime, ct_dir, tmp_path):
     record = result(tmp_path, "aorta")
     assert record["sections"]["aorta"]["volume_ml"] == pytest.approx(72810 * 1.5**3 / 1000, rel=1e-3)
     assert [k["through"] for k in record["key_images"]].count("aorta point") == 6
+    assert record["models"][0]["id"] == "site-finetune" and record["models"][0]["licence"] is None
     page = parse_page(tmp_path / "aorta" / "report.html")
     assert "Aorta (test producer)" in page.text and any(t.startswith("Aorta volume") for t in page.text)
+    assert any("not in the model registry" in t for t in page.text)
     assert len(page.images) == 12
     assert run_batch(runtime, [Case("aorta", folder / "ct.nii.gz")], tmp_path).outcomes[0].status == "ok"  # redone
 

@@ -12,6 +12,7 @@ Output folder (see files.py): DIR/<case>/result.json, DIR/<case>/report.html, DI
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -213,18 +214,23 @@ def _base_result(case: Case, key: str) -> dict:
 
 def _model_record(role: str, runtime: CTCLIPRuntime) -> dict:
     """Which model and checkpoint produced a part of the result, and under which licence."""
-    try:
-        licence = load_registry().get(runtime.model_id).license
-        licence_record = {"id": licence.id, "name": licence.name, "url": licence.url, "summary": licence.summary}
-    except WeightsError:
-        licence_record = None
     return {
         "role": role,
         "id": runtime.model_id,
         "checkpoint_file": runtime.checkpoint.name,
         "checkpoint_sha256": runtime.checkpoint_sha256,
-        "licence": licence_record,
+        "licence": dict(licence) if (licence := _licence_record(runtime.model_id)) else None,
     }
+
+
+@functools.lru_cache(maxsize=8)
+def _licence_record(model_id: str) -> dict | None:
+    """The registry's licence of a model; None for a model the registry does not know."""
+    try:
+        licence = load_registry().get(model_id).license
+    except WeightsError:
+        return None
+    return {"id": licence.id, "name": licence.name, "url": licence.url, "summary": licence.summary}
 
 
 def _error_record(error: Exception, stage: str) -> dict:
