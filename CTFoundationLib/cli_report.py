@@ -68,7 +68,8 @@ def run_report(args: argparse.Namespace) -> int:
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:
     ok, failed, skipped = (summary.with_status(status) for status in ("ok", "failed", "skipped"))
     part = f" (shard {shard}: {len(summary.outcomes)} of {found})" if shard else ""
-    print(f"{found} cases{part}: {len(ok)} reported, {len(failed)} failed, {len(skipped)} already done")
+    cases = "1 case" if found == 1 else f"{found} cases"
+    print(f"{cases}{part}: {len(ok)} reported, {len(failed)} failed, {len(skipped)} already done")
     for outcome in failed:
         print(f"  failed {outcome.case_id}: {outcome.error}", file=sys.stderr)
     if len(summary.outcomes) == 1 and summary.outcomes[0].status != "failed":
