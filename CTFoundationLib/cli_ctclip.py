@@ -177,7 +177,7 @@ def register_retrieval(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    cases = discover_cases(args.inputs)
+    cases = discover_cases(args.inputs, embeddings=True)
     failures = 0
     with step_progress("ct-clip") as progress:
         runtime = build_runtime(args, False, progress)
