@@ -19,3 +19,11 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class ReportLabelError(CTFoundationError):
+    """A report CSV, labeller file or labeller training set that cannot be used."""
+
+
+class EvaluationError(CTFoundationError):
+    """Prediction or label files that cannot be evaluated together."""
