@@ -12,7 +12,6 @@ train.csv`, CC BY-NC-SA, so never shipped) and cached as one `.npz` of arrays (n
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from .errors import ReportLabelError
 from .models.ctclip import CT_RATE_ABNORMALITIES
-from .report_tables import binary_matrix, finding_columns, read_csv_rows, require_columns
+from .report_tables import binary_matrix, finding_columns, read_csv_rows, require_columns, write_csv
 from .weights.cache import cache_root, now_iso
 
 LABELLER_FORMAT = "ctfoundation-report-labeller-1"
@@ -283,21 +282,4 @@ def read_report_csv(source: Path, text_column: str = TEXT_COLUMN) -> tuple[list[
 def write_labelled_csv(destination: Path, header: Sequence[str], rows: Sequence[dict], labels: np.ndarray) -> None:
     """Write the rows with the 18 finding columns (0/1, CT-CLIP's names and order) added."""
     labelled = [{**row, **dict(zip(CT_RATE_ABNORMALITIES, map(str, values)))} for row, values in zip(rows, labels)]
-    write_csv(destination, list(header) + list(CT_RATE_ABNORMALITIES), labelled)
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Sequence[dict]) -> None:
-    """Write a CSV through a temporary file; a failure is an error naming the path."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except OSError as error:
-        if tmp:
-            Path(tmp).unlink(missing_ok=True)
-        raise ReportLabelError(f"cannot write {path} ({error}); check the folder and its permissions") from None
+    write_csv(destination, list(header) + list(CT_RATE_ABNORMALITIES), labelled, ReportLabelError)

@@ -7,7 +7,9 @@ spacing and punctuation, or through the aliases the CT-CLIP scripts and label fi
 from __future__ import annotations
 
 import csv
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -122,3 +124,20 @@ def binary_matrix(
         i, j = bad[0]
         raise error(f"{source}, line {i + 2}, column {columns[j]!r}: labels must be 0 or 1, got {matrix[i, j]:g}")
     return matrix.astype(np.int64)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[dict], error: type[CTFoundationError]) -> None:
+    """Write a CSV through a temporary file, so readers never see half a file; a failure is `error` naming it."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except OSError as problem:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise error(f"cannot write {path} ({problem}); check the folder and its permissions") from None
