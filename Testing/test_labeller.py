@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_root
+from conftest import REPO_ROOT, data_root
 
 from CTFoundationLib.cli import main
 from CTFoundationLib.errors import ReportLabelError
@@ -188,3 +190,16 @@ def test_training_csv_without_a_finding_column_is_rejected(reports, tmp_path):
     path = write_rows(tmp_path / "t.csv", ["report_text", *names], [[texts[0], *[0] * len(names)]])
     with pytest.raises(ReportLabelError, match="Bronchiectasis"):
         read_labelled_reports(path)
+
+
+def test_training_script_reports_held_out_figures_and_installs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    spec = importlib.util.spec_from_file_location("train_labeller", REPO_ROOT / "training" / "train_labeller.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "held_out.json"
+    assert script.main(["--train-csv", str(TRAIN_CSV), "--json", str(out), "--install"]) == 0
+    figures = json.loads(out.read_text())
+    assert (figures["n_train"], figures["n_reports"]) == (600, 200)
+    assert f"{figures['averages']['macro']['f1']:6.3f}" in capsys.readouterr().out
+    assert ReportLabeller.load(cached_labeller_path()).provenance["n_reports"] == 800
