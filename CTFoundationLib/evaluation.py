@@ -149,11 +149,13 @@ def evaluate(
     """The paper's table for (cases, findings) probabilities and 0/1 labels."""
     probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels)
     check_inputs(probabilities, labels, names)
+    if n_bootstrap < 1:
+        raise EvaluationError(f"bootstrap resamples must be at least 1 (the paper uses 1000), got {n_bootstrap}")
     thresholds = np.array([choose_threshold(probabilities[:, j], labels[:, j]) for j in range(len(names))])
     point = threshold_metrics(probabilities, labels, thresholds)
     resampled = np.empty((n_bootstrap, len(names), len(METRICS)))
     rng = np.random.default_rng(seed)
-    for b in tqdm(range(n_bootstrap), desc="bootstrap", unit="resample", file=sys.stderr, disable=None if progress else True):
+    for b in tqdm(range(n_bootstrap), desc="bootstrap", unit="resample", file=sys.stderr, disable=not progress or None):
         cases = rng.integers(0, len(labels), len(labels))
         resampled[b] = threshold_metrics(probabilities[cases], labels[cases], thresholds)
     resampled_mean = np.nanmean(resampled, axis=1)
@@ -179,7 +181,8 @@ def format_evaluation(evaluation: Evaluation) -> str:
         rows.append(f"{finding.name:36} {finding.threshold:5.3f} {finding.positives:5d}" + cells(finding.metrics))
     rows.append(f"{'mean':36} {'':5} {'':5}" + cells(evaluation.mean))
     rows.append(
-        f"{evaluation.n_cases} cases; 95% intervals from {evaluation.n_bootstrap} bootstrap resamples (seed {evaluation.seed})"
+        f"{evaluation.n_cases} cases; 95% intervals from {evaluation.n_bootstrap} bootstrap resamples "
+        f"(seed {evaluation.seed})"
     )
     return "\n".join(rows)
 
@@ -254,11 +257,13 @@ def detection_probabilities(record: dict, where: str) -> dict[str, float]:
 
 def read_json_table(records: dict[str, object], source: Path) -> CaseTable:
     """Cases from {case id: {finding: p} or detect result}; every case must give the same findings."""
-    per_case = {case_id(key): detection_probabilities(value, f"{source}: case {key!r}") for key, value in records.items()}
+    per_case = {
+        case_id(key): detection_probabilities(value, f"{source}: case {key!r}") for key, value in records.items()
+    }
     names = [name for name in CT_RATE_ABNORMALITIES if name in next(iter(per_case.values()))]
     uneven = [key for key, probs in per_case.items() if sorted(probs) != sorted(names)]
     if uneven:
-        raise EvaluationError(f"{source}: case {uneven[0]!r} has other findings than the first case; give all 18 for each")
+        raise EvaluationError(f"{source}: case {uneven[0]!r} has other findings than the first case; give the same ones")
     values = np.array([[probs[name] for name in names] for probs in per_case.values()])
     return CaseTable(list(per_case), names, values, source)
 
@@ -310,4 +315,5 @@ def align(predictions: CaseTable, labels: CaseTable) -> tuple[np.ndarray, np.nda
     label_rows = [row_of[predictions.ids[i]] for i in shared]
     columns = [labels.names.index(name) for name in predictions.names]
     unlabelled = len(predictions.ids) - len(shared)
-    return predictions.values[shared], labels.values[np.ix_(label_rows, columns)].astype(np.int64), predictions.names, unlabelled
+    truth = labels.values[np.ix_(label_rows, columns)].astype(np.int64)
+    return predictions.values[shared], truth, predictions.names, unlabelled

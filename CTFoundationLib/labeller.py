@@ -115,8 +115,13 @@ class ReportLabeller:
         self.provenance = provenance
 
     @classmethod
-    def fit(cls, reports: Sequence[str], labels: np.ndarray, settings: LabellerSettings = LabellerSettings(),
-            provenance: dict | None = None) -> ReportLabeller:
+    def fit(
+        cls,
+        reports: Sequence[str],
+        labels: np.ndarray,
+        settings: LabellerSettings = LabellerSettings(),
+        provenance: dict | None = None,
+    ) -> ReportLabeller:
         """Train on reports and their (n, 18) 0/1 labels in CT-CLIP's finding order."""
         labels = np.asarray(labels)
         absent = [name for name, column in zip(CT_RATE_ABNORMALITIES, labels.T) if column.min() == column.max()]
@@ -136,7 +141,8 @@ class ReportLabeller:
 
     def probabilities(self, reports: Sequence[str]) -> np.ndarray:
         """(n, 18) probability that each finding is reported present; 0 for a report without words."""
-        marked = [mark_negation(text or "") for text in reports]
+        progress = tqdm(reports, desc="labelling", unit="report", file=sys.stderr, disable=len(reports) < 1000 or None)
+        marked = [mark_negation(text or "") for text in progress]
         scores = expit(self.vectorizer.transform(marked) @ self.coef.T + self.intercept)
         scores[[not text for text in marked]] = 0.0
         return scores
@@ -180,7 +186,8 @@ class ReportLabeller:
         if metadata.get("format") != LABELLER_FORMAT or tuple(parts["findings"]) != CT_RATE_ABNORMALITIES:
             raise ReportLabelError(f"{path} is not a {LABELLER_FORMAT} file; delete it and run again")
         settings = LabellerSettings(**metadata["settings"])
-        return cls(parts["vocabulary"], parts["idf"], parts["coef"], parts["intercept"], settings, metadata["provenance"])
+        arrays = (parts["vocabulary"], parts["idf"], parts["coef"], parts["intercept"])
+        return cls(*arrays, settings, metadata["provenance"])
 
 
 def read_labelled_reports(path: Path) -> tuple[list[str], np.ndarray]:
@@ -245,7 +252,8 @@ def cached_labeller_path(home: Path | str | None = None) -> Path:
 def train_labeller(train_csv: Path, settings: LabellerSettings = LabellerSettings()) -> ReportLabeller:
     """A labeller trained on every report of a labelled CSV."""
     reports, labels = read_labelled_reports(train_csv)
-    return ReportLabeller.fit(reports, labels, settings, {"training_csv": str(train_csv), "sha256": file_sha256(train_csv)})
+    provenance = {"training_csv": str(train_csv), "sha256": file_sha256(train_csv)}
+    return ReportLabeller.fit(reports, labels, settings, provenance)
 
 
 def load_or_train(train_csv: Path | None = None, home: Path | str | None = None) -> ReportLabeller:

@@ -59,7 +59,7 @@ def finding_columns(header: Iterable[str], source: Path, error: type[CTFoundatio
 
 
 def case_id(name: str) -> str:
-    """A case key that matches across files: no folder, no volume/result suffix ('a/valid_1_a_1.nii.gz' -> 'valid_1_a_1')."""
+    """A case key that matches across files, without folder or suffix: 'a/valid_1_a_1.nii.gz' -> 'valid_1_a_1'."""
     base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
     for suffix in CASE_SUFFIXES:
         if base.lower().endswith(suffix):

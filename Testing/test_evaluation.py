@@ -127,6 +127,11 @@ def test_unusable_inputs_are_clear_errors(change, message):
         evaluate(*change(*synthetic(30, seed=5)), n_bootstrap=10, progress=False)
 
 
+def test_zero_resamples_is_refused():
+    with pytest.raises(EvaluationError, match="at least 1"):
+        evaluate(*synthetic(30, seed=5), n_bootstrap=0, progress=False)
+
+
 def write_table(path: Path, header: list[str], rows: list[list]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows([header, *rows])
@@ -137,7 +142,8 @@ def test_csv_json_folder_and_npz_predictions_align_with_labels(tmp_path):
     probabilities, labels = synthetic(6, seed=6)
     names = list(CT_RATE_ABNORMALITIES)
     ids = [f"valid_{i}_a_1" for i in range(6)]
-    label_csv = write_table(tmp_path / "labels.csv", ["VolumeName", *names], [[f"{c}.nii.gz", *y] for c, y in zip(ids, labels)])
+    label_rows = [[f"{case}.nii.gz", *y] for case, y in zip(ids, labels)]
+    label_csv = write_table(tmp_path / "labels.csv", ["VolumeName", *names], label_rows)
     # Predictions in another order, one case without a label.
     order = [3, 0, 5, 1]
     rows = [[ids[i], *probabilities[i]] for i in order] + [["unlabelled_case", *probabilities[0]]]
@@ -145,7 +151,7 @@ def test_csv_json_folder_and_npz_predictions_align_with_labels(tmp_path):
     folder = tmp_path / "detect"
     folder.mkdir()
     for i in order:
-        findings = [{"name": n, "probability": float(p), "threshold": None, "positive": None} for n, p in zip(names, probabilities[i])]
+        findings = [{"name": n, "probability": float(p), "positive": None} for n, p in zip(names, probabilities[i])]
         (folder / f"{ids[i]}.json").write_text(json.dumps({"input": {}, "detection": {"findings": findings}}))
     mapping = tmp_path / "pred.json"
     mapping.write_text(json.dumps({f"{ids[i]}.nii.gz": dict(zip(names, probabilities[i])) for i in order}))
@@ -158,7 +164,9 @@ def test_csv_json_folder_and_npz_predictions_align_with_labels(tmp_path):
 
     np.savez(tmp_path / "predicted_weights.npz", data=probabilities)
     np.savez(tmp_path / "labels_weights.npz", data=labels)
-    predicted, truth, _, _ = align(read_predictions(tmp_path / "predicted_weights.npz"), read_labels(tmp_path / "labels_weights.npz"))
+    predicted, truth, _, _ = align(
+        read_predictions(tmp_path / "predicted_weights.npz"), read_labels(tmp_path / "labels_weights.npz")
+    )
     np.testing.assert_array_equal(predicted, probabilities)
     np.testing.assert_array_equal(truth, labels)
 
@@ -190,7 +198,8 @@ def held_out_predictions(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray
     with open(TRAIN_CSV, newline="", encoding="utf-8") as handle:
         accessions = [row["AccessionNo"] for row in csv.DictReader(handle)]
     path = tmp_path_factory.mktemp("eval") / "labeller_probabilities.csv"
-    write_table(path, ["AccessionNo", *CT_RATE_ABNORMALITIES], [[accessions[i], *p] for i, p in zip(held_out, probabilities)])
+    rows = [[accessions[i], *p] for i, p in zip(held_out, probabilities)]
+    write_table(path, ["AccessionNo", *CT_RATE_ABNORMALITIES], rows)
     return path, probabilities, labels[held_out]
 
 

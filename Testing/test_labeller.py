@@ -126,7 +126,9 @@ def test_cli_trains_on_first_use_then_labels_held_out_reports(reports, split, tm
         ["report_text", *CT_RATE_ABNORMALITIES],
         [[texts[i], *labels[i]] for i in train],
     )
-    reports_csv = write_rows(tmp_path / "in.csv", ["AccessionNo", "report_text"], [[f"case_{i}", texts[i]] for i in held_out])
+    reports_csv = write_rows(
+        tmp_path / "in.csv", ["AccessionNo", "report_text"], [[f"case_{i}", texts[i]] for i in held_out]
+    )
     out = tmp_path / "out" / "labels.csv"
 
     assert main(["label-reports", str(reports_csv), "--out", str(out), "--train-csv", str(train_csv)]) == 0
@@ -182,6 +184,20 @@ def test_no_labeller_and_no_training_data_says_what_to_pass(tmp_path, monkeypatc
     source = write_rows(tmp_path / "in.csv", ["report_text"], [["Cardiomegaly."]])
     assert main(["label-reports", str(source), "--out", str(tmp_path / "o.csv")]) == 2
     assert "--train-csv" in capsys.readouterr().err
+
+
+def test_label_columns_are_matched_by_name_not_position(reports, tmp_path):
+    texts, labels = reports
+    spelled = {"Arterial wall calcification": "Calcification", "Lung nodule": "lung_nodule ", "Emphysema": "EMPHYSEMA"}
+    order = list(reversed(CT_RATE_ABNORMALITIES))
+    path = write_rows(
+        tmp_path / "t.csv",
+        ["id", *[spelled.get(name, name) for name in order], "report_text"],
+        [[i, *[labels[i, CT_RATE_ABNORMALITIES.index(name)] for name in order], texts[i]] for i in range(30)],
+    )
+    read_texts, read_labels = read_labelled_reports(path)
+    assert read_texts == texts[:30]
+    np.testing.assert_array_equal(read_labels, labels[:30])
 
 
 def test_training_csv_without_a_finding_column_is_rejected(reports, tmp_path):
