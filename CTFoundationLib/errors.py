@@ -23,3 +23,11 @@ class RetrievalError(CTFoundationError):
 
 class AnatomyError(CTFoundationError):
     """Anatomy masks (segmentation files, mask folders, TotalSegmentator) that cannot be read or used."""
+
+
+class ReportLabelError(CTFoundationError):
+    """A report CSV, labeller file or labeller training set that cannot be used."""
+
+
+class EvaluationError(CTFoundationError):
+    """Prediction or label files that cannot be evaluated together."""
