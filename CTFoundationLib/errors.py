@@ -19,3 +19,11 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class DependencyError(CTFoundationError):
+    """A Python package the task needs is missing or too old in this environment (e.g. inside Slicer)."""
+
+
+class WorkerError(CTFoundationError):
+    """A background task could not start, failed, or was cancelled."""
