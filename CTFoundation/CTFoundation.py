@@ -938,11 +938,14 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         parameters.weightsFile = str(checkpoint)
         parameters.modelConfigFile = str(constructors)
         parameters.textEncoder = str(write_prompt_vocab(folder / "vocab" / "vocab.txt"))
-        parameters.device = "cpu"
         self.delayDisplay("Detecting with a small random checkpoint")
         steps = []
-        outcome = logic.detect(volumeNode, model="ct-clip-v2", progress=lambda step, fraction: steps.append(step))
-        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            outcome = logic.detect(volumeNode, model="ct-clip-v2", device="cpu",
+                                   progress=lambda step, fraction: steps.append(step))
+        finally:
+            parameters.weightsFile = parameters.modelConfigFile = parameters.textEncoder = ""
+            shutil.rmtree(folder, ignore_errors=True)
 
         table = outcome.tableNode
         self.assertEqual(table.GetNumberOfRows(), 18)
