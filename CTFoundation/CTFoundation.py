@@ -383,14 +383,16 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             return
         constraints = write_constraints(Path(tempfile.mkdtemp(prefix="CTFoundation-")) / "constraints.txt",
                                         (*PROTECTED_PACKAGES, "torch"))
-        if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):  # slicer.packaging is new in 5.12
-            import slicer.packaging
+        try:
+            if (slicer.app.majorVersion, slicer.app.minorVersion) >= (5, 12):  # slicer.packaging is new in 5.12
+                import slicer.packaging as packaging  # an alias: a plain `import slicer...` would make slicer local
 
-            slicer.packaging.pip_ensure(missing, constraints=str(constraints), requester="CTFoundation",
-                                        prompt_install=False, skip_in_testing=False)
-        else:
-            slicer.util.pip_install(["-c", str(constraints), *missing])
-        shutil.rmtree(constraints.parent, ignore_errors=True)
+                packaging.pip_ensure(missing, constraints=str(constraints), requester="CTFoundation",
+                                     prompt_install=False, skip_in_testing=False)
+            else:
+                slicer.util.pip_install(["-c", str(constraints), *missing])
+        finally:
+            shutil.rmtree(constraints.parent, ignore_errors=True)
 
     # --- input --------------------------------------------------------------------------------------------
 

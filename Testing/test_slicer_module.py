@@ -5,11 +5,12 @@ headless batch script."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import nibabel
 import numpy as np
@@ -252,6 +253,39 @@ def test_headless_detection_never_installs_packages(ctf, scene, ct_dir, tmp_path
     node = scene.util.loadVolume(str(ct_dir / RICORD / "ct_3mm_iso.nii.gz"))
     with pytest.raises(DependencyError, match="no-such-package-ctfoundation.*installDependencies"):
         logic.detect(node)  # the stand-in's pip_install would fail the test if it were called
+
+
+@pytest.mark.parametrize("version", [(5, 10), (5, 12)])
+def test_installing_pins_slicers_own_packages(ctf, scene, tmp_path, monkeypatch, version) -> None:
+    """pip gets only what is missing, with a constraints file that keeps numpy, requests and torch as they are."""
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tqdm\nno-such-package-ctfoundation>=1\n")
+    monkeypatch.setattr(ctf, "resourcePath", lambda name: requirements)
+    monkeypatch.setattr(scene.app, "majorVersion", version[0])
+    monkeypatch.setattr(scene.app, "minorVersion", version[1])
+    calls = []
+
+    def pip_ensure(requirements, constraints=None, **options) -> None:  # Slicer 5.12's slicer.packaging
+        calls.append((list(requirements), Path(constraints).read_text(), options))
+
+    def pip_install(arguments) -> None:  # Slicer 5.10's slicer.util.pip_install
+        assert arguments[0] == "-c"
+        calls.append((arguments[2:], Path(arguments[1]).read_text(), {}))
+
+    packaging = ModuleType("slicer.packaging")
+    packaging.pip_ensure = pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(scene, "packaging", packaging, raising=False)
+    monkeypatch.setattr(scene.util, "pip_install", pip_install)
+    ctf.CTFoundationLogic().installDependencies(askConfirmation=False)
+
+    (wanted, constraints, options), = calls
+    assert wanted == ["no-such-package-ctfoundation>=1"]
+    pins = constraints.split()
+    for name in ("numpy", "requests", "torch"):
+        assert f"{name}=={importlib.metadata.version(name)}" in pins
+    if version >= (5, 12):
+        assert options == {"requester": "CTFoundation", "prompt_install": False, "skip_in_testing": False}
 
 
 def test_weights_panel_state(ctf, scene, tmp_path, monkeypatch) -> None:
