@@ -31,3 +31,11 @@ class ReportLabelError(CTFoundationError):
 
 class EvaluationError(CTFoundationError):
     """Prediction or label files that cannot be evaluated together."""
+
+
+class DependencyError(CTFoundationError):
+    """A Python package the task needs is missing or too old in this environment (e.g. inside Slicer)."""
+
+
+class WorkerError(CTFoundationError):
+    """A background task could not start, failed, or was cancelled."""
