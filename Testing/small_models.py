@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import torch
 
 from conftest import data_root
 from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
