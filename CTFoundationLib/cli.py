@@ -8,7 +8,9 @@ import sys
 from . import __version__
 from .errors import CTFoundationError
 
-FEATURE_MODULES = ("cli_input", "cli_ctclip", "cli_weights", "cli_training")
+FEATURE_MODULES = (
+    "cli_input", "cli_ctclip", "cli_weights", "cli_ground", "cli_report", "cli_labels", "cli_training",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
