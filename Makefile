@@ -14,13 +14,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dicom,dev]"
+	$(PY) -m pip install -q -e ".[dicom,dev,training]"
 	touch $@
 
 venv: $(VENV)/.installed
 
+# Batch report of the sample chest CT with the demo CT-CLIP (trained here on first use, a few minutes; it is
+# trained on demo data, not for diagnosis). With official weights installed: make demo DEMO_MODEL=ct-clip-v2
+DEMO_MODEL ?= ct-clip-demo
 demo: venv
-	$(PY) -m CTFoundationLib.demo --data $(SHARED)/data --out $(DEMO_OUT)
+	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m CTFoundationLib report \
+		$(SHARED)/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom --out $(DEMO_OUT) --model $(DEMO_MODEL)
 
 test: venv
 	$(VENV)/bin/ruff check --select F --no-cache --exclude $(VENV) .

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .cases import EMBEDDING_SUFFIX, discover_cases
 from .cli_input import add_input_arguments, read_input
+from .cli_training import DEMO_MODEL, prepare_demo_model
 from .detection import CTCLIPRuntime, DetectionResult, load_thresholds
 from .errors import CTFoundationError, CTInputError
 from .models.ctclip import CTCLIPConfig
@@ -26,7 +27,7 @@ from .sanity import summarize
 from .weights import load_registry, resolve_weights
 from .weights.cache import write_json_atomic
 
-CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", "ct-clip-demo")
+CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", DEMO_MODEL)
 TEXT_ENCODER = "cxr-bert"
 
 
@@ -56,6 +57,8 @@ def step_progress(name: str) -> Iterator[Callable[[str], None]]:
 
 def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable[[str], None]) -> CTCLIPRuntime:
     """The runtime for --model: its registry entry says which input spec, sizes and tokenizer it uses."""
+    if args.model == DEMO_MODEL and args.weights is None:
+        prepare_demo_model()
     runtime_spec = load_registry().get(args.model).runtime
     if runtime_spec.notice:
         print(f"note: {runtime_spec.notice}", file=sys.stderr)

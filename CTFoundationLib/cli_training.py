@@ -7,9 +7,14 @@ the full-scale CT-RATE recipes run as `python -m training.run CONFIG` (see train
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from .errors import CTFoundationError
+from .errors import CTFoundationError, WeightsError
+from .weights import resolve_weights
+
+DEMO_MODEL = "ct-clip-demo"
+OFFICIAL_MODEL = "ct-clip-v2"
 
 
 def training_demo():
@@ -22,6 +27,28 @@ def training_demo():
             "from the repository"
         ) from None
     return build
+
+
+def installed(model_id: str) -> bool:
+    try:
+        resolve_weights(model_id)
+    except WeightsError:
+        return False
+    return True
+
+
+def prepare_demo_model() -> None:
+    """Before ct-clip-demo runs: say that it is the demo model and whether official weights are present, and
+    train it (once, a few minutes; data from $CTFOUNDATION_DATA or ../shared/data) when it is not built yet."""
+    if installed(OFFICIAL_MODEL):
+        print(f"note: official {OFFICIAL_MODEL} weights are installed; `--model {OFFICIAL_MODEL}` uses them", file=sys.stderr)
+    else:
+        print(f"note: no official CT-CLIP weights are installed ({OFFICIAL_MODEL}); using {DEMO_MODEL}, trained on demo "
+              "data, not for diagnosis", file=sys.stderr)
+    if not installed(DEMO_MODEL):
+        build = training_demo()
+        print(f"{DEMO_MODEL} is not built yet: training it now (once, a few minutes on CPU)", file=sys.stderr)
+        build.train_demo(build.default_data_root(), say=lambda line: print(line, file=sys.stderr))
 
 
 def data_argument(parser: argparse.ArgumentParser) -> None:

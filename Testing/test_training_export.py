@@ -16,9 +16,10 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIP, CTCLIPC
 from CTFoundationLib.preprocess import CTCLIP_DEMO, preprocess
 from CTFoundationLib.reading import read_ct
 from training.ctrate import read_metadata, read_raw_volume
-from training.export import official_state_dict, roc_corner_threshold, save_checkpoint, select_thresholds, write_thresholds
+from training.export import official_state_dict, save_checkpoint, write_thresholds
 from training.modeling import CLUSTER_SIZE_KEY, read_cluster_size
 from training.text import clean_report_text
+from training.validation import evaluate_split, thresholds_of
 from training_fixtures import tiny_constructors
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -65,21 +66,15 @@ def test_lipro_export_nests_the_model(tmp_path):
     assert load_ctclip(tmp_path / "lipro.pt", config).classifier.weight.shape == (18, 16)
 
 
-def test_roc_corner_threshold_by_hand():
-    # p > t for t = 34/99: TPR 1, FPR 1/2; for t in 40/99 .. 79/99: TPR 1/2, FPR 0. Both are 0.5 from (0, 1);
-    # CT-CLIP keeps the last of equal distances, 79/99.
-    assert roc_corner_threshold([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(79 / 99)
-    # Perfect separation for 60/99 <= t < 0.7: the largest such grid point is 69/99.
-    assert roc_corner_threshold([0.2, 0.6, 0.7, 0.9], [0, 0, 1, 1]) == pytest.approx(69 / 99)
-
-
 def test_thresholds_file_is_read_by_the_runtime(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, size=(40, 18))
     labels[:, 3] = 0  # no positive: no threshold for that finding
     probabilities = np.clip(labels * 0.5 + rng.uniform(0, 0.5, size=labels.shape), 0, 1)
-    thresholds = select_thresholds(probabilities, labels)
+    evaluation = evaluate_split(probabilities, labels, n_bootstrap=10)
+    thresholds = thresholds_of(evaluation)
     assert CT_RATE_ABNORMALITIES[3] not in thresholds and len(thresholds) == 17
+    assert all(f.metrics["auroc"].value == 1.0 for f in evaluation.findings)
     for k, name in enumerate(CT_RATE_ABNORMALITIES):  # separable classes: t splits them, as high as possible
         if name in thresholds:
             positives, negatives = probabilities[labels[:, k] == 1, k], probabilities[labels[:, k] == 0, k]

@@ -16,7 +16,6 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
@@ -26,8 +25,6 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, LIPRO_PREFIX, C
 from CTFoundationLib.weights.cache import write_json_atomic
 
 from .modeling import CLUSTER_SIZE_KEY
-
-THRESHOLD_GRID = np.linspace(0, 1, 100)  # the reference's candidate thresholds
 
 
 def unused_reference_tensors(config: CTCLIPConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -85,33 +82,6 @@ def save_checkpoint(clip: CTCLIP, path: Path, cluster_size: Tensor | None = None
     torch.save(state, temporary)
     temporary.replace(path)
     return path
-
-
-def roc_corner_threshold(probabilities: np.ndarray, labels: np.ndarray) -> float:
-    """CT-CLIP's rule: of thresholds 0, 1/99, ..., 1 (positive = p > t), the one whose (FPR, TPR) lies
-    closest to the ROC corner (0, 1); ties go to the larger threshold. Needs both classes present."""
-    labels = np.asarray(labels).astype(bool)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    if labels.all() or not labels.any():
-        raise ValueError("a threshold needs positive and negative cases")
-    predicted = probabilities[None, :] > THRESHOLD_GRID[:, None]
-    tpr = (predicted & labels).sum(axis=1) / labels.sum()
-    fpr = (predicted & ~labels).sum(axis=1) / (~labels).sum()
-    distance = np.sqrt((1 - tpr) ** 2 + fpr**2)
-    best = np.flatnonzero(distance == distance.min())[-1]
-    return float(THRESHOLD_GRID[best])
-
-
-def select_thresholds(
-    probabilities: np.ndarray, labels: np.ndarray, names: Sequence[str] = CT_RATE_ABNORMALITIES
-) -> dict[str, float]:
-    """Per-finding thresholds from validation (N, K) probabilities and 0/1 labels; findings without both
-    classes in the split get none."""
-    return {
-        name: roc_corner_threshold(probabilities[:, k], labels[:, k])
-        for k, name in enumerate(names)
-        if 0 < labels[:, k].sum() < len(labels)
-    }
 
 
 def write_thresholds(path: Path, thresholds: Mapping[str, float], validation: str, cases: int) -> None:

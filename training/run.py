@@ -19,14 +19,15 @@ import yaml
 
 from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import CTFoundationError, TrainingError
+from CTFoundationLib.evaluation import format_evaluation
 from CTFoundationLib.models.ctclip import CTCLIPConfig
 from CTFoundationLib.preprocess import SPECS
 
 from .config import TrainingConfig, load_config
 from .ctrate import CTRateDataset, load_cases, read_metadata
-from .export import select_thresholds, write_prompt_latents, write_thresholds
+from .export import write_prompt_latents, write_thresholds
 from .trainer import Trainer
-from .validation import auroc_table, format_table, labels_of, score_dataset
+from .validation import evaluate_split, labels_of, score_dataset, thresholds_of
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:
@@ -62,11 +63,12 @@ def export_thresholds(config: TrainingConfig, checkpoint: Path) -> None:
     )
     probabilities = score_dataset(runtime, dataset)
     labels = labels_of(dataset)
-    thresholds = select_thresholds(probabilities, labels)
+    evaluation = evaluate_split(probabilities, labels)
+    thresholds = thresholds_of(evaluation)
     write_thresholds(checkpoint.with_name("thresholds.json"), thresholds, str(config.data.validation_root), len(labels))
     if runtime.method == "zero-shot":
         write_prompt_latents(checkpoint.with_name("prompt_latents.safetensors"), runtime.prompt_latents())
-    print(format_table(auroc_table(probabilities, labels), thresholds))
+    print(format_evaluation(evaluation))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,6 @@
-"""Scoring a labelled split through the runtime the extension uses (read, preprocess, encode, score).
+"""Scoring a labelled split through the runtime the extension uses (read, preprocess, encode, score), and
+evaluating it with CT-CLIP's protocol (`CTFoundationLib.evaluation`: ROC-corner thresholds, AUROC, weighted F1,
+bootstrap intervals).
 
 Thresholds and the demo's AUROC come from exactly the files and code that serve predictions later.
 """
@@ -8,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from CTFoundationLib.detection import CTCLIPRuntime
+from CTFoundationLib.evaluation import Evaluation, evaluate
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 
 from .ctrate import CTRateDataset
@@ -27,27 +29,20 @@ def score_dataset(runtime: CTCLIPRuntime, dataset: CTRateDataset, progress: Call
 
 
 def labels_of(dataset: CTRateDataset) -> np.ndarray:
-    return np.stack([case.labels for case in dataset.cases])
+    """(N, 18) 0/1 labels of every case, in CT-CLIP's finding order."""
+    return np.stack([case.labels for case in dataset.cases]).astype(np.int64)
 
 
-def auroc_table(
-    probabilities: np.ndarray, labels: np.ndarray, names: Sequence[str] = CT_RATE_ABNORMALITIES,
-    eligible: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict]:
-    """Per finding with both classes present: AUROC (sklearn), positives, cases. `eligible` restricts a
-    finding to the cases where it could occur (boolean mask per name)."""
-    table = {}
-    for k, name in enumerate(names):
-        rows = eligible.get(name, slice(None)) if eligible else slice(None)
-        y, p = labels[rows, k], probabilities[rows, k]
-        if 0 < y.sum() < len(y):
-            table[name] = {"auroc": float(roc_auc_score(y, p)), "positives": int(y.sum()), "cases": int(len(y))}
-    return table
+def evaluate_split(
+    probabilities: np.ndarray, labels: np.ndarray, names: Sequence[str] = CT_RATE_ABNORMALITIES, n_bootstrap: int = 1000
+) -> Evaluation:
+    """CT-CLIP's evaluation of the findings that have positive and negative cases in the split; (N, 18) inputs."""
+    columns = [k for k in range(labels.shape[1]) if 0 < labels[:, k].sum() < len(labels)]
+    return evaluate(
+        probabilities[:, columns], labels[:, columns], [names[k] for k in columns], n_bootstrap, progress=False
+    )
 
 
-def format_table(table: dict[str, dict], thresholds: dict[str, float] | None = None) -> str:
-    lines = [f"{'finding':30} {'AUROC':>6} {'positives':>9} {'cases':>5} {'threshold':>9}"]
-    for name, row in table.items():
-        threshold = f"{thresholds[name]:.3f}" if thresholds and name in thresholds else "-"
-        lines.append(f"{name:30} {row['auroc']:6.3f} {row['positives']:9d} {row['cases']:5d} {threshold:>9}")
-    return "\n".join(lines)
+def thresholds_of(evaluation: Evaluation) -> dict[str, float]:
+    """finding -> the ROC-corner threshold the evaluation chose."""
+    return {finding.name: finding.threshold for finding in evaluation.findings}

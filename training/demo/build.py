@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from CTFoundationLib import __version__
+from CTFoundationLib.cli_training import DEMO_MODEL
 from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.errors import TrainingError, WeightsError
+from CTFoundationLib.evaluation import Evaluation, FindingResult, evaluate, format_evaluation
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIPConfig
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.weights import import_model, resolve_weights
@@ -31,15 +33,17 @@ from CTFoundationLib.weights.cache import cache_root, write_json_atomic
 
 from ..config import load_config
 from ..ctrate import CTRateDataset, load_cases
-from ..export import select_thresholds, write_thresholds
+from ..export import write_prompt_latents, write_thresholds
 from ..trainer import Trainer
-from ..validation import auroc_table, format_table, labels_of, score_dataset
+from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
 from .synth import DemoDataSpec, build_demo_data
 
-MODEL_ID = "ct-clip-demo"
+MODEL_ID = DEMO_MODEL
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CHECKPOINT = "ct_clip_demo.pt"
+PROMPT_LATENTS = "prompt_latents.safetensors"
+CALCIFICATION = "Arterial wall calcification"
 Say = Callable[[str], None]
 
 
@@ -77,24 +81,53 @@ def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRun
     )
 
 
-def evaluate(runtime: CTCLIPRuntime, dataset: CTRateDataset, data: Path, split: str) -> tuple[dict, np.ndarray]:
-    """Zero-shot AUROC of the inserted findings on a split (calcification: only bases with an artery mask)."""
+def score_split(runtime: CTCLIPRuntime, data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities (N, 18), labels (N, 18), has-artery-mask (N,)) of a demo split, through the runtime."""
     from tqdm import tqdm
 
+    dataset = split_dataset(data, split)
     with tqdm(total=len(dataset), desc=f"score {split}", unit="case", file=sys.stderr, disable=None) as bar:
         probabilities = score_dataset(runtime, dataset, bar.update)
     manifest = json.loads((data / f"{split}_findings.json").read_text())
-    with_artery = np.array([manifest[c.name]["base"] != "ricord" for c in dataset.cases])
-    indices = [CT_RATE_ABNORMALITIES.index(name) for name in DEMO_FINDINGS]
-    table = auroc_table(
-        probabilities[:, indices], labels_of(dataset)[:, indices], DEMO_FINDINGS,
-        eligible={"Arterial wall calcification": with_artery},
-    )
-    return table, probabilities
+    with_artery = np.array([manifest[case.name]["base"] != "ricord" for case in dataset.cases])
+    return probabilities, labels_of(dataset), with_artery
 
 
-def mean_auroc(table: dict) -> float:
-    return float(np.mean([row["auroc"] for row in table.values()]))
+def demo_evaluations(
+    probabilities: np.ndarray, labels: np.ndarray, with_artery: np.ndarray, n_bootstrap: int = 1000
+) -> list[tuple[str, Evaluation]]:
+    """CT-CLIP's evaluation of the inserted findings: calcification on the cases whose base CT has an artery mask
+    (it is inserted only there; the other base may hold real, unlabelled calcifications), the rest on all cases."""
+    others = [name for name in DEMO_FINDINGS if name != CALCIFICATION]
+    groups = (("all cases", others, np.ones(len(labels), bool)), ("cases with an artery mask", [CALCIFICATION], with_artery))
+    evaluations = []
+    for title, names, rows in groups:
+        columns = [CT_RATE_ABNORMALITIES.index(name) for name in names]
+        chosen = np.ix_(rows, columns)
+        evaluations.append((title, evaluate(probabilities[chosen], labels[chosen], names, n_bootstrap, progress=False)))
+    return evaluations
+
+
+def finding_results(evaluations: list[tuple[str, Evaluation]]) -> list[FindingResult]:
+    return [finding for _, evaluation in evaluations for finding in evaluation.findings]
+
+
+def mean_auroc(evaluations: list[tuple[str, Evaluation]]) -> float:
+    """Mean over the inserted findings of their AUROC."""
+    return float(np.mean([finding.metrics["auroc"].value for finding in finding_results(evaluations)]))
+
+
+def auroc_record(evaluations: list[tuple[str, Evaluation]]) -> dict[str, dict]:
+    """finding -> AUROC with its bootstrap interval and the number of positives, for the training record."""
+    return {
+        f.name: {"auroc": round(f.metrics["auroc"].value, 4), "ci95": [round(f.metrics["auroc"].lower, 4),
+                 round(f.metrics["auroc"].upper, 4)], "positives": f.positives}
+        for f in finding_results(evaluations)
+    }
+
+
+def format_demo_table(evaluations: list[tuple[str, Evaluation]]) -> str:
+    return "\n".join(f"{title} ({evaluation.n_cases}):\n{format_evaluation(evaluation)}" for title, evaluation in evaluations)
 
 
 def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = DemoDataSpec(),
@@ -118,11 +151,11 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     (staging / "constructors.json").write_text(json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
     shutil.copyfile(minilm / "vocab.txt", staging / "vocab.txt")
     runtime = demo_runtime(result.checkpoint, staging, home)
-    valid_table, valid_p = evaluate(runtime, split_dataset(data, "valid"), data, "valid")
-    thresholds = select_thresholds(valid_p, labels_of(split_dataset(data, "valid")))
-    thresholds = {name: thresholds[name] for name in DEMO_FINDINGS if name in thresholds}
-    write_thresholds(staging / "thresholds.json", thresholds, "demo valid", len(valid_p))
-    test_table, _ = evaluate(runtime, split_dataset(data, "test"), data, "test")
+    valid = demo_evaluations(*score_split(runtime, data, "valid"))
+    thresholds = {f.name: f.threshold for f in finding_results(valid)}
+    write_thresholds(staging / "thresholds.json", thresholds, "demo valid", valid[0][1].n_cases)
+    write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
+    test = demo_evaluations(*score_split(runtime, data, "test"))
     record = {
         "model": MODEL_ID, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(), "config": str(CONFIG.name),
@@ -130,7 +163,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
         "train_seconds": round(result.seconds, 1), "synthesis_seconds": round(synthesis_s, 1),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "loss_first": round(float(np.mean(result.losses[:10])), 4), "loss_last": round(float(np.mean(result.losses[-10:])), 4),
-        "valid": valid_table, "test": test_table, "test_mean_auroc": round(mean_auroc(test_table), 4),
+        "valid": auroc_record(valid), "test": auroc_record(test), "test_mean_auroc": round(mean_auroc(test), 4),
         "thresholds": thresholds,
         "notice": "trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis",
     }
@@ -145,7 +178,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
 def installed_demo(home: Path | None) -> Path | None:
     try:
         return resolve_weights(MODEL_ID, home=home)
-    except Exception:  # not installed (WeightsError) or a damaged manifest: rebuild
+    except WeightsError:  # not built yet, or files missing: rebuild
         return None
 
 
@@ -160,12 +193,10 @@ def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> fl
     spec = DemoDataSpec(**record["data"])
     data = demo_data(Path(data_root), home, spec, say)
     runtime = demo_runtime(checkpoint, checkpoint.parent, home)
-    table, _ = evaluate(runtime, split_dataset(data, "test"), data, "test")
-    thresholds = json.loads((checkpoint.parent / "thresholds.json").read_text())["thresholds"]
-    say(f"{MODEL_ID} zero-shot on {spec.test} held-out demo cases (inserted findings; calcification on the "
-        "cases with an artery mask):")
-    say(format_table(table, thresholds))
-    value = mean_auroc(table)
+    evaluations = demo_evaluations(*score_split(runtime, data, "test"))
+    say(f"{MODEL_ID} zero-shot on the {spec.test} held-out demo cases, inserted findings (CT-CLIP's protocol):")
+    say(format_demo_table(evaluations))
+    value = mean_auroc(evaluations)
     say(f"demo zero-shot mean AUROC: {value:.3f}")
     return value
 

@@ -1,0 +1,129 @@
+"""The demo set (real sample CTs with inserted findings) and the demo model trained on it with the real recipe.
+
+The synthesis tests are fast; the end-to-end test builds the demo set, trains, exports, installs and evaluates
+`ct-clip-demo` on the held-out split (slow: a few minutes on 2 CPU cores) and runs `detect` and `report` with it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import data_root
+from CTFoundationLib.cli import main
+from CTFoundationLib.detection import load_thresholds
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.weights import resolve_weights
+from training.demo import build
+from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
+from training.demo.synth import DemoDataSpec, load_bases, make_case, repose
+
+SEED = 12345
+
+
+@pytest.fixture(scope="module")
+def bases():
+    return load_bases(data_root())
+
+
+def test_a_case_is_reproducible_from_its_seed(bases):
+    first, second = (make_case(bases[1], SEED, 0.5) for _ in range(2))
+    assert np.array_equal(first[0], second[0]) and first[2] == second[2]
+    assert [f.name for f in first[1]] == [f.name for f in second[1]]
+    other = make_case(bases[1], SEED + 1, 0.5)
+    assert not np.array_equal(first[0], other[0])
+
+
+def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
+    base = bases[1]  # the aorta crop: it has an artery mask, so every finding can be inserted
+    before, mask = repose(base[1], base[2], SEED)
+    anatomy = find_anatomy(before, mask, base[0].artery_name)
+    lung = anatomy.lung
+    changed = {}
+    for name in DEMO_FINDINGS:
+        hu = before.copy()
+        record = INSERTERS[name](hu, anatomy, np.random.default_rng(SEED))
+        assert record.name == name
+        changed[name] = (hu, record)
+    hu, nodule = changed["Lung nodule"]
+    assert lung[nodule.centre_ijk] and 0 <= hu[nodule.centre_ijk] <= 60 and 6 <= nodule.size_mm <= 30
+    hu, effusion = changed["Pleural effusion"]
+    fluid = np.argwhere(lung & (hu > 0) & (hu < 50) & (before < -500))
+    assert len(fluid) > 100 and fluid[:, 1].mean() > np.argwhere(lung)[:, 1].mean()  # layering dependently (j: P)
+    for name, low, high in (("Consolidation", 0, 80), ("Lung opacity", -700, -300)):
+        hu, record = changed[name]
+        patch = lung & (hu != before)
+        assert patch.sum() > 50 and low < np.median(hu[patch]) < high
+    hu, _ = changed["Emphysema"]
+    assert (hu[lung] < -950).mean() > (before[lung] < -950).mean() + 0.1  # low-attenuation regions
+    hu, _ = changed["Arterial wall calcification"]
+    assert ((hu > 1000) & ~(before > 1000)).sum() >= 4 and (hu[mask] > 1000).sum() >= 4
+    hu, device = changed["Medical material"]
+    assert (hu > 1900).sum() > 10 and anatomy.body[device.centre_ijk] and not lung[device.centre_ijk]
+
+
+def test_report_names_every_inserted_finding(bases):
+    _, inserted, (findings_text, impressions) = make_case(bases[1], SEED, prevalence=1.0)
+    assert [f.name for f in inserted] == list(DEMO_FINDINGS)
+    for word in ("nodule", "effusion", "consolidation", "ground", "emphysema"):
+        assert word in findings_text.lower()
+    assert impressions.count("•") == len(DEMO_FINDINGS)
+
+
+def test_negative_case_has_no_inserted_finding(bases):
+    hu, inserted, (findings_text, impressions) = make_case(bases[0], SEED, prevalence=0.0)
+    assert inserted == [] and impressions == "No significant pathology was detected."
+    assert hu.dtype == np.int16 and hu.max() < 2000  # no device drawn
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    """The demo model built by the real command path into a fresh cache (demo set, training, export, install)."""
+    home = tmp_path_factory.mktemp("home")
+    record = build.train_demo(data_root(), home)
+    return home, record
+
+
+@pytest.mark.slow
+def test_demo_model_reaches_the_auroc_target_on_held_out_cases(demo_home, monkeypatch, capsys):
+    home, record = demo_home
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    assert main(["eval-demo", "--data", str(data_root())]) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("demo zero-shot mean AUROC: "))
+    value = float(line.split(": ")[1])
+    assert value >= 0.9, printed
+    assert value == pytest.approx(record["test_mean_auroc"], abs=1e-3)  # the installed files reproduce training
+    for name in DEMO_FINDINGS:
+        assert name in printed and record["test"][name]["auroc"] > 0.75, record["test"]
+    assert record["loss_last"] < record["loss_first"]
+
+
+@pytest.mark.slow
+def test_installed_demo_model_files_and_thresholds(demo_home):
+    home, record = demo_home
+    checkpoint = resolve_weights("ct-clip-demo", home=home)
+    folder = checkpoint.parent
+    thresholds = load_thresholds(folder / "thresholds.json")
+    assert set(thresholds) == set(DEMO_FINDINGS) and all(0 <= t <= 1 for t in thresholds.values())
+    saved = json.loads((folder / "training_record.json").read_text())
+    assert saved["notice"].endswith("not for diagnosis") and saved["seed"] == record["seed"]
+    assert saved["data"] == json.loads(json.dumps(DemoDataSpec().__dict__))
+
+
+@pytest.mark.slow
+def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsys, tmp_path):
+    home, _ = demo_home
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    ct = data_root() / "ct/ricord1a_419639-000082_chest_noncontrast/dicom"
+    assert main(["report", str(ct), "--out", str(tmp_path / "out"), "--model", "ct-clip-demo"]) == 0
+    captured = capsys.readouterr()
+    assert "using ct-clip-demo, trained on demo data, not for diagnosis" in captured.err
+    assert "1 case: 1 reported" in captured.out
+    result = json.loads(next((tmp_path / "out").rglob("findings.json")).read_text())
+    assert "ct-clip-demo" in json.dumps(result)
+    assert main(["detect", str(ct), "--model", "ct-clip-demo"]) == 0
+    table = capsys.readouterr().out
+    assert "ct-clip-demo" in table and all(name in table for name in CT_RATE_ABNORMALITIES)
