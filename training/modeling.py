@@ -3,8 +3,9 @@
 The library's `encode_image` / `encode_text` are inference-only; here the same submodules run with autograd.
 CTViT's vector quantiser trains as vector-quantize-pytorch 1.1.2 (the reference's) does in train mode:
 cosine-similarity code choice, straight-through gradient, codebook moved by an exponential moving average
-(decay 0.8) of the unit-normalised tokens assigned to each code, and codes whose EMA use falls below 2
-replaced by random tokens of the batch. The contrastive loss is the reference's symmetric InfoNCE with the
+(decay 0.8) of the unit-normalised tokens assigned to each code. CTViT builds its quantiser with the library's
+default `threshold_ema_dead_code=0`, so no code is restarted; `dead_code_threshold` > 0 restarts codes whose
+EMA use falls below it with random tokens of the batch (off by default). The contrastive loss is the reference's symmetric InfoNCE with the
 learned temperature (logit scale = exp(temperature)).
 """
 
@@ -27,13 +28,13 @@ CODE_CHUNK = 4096  # tokens scored against the codebook at a time (bounds the (t
 
 
 class CodebookEMA(nn.Module):
-    """Train-mode quantiser for a CTViT codebook: straight-through codes, EMA codebook, dead-code restarts.
+    """Train-mode quantiser for a CTViT codebook: straight-through codes, EMA codebook, optional dead-code restarts.
 
     The codebook is the (1, codes, dim) `embed` buffer of the model's quantiser, passed at each call and
     updated in place; this module keeps the EMA use count of each code.
     """
 
-    def __init__(self, codebook_size: int, decay: float = 0.8, dead_code_threshold: float = 2.0) -> None:
+    def __init__(self, codebook_size: int, decay: float = 0.8, dead_code_threshold: float = 0.0) -> None:
         super().__init__()
         self.decay, self.dead_code_threshold = decay, dead_code_threshold
         self.register_buffer("cluster_size", torch.zeros(1, codebook_size))

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from CTFoundationLib import __version__
+from CTFoundationLib.cli_ctclip import read_model_config
 from CTFoundationLib.cli_training import DEMO_MODEL
 from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import TrainingError, WeightsError
 from CTFoundationLib.evaluation import Evaluation, FindingResult, evaluate, format_evaluation
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIPConfig
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.weights import import_model, resolve_weights
 from CTFoundationLib.weights.cache import cache_root, write_json_atomic
@@ -74,9 +75,8 @@ def split_dataset(data: Path, split: str) -> CTRateDataset:
 
 
 def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRuntime:
-    constructors = json.loads((folder / "constructors.json").read_text())
     return CTCLIPRuntime(
-        checkpoint, folder / "vocab.txt", model_id=MODEL_ID, config=CTCLIPConfig.from_reference_constructors(constructors),
+        checkpoint, folder / "vocab.txt", model_id=MODEL_ID, config=read_model_config(folder / "constructors.json"),
         device="cpu", cache_dir=cache_root(home) / "runtime", spec=CTCLIP_DEMO,
     )
 
