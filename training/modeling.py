@@ -120,12 +120,22 @@ def build_clip(
         raise TrainingError(f"model.constructors: not usable CT-CLIP constructor arguments ({error})") from None
     torch.manual_seed(seed)
     clip = CTCLIP(config)
+    init_codebook(clip)
     if temperature_init is not None:
         with torch.no_grad():
             clip.temperature.fill_(temperature_init)
     if text_init is not None:
         load_text_tower(clip, Path(text_init))
     return clip
+
+
+def init_codebook(clip: CTCLIP) -> None:
+    """A fresh codebook as vector-quantize-pytorch's cosine-similarity codebook starts: unit-norm rows of a
+    Kaiming-uniform draw (the library's randn buffer only holds loaded values; unit codes keep every code on
+    the scale the EMA moves them to)."""
+    embed = clip.visual_transformer.vq._codebook.embed
+    with torch.no_grad():
+        embed.copy_(F.normalize(nn.init.kaiming_uniform_(torch.empty_like(embed[0])), dim=-1)[None])
 
 
 def load_text_tower(clip: CTCLIP, folder: Path) -> None:
