@@ -122,7 +122,7 @@ def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsy
     captured = capsys.readouterr()
     assert "using ct-clip-demo, trained on demo data, not for diagnosis" in captured.err
     assert "1 case: 1 reported" in captured.out
-    result = json.loads(next((tmp_path / "out").rglob("findings.json")).read_text())
+    result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
     assert "ct-clip-demo" in json.dumps(result)
     assert main(["detect", str(ct), "--model", "ct-clip-demo"]) == 0
     table = capsys.readouterr().out

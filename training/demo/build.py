@@ -130,6 +130,12 @@ def format_demo_table(evaluations: list[tuple[str, Evaluation]]) -> str:
     return "\n".join(f"{title} ({evaluation.n_cases}):\n{format_evaluation(evaluation)}" for title, evaluation in evaluations)
 
 
+def loss_ends(losses: list[float]) -> dict[str, float]:
+    """Mean loss of the first and of the last (up to) 10 steps, never overlapping."""
+    k = max(1, min(10, len(losses) // 2))
+    return {"loss_first": round(float(np.mean(losses[:k])), 4), "loss_last": round(float(np.mean(losses[-k:])), 4)}
+
+
 def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = DemoDataSpec(),
                steps: int | None = None, say: Say = print) -> dict:
     """Build, train, export, choose thresholds, evaluate and install the demo model; returns its record."""
@@ -162,7 +168,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
         "steps": result.steps, "batch_size": config.train.batch_size,
         "train_seconds": round(result.seconds, 1), "synthesis_seconds": round(synthesis_s, 1),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "loss_first": round(float(np.mean(result.losses[:10])), 4), "loss_last": round(float(np.mean(result.losses[-10:])), 4),
+        **loss_ends(result.losses),
         "valid": auroc_record(valid), "test": auroc_record(test), "test_mean_auroc": round(mean_auroc(test), 4),
         "thresholds": thresholds,
         "notice": "trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis",
