@@ -26,7 +26,7 @@ from pathlib import Path
 from .errors import CTFoundationError, CTInputError
 from .worker_process import format_event
 
-DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
+DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", "ct-clip-demo")
 # In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
 DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
                 "write result")
