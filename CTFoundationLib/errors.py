@@ -19,3 +19,11 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class ChatError(CTFoundationError):
+    """A CT-CHAT conversation that cannot go on: unknown template or answer type, a busy session, a bad prompt."""
+
+
+class ContextLengthError(ChatError):
+    """The conversation no longer fits the language model's context; start a new one."""
