@@ -4,6 +4,7 @@ LoRA + non_lora_trainables.bin loading, greedy decoding, stop, context guard and
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from CTFoundationLib.cli import main
 from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, CTFoundationError
 from CTFoundationLib.models.ctchat import (
     IMAGE_TOKEN_INDEX,
@@ -19,13 +21,17 @@ from CTFoundationLib.models.ctchat import (
     TEMPLATES,
     CTChatModel,
     GenerationSettings,
+    PromptCache,
     add_ctchat_tokens,
     embed_with_image,
+    expand_positions,
     tokenize_prompt,
     user_message,
 )
 from small_chat_models import TINY_HIDDEN, make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder, with_bos
+from small_models import make_small_ctclip
 
+RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 TURNS = [("<image>\n<provided>Is there an effusion? <short_answer>", "No."), ("Where? <long_answer>", None)]
 USER3, ASSISTANT3 = "<|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>assistant<|end_header_id|>\n\n"
 # sha256 of the reference's llama3 system prompt (llava/conversation.py, conv_llama3.system), 2140 characters.
@@ -231,3 +237,48 @@ def test_loading_errors_say_what_is_wrong(tiny_llm, adapter, tmp_path, tokenizer
     wider = make_tiny_llm(tmp_path / "wider", tokenizer_folder, hidden=96)
     with pytest.raises(CheckpointError, match="wide"):
         CTChatModel.load(wider, folder, device="cpu", template="chatml_direct")
+
+
+def test_next_turn_reuses_the_cache_and_answers_the_same(model):
+    image = model.image_embeddings(torch.ones(1, 24, 24, 24, 16))
+    template, settings = TEMPLATES["chatml_direct"], GenerationSettings(max_new_tokens=6)
+    cache = PromptCache()
+    first = model.generate(template.render([("<image>\n<provided>Findings?", None)]), image, settings, cache=cache)
+    cached = cache.kv.get_seq_length()
+    assert cached == model.sequence_length(model.prompt_ids(template.render([("<image>\n<provided>Findings?", None)]))) + 5
+    follow_up = template.render([("<image>\n<provided>Findings?", first.text), ("Size? <short_answer>", None)])
+    kv = cache.kv
+    reused = model.generate(follow_up, image, settings, cache=cache)
+    assert cache.kv is kv  # extended in place, not rebuilt
+    assert reused.text == model.generate(follow_up, image, settings).text  # the same answer as computed afresh
+    assert cache.kv.get_seq_length() == model.sequence_length(model.prompt_ids(follow_up)) + 5
+    assert cache.positions[:cached - 5] == expand_positions(model.prompt_ids(follow_up))[:cached - 5]
+
+
+def test_cli_one_shot_question_and_report_with_transcript(tiny_llm, adapter, ct_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    checkpoint, constructors, _ = make_small_ctclip(tmp_path / "ctclip")
+    transcript = tmp_path / "chat.json"
+    code = main([
+        "chat", str(ct_dir / RICORD_3MM), "--llm", str(tiny_llm), "--lora", str(adapter[0]), "--ctclip",
+        str(checkpoint), "--ctclip-config", str(constructors), "--template", "chatml_direct", "--device", "cpu",
+        "--max-new-tokens", "5", "--question", "Is there an effusion?", "--answer-type", "short", "--report",
+        "--transcript", str(transcript),
+    ])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    turns = json.loads(transcript.read_text())["turns"]
+    assert [turn["user_text"] for turn in turns] == [
+        "<image>\n<provided>Is there an effusion? <short_answer>",
+        "Generate the radiology report for this chest CT volume. <report_generation>",
+    ]
+    lines = out.out.splitlines()
+    assert lines[0] == "you> Is there an effusion?" and lines[1].startswith("ct-chat> ") and len(lines) == 3
+    assert all(turn["answer"] in line for turn, line in zip(turns, lines[1:]))
+    assert out.err.count("(5 tokens in") == 2 and "[length limit reached]" in out.err
+    assert len(list((tmp_path / "home" / "runtime" / "ctchat_tokens").glob("*.safetensors"))) == 1
+
+
+def test_cli_refuses_no_lora_without_projector(capsys):
+    assert main(["chat", "ct.nii.gz", "--no-lora"]) == 2
+    assert "--no-lora needs --projector" in capsys.readouterr().err

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -305,7 +306,7 @@ class CTChatModel:
     @staticmethod
     def sequence_length(ids: Sequence[int]) -> int:
         """Positions the prompt takes in the context: each `<image>` marker becomes 256 embeddings."""
-        return len(ids) + (N_IMAGE_EMBEDDINGS - 1) * sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
+        return len(expand_positions(ids))
 
     @torch.inference_mode()
     def generate(
@@ -315,14 +316,17 @@ class CTChatModel:
         settings: GenerationSettings = GenerationSettings(),
         on_text: Callable[[str], None] | None = None,
         stop_event=None,
+        cache: PromptCache | None = None,
     ) -> Generation:
         """Answer the rendered `prompt` (its `<image>` replaced by `image` (1, 256, H)).
 
         on_text receives the answer's text piece by piece as it is decoded; stop_event (a threading.Event)
-        ends decoding early when set. Raises ContextLengthError when the prompt leaves no room to answer.
+        ends decoding early when set; cache (one per conversation) keeps the key/values of the positions
+        the next prompt repeats. Raises ContextLengthError when the prompt leaves no room to answer.
         """
         ids = self.prompt_ids(prompt)
         max_new = self.room_for_answer(ids, settings.max_new_tokens)
+        positions = expand_positions(ids)
         embeds = embed_with_image(self.embedding, ids, image)
         streamer = CallbackStreamer(self.tokenizer, on_text)
         stopper = EventStoppingCriteria(stop_event)
@@ -331,13 +335,16 @@ class CTChatModel:
         output = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
+            past_key_values=cache.reusable(positions) if cache is not None else None,
             generation_config=self._generation_config(settings, max_new),
             streamer=streamer,
             stopping_criteria=[stopper],
         )
-        new_ids = output[0, -streamer.new_tokens:] if streamer.new_tokens else output[0, :0]
+        new_ids = output.sequences[0, output.sequences.shape[1] - streamer.new_tokens:].tolist()
+        if cache is not None:
+            cache.store(output.past_key_values, positions + new_ids)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
-        ended = streamer.new_tokens > 0 and int(new_ids[-1]) in self._stop_ids
+        ended = bool(new_ids) and new_ids[-1] in self._stop_ids
         return Generation(
             text=text.removesuffix(self.template.stop).strip() if self.template.stop else text,
             new_tokens=streamer.new_tokens,
@@ -367,7 +374,47 @@ class CTChatModel:
             top_p=settings.top_p if sampling else None,
             eos_token_id=sorted(self._stop_ids),
             pad_token_id=self.tokenizer.pad_token_id,
+            return_dict_in_generate=True,
         )
+
+
+def expand_positions(ids: Sequence[int]) -> list[int]:
+    """What each context position holds: a token id, or IMAGE_TOKEN_INDEX for each of the 256 image positions."""
+    positions: list[int] = []
+    for token in ids:
+        positions += [token] * (N_IMAGE_EMBEDDINGS if token == IMAGE_TOKEN_INDEX else 1)
+    return positions
+
+
+@dataclass
+class PromptCache:
+    """Key/value cache of one conversation (one image), reused by its next turn where the positions repeat."""
+
+    positions: list[int] = field(default_factory=list)  # what the cached positions hold (expand_positions)
+    kv: Any = None  # the transformers Cache that generate() returned
+
+    def reusable(self, positions: list[int]):
+        """The cache cut to the prefix it shares with `positions` (leaving one position to compute), or None."""
+        keep = min(common_prefix_length(self.positions, positions), len(positions) - 1)
+        if self.kv is None or keep < 1:
+            self.clear()
+            return None
+        surplus = self.kv.get_seq_length() - keep
+        if surplus > 0:
+            self.kv.crop(-surplus)  # a negative count removes that many positions (transformers 4.x and 5.x)
+        self.positions = self.positions[:keep]
+        return self.kv
+
+    def store(self, kv, positions: list[int]) -> None:
+        """Keep what generate() left: the cache covers `positions` up to its length (the last token is not in it)."""
+        self.kv, self.positions = kv, positions[:kv.get_seq_length()]
+
+    def clear(self) -> None:
+        self.kv, self.positions = None, []
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def stop_token_ids(llm: nn.Module, tokenizer, stop: str) -> set[int]:
