@@ -24,6 +24,7 @@ demo: venv
 	$(PY) -m CTFoundationLib.demo --data $(SHARED)/data --out $(DEMO_OUT)
 
 test: venv
+	$(VENV)/bin/ruff check --select F --no-cache --exclude $(VENV) .
 	$(PY) -m pytest -q
 
 clean:

@@ -10,6 +10,7 @@ from .errors import CTInputError
 from .reading import NIFTI_SUFFIXES, NRRD_SUFFIXES, _is_dicom_file
 
 CT_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+EMBEDDING_SUFFIX = ".safetensors"  # a case already embedded by `ctfoundation embed`
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,9 @@ class Case:
     path: Path
 
 
-def discover_cases(inputs: list[Path]) -> list[Case]:
+def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
     """Cases in input order. A CT file is a case; a folder holding DICOM files is a case; any other folder
-    contributes each CT file and each DICOM folder found below it; a .csv lists paths in a `path` column
+    contributes each CT file and DICOM folder found below it (and, with `embeddings`, each saved embedding); a .csv lists paths in a `path` column
     (optional `case_id`). Case ids are file/folder names, made unique with a numeric suffix."""
     found: list[tuple[str | None, Path]] = []
     for path in inputs:
@@ -32,7 +33,7 @@ def discover_cases(inputs: list[Path]) -> list[Case]:
         elif path.is_file() or _holds_dicom(path):
             found.append((None, path))
         else:
-            cases = _cases_below(path)
+            cases = _cases_below(path, CT_SUFFIXES + ((EMBEDDING_SUFFIX,) if embeddings else ()))
             if not cases:
                 raise CTInputError(f"{path}: no CT files (.nii, .nii.gz, .nrrd) or DICOM folders inside")
             found += [(None, case) for case in cases]
@@ -58,21 +59,21 @@ def _holds_dicom(folder: Path) -> bool:
     )
 
 
-def _cases_below(folder: Path) -> list[Path]:
+def _cases_below(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     cases = []
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
             continue
-        if child.is_file() and child.name.lower().endswith(CT_SUFFIXES):
+        if child.is_file() and child.name.lower().endswith(suffixes):
             cases.append(child)
         elif child.is_dir():
-            cases += [child] if _holds_dicom(child) else _cases_below(child)
+            cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes)
     return cases
 
 
 def case_name(path: Path) -> str:
     name = path.name
-    for suffix in CT_SUFFIXES:
+    for suffix in CT_SUFFIXES + (EMBEDDING_SUFFIX,):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name

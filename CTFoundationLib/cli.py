@@ -8,7 +8,7 @@ import sys
 from . import __version__
 from .errors import CTFoundationError
 
-FEATURE_MODULES = ("cli_input", "cli_ctclip", "cli_weights", "cli_chat")
+FEATURE_MODULES = ("cli_input", "cli_ctclip", "cli_weights", "cli_ground", "cli_report", "cli_labels", "cli_chat")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,10 +10,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .cases import discover_cases
+from .cases import EMBEDDING_SUFFIX, discover_cases
 from .cli_input import add_input_arguments, read_input
 from .detection import CTCLIPRuntime, DetectionResult, load_thresholds
 from .errors import CTFoundationError, CTInputError
@@ -176,7 +177,7 @@ def register_retrieval(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    cases = discover_cases(args.inputs)
+    cases = discover_cases(args.inputs, embeddings=True)
     failures = 0
     with step_progress("ct-clip") as progress:
         runtime = build_runtime(args, False, progress)
@@ -188,15 +189,29 @@ def run_index(args: argparse.Namespace) -> int:
             if index.contains(case.case_id, fingerprint):
                 continue
             try:
-                latent, _ = runtime.encode_volume(read_ct(case.path))
-            except CTInputError as error:
+                latent = case_latent(case.path, runtime)
+            except CTFoundationError as error:
                 failures += 1
                 print(f"skipped {case.case_id}: {error}", file=sys.stderr)
                 continue
-            index.add(case.case_id, latent[0].numpy(), CaseMetadata(str(case.path), fingerprint))
+            index.add(case.case_id, latent.numpy(), CaseMetadata(str(case.path), fingerprint))
             index.save()
     print(f"{args.index}: {len(index)} cases ({failures} could not be read)")
     return 1 if failures else 0
+
+
+def case_latent(path: Path, runtime: CTCLIPRuntime) -> torch.Tensor:
+    """(512,) image latent of a CT, or of an embedding file saved by `ctfoundation embed` with this checkpoint."""
+    if path.suffix != EMBEDDING_SUFFIX:
+        return runtime.encode_volume(read_ct(path))[0][0]
+    with safe_open(str(path), "pt") as stored:
+        sha256 = (stored.metadata() or {}).get("checkpoint_sha256")
+        if sha256 != runtime.checkpoint_sha256:
+            raise CTInputError(
+                f"{path}: embedded with checkpoint {str(sha256)[:12]}…, not {runtime.checkpoint_sha256[:12]}…; "
+                "re-embed it with this model"
+            )
+        return stored.get_tensor("image_latent")
 
 
 def run_search(args: argparse.Namespace) -> int:

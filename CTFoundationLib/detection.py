@@ -13,13 +13,11 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .errors import CheckpointError, CTFoundationError
 from .models.ctclip import (
     CT_RATE_ABNORMALITIES,
@@ -30,40 +28,12 @@ from .models.ctclip import (
     zero_shot_probabilities,
 )
 from .preprocess import CTCLIP_V2, PreprocessSpec, preprocess
+from .results import DetectionResult, Finding  # noqa: F401  (re-exported: their historical home)
 from .volume import CTVolume
 from .weights.cache import cache_root, read_json, write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Progress = Callable[[str], None]
-
-
-@dataclass
-class Finding:
-    name: str
-    probability: float
-    threshold: float | None = None
-    positive: bool | None = None
-
-
-@dataclass
-class DetectionResult:
-    """Per-finding probabilities of one volume, with what produced them. JSON-serialisable via `to_dict`."""
-
-    model: str
-    method: str
-    checkpoint: str
-    checkpoint_sha256: str
-    device: str
-    dtype: str
-    findings: list[Finding]
-    timings_s: dict[str, float] = field(default_factory=dict)
-    software: str = f"ctfoundation {__version__}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def probability(self, name: str) -> float:
-        return next(f.probability for f in self.findings if f.name == name)
 
 
 def select_device(device: str = "auto") -> torch.device:

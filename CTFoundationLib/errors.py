@@ -21,6 +21,26 @@ class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
 
 
+class AnatomyError(CTFoundationError):
+    """Anatomy masks (segmentation files, mask folders, TotalSegmentator) that cannot be read or used."""
+
+
+class ReportLabelError(CTFoundationError):
+    """A report CSV, labeller file or labeller training set that cannot be used."""
+
+
+class EvaluationError(CTFoundationError):
+    """Prediction or label files that cannot be evaluated together."""
+
+
+class DependencyError(CTFoundationError):
+    """A Python package the task needs is missing or too old in this environment (e.g. inside Slicer)."""
+
+
+class WorkerError(CTFoundationError):
+    """A background task could not start, failed, or was cancelled."""
+
+
 class ChatError(CTFoundationError):
     """A CT-CHAT conversation that cannot go on: unknown template or answer type, a busy session, a bad prompt."""
 

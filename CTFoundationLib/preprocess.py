@@ -58,7 +58,7 @@ CTCLIP_V2 = PreprocessSpec(
 )
 
 # fVLM: (Z, Y, X) = (superior, posterior, left) at 3 x 1 x 1 mm, resampled in HU, then [-1150, 350] -> [0, 1]
-# clipped; the whole volume padded to the ViT patch multiple. Organ windows come from `crop_around_box`.
+# clipped; the whole volume padded to the ViT patch multiple. Organ windows: `FVLM_WINDOWS` below.
 FVLM = PreprocessSpec(
     name="fvlm",
     axis_codes="SPL",
@@ -80,7 +80,7 @@ def preprocess(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
     if spec.shape is not None:
         values = centre_crop_or_pad(values, spec.shape, spec.pad_value)
     if spec.pad_multiple is not None:
-        values = pad_to_multiple(values, spec.pad_multiple, spec.pad_value)
+        values = pad_end_to_multiple(values, spec.pad_multiple, spec.pad_value)
     return values[None]
 
 
@@ -112,30 +112,70 @@ def centre_crop_or_pad(values: np.ndarray, shape: tuple[int, ...], pad_value: fl
     return np.ascontiguousarray(values)
 
 
-def pad_to_multiple(values: np.ndarray, multiple: tuple[int, ...], pad_value: float) -> np.ndarray:
-    """Pad each axis at its end so its length is a multiple of `multiple`."""
-    pads = [(0, -n % m) for n, m in zip(values.shape, multiple)]
-    return np.pad(values, pads, mode="constant", constant_values=pad_value) if any(p for _, p in pads) else values
+@dataclass(frozen=True)
+class OrganWindowSpec:
+    """How an organ-wise model cuts its input around anatomy masks. Tuples in (Z, Y, X) voxels of the spec grid.
+
+    1. crop the volume to the box of all organs widened by `box_margin` (clipped to the volume);
+    2. pad symmetrically with the spec's pad value to at least `min_shape`;
+    3. per organ, a window of size max(`roi`, organ extent) centred on the organ's box, shifted to stay inside;
+    4. pad the window at its end to a multiple of the spec's `pad_multiple`.
+    """
+
+    box_margin: tuple[int, int, int]
+    min_shape: tuple[int, int, int]
+    roi: tuple[int, int, int]
 
 
-def crop_around_box(
-    values: np.ndarray,
-    box: tuple[tuple[int, int], ...],
-    min_shape: tuple[int, ...],
-    multiple: tuple[int, ...],
-    pad_value: float,
-) -> tuple[np.ndarray, tuple[slice, ...]]:
-    """A window centred on `box` ((start, stop) per axis), at least `min_shape`, padded to `multiple`.
+# fVLM's data preparation (crop +5 slices / +20 voxels, pad to 112 x 256 x 352) and eval.py's roi.
+FVLM_WINDOWS = OrganWindowSpec(box_margin=(5, 20, 20), min_shape=(112, 256, 352), roi=(112, 288, 352))
 
-    Returns the window and the slices it was cut from (clipped to the array).
+
+def resample_labels(labels: np.ndarray, spacing_mm: tuple[float, float, float], spec: PreprocessSpec) -> np.ndarray:
+    """Integer labels resampled like `resample_hu` sizes them, with nearest-neighbour (torch 'nearest') -> uint8."""
+    size = output_size(labels.shape, spacing_mm, spec.spacing_mm)
+    tensor = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8))[None, None]
+    return F.interpolate(tensor, size=size, mode="nearest")[0, 0].numpy()
+
+
+def crop_to_labels(values: np.ndarray, labels: np.ndarray, margin: tuple[int, ...]) -> tuple[slice, ...]:
+    """Slices of the box of all labels > 0 widened by `margin`: [max(first - m, 0) : min(last + m, n)) per axis."""
+    nonzero = np.nonzero(labels)
+    if not nonzero[0].size:
+        raise ValueError("no labelled voxel to crop around")
+    return tuple(
+        slice(max(int(idx.min()) - m, 0), min(int(idx.max()) + m, n))
+        for idx, m, n in zip(nonzero, margin, values.shape)
+    )
+
+
+def pad_symmetric(values: np.ndarray, min_shape: tuple[int, ...], pad_value: float) -> np.ndarray:
+    """MONAI SpatialPad (method 'symmetric'): pad each axis to at least `min_shape`, the odd voxel at the end."""
+    from monai.transforms import SpatialPad
+
+    pad = SpatialPad(min_shape, method="symmetric", mode="constant", value=pad_value)
+    return np.asarray(pad(torch.from_numpy(values)[None]))[0]
+
+
+def pad_end_to_multiple(values: np.ndarray, multiple: tuple[int, ...], pad_value: float) -> np.ndarray:
+    """MONAI DivisiblePad (method 'end'): pad each axis at its end to a multiple of `multiple`."""
+    from monai.transforms import DivisiblePad
+
+    pad = DivisiblePad(multiple, method="end", mode="constant", value=pad_value)
+    return np.asarray(pad(torch.from_numpy(np.ascontiguousarray(values))[None]))[0]
+
+
+def organ_window(organ: np.ndarray, roi: tuple[int, ...]) -> tuple[slice, ...]:
+    """Window around the True voxels of `organ`: size max(roi, last - first) per axis, centred at
+    (first + last) // 2, start clipped at 0, stop at the volume end, then moved back so the size holds
+    where the volume allows (fVLM eval.py's centre crop).
     """
     window = []
-    for (start, stop), n, minimum, m in zip(box, values.shape, min_shape, multiple):
-        length = max(stop - start, minimum)
-        length += -length % m
-        centre = (start + stop) // 2
-        window.append((centre - length // 2, centre - length // 2 + length))
-    slices = tuple(slice(max(a, 0), min(b, n)) for (a, b), n in zip(window, values.shape))
-    pads = [(max(-a, 0), max(b - n, 0)) for (a, b), n in zip(window, values.shape)]
-    cut = values[slices]
-    return np.pad(cut, pads, mode="constant", constant_values=pad_value), slices
+    for axis, (n, size) in enumerate(zip(organ.shape, roi)):
+        present = np.nonzero(organ.any(axis=tuple(a for a in range(organ.ndim) if a != axis)))[0]
+        first, last = int(present[0]), int(present[-1])
+        size = max(size, last - first)
+        start = max(0, (first + last) // 2 - size // 2)
+        stop = min(n, start + size)
+        window.append(slice(max(0, stop - size), stop))
+    return tuple(window)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 COPY_CHUNK = 1 << 20
+STALL_SECONDS = 5  # how long a "stall" transfer holds the connection open after half the file
 
 
 @dataclass
@@ -242,10 +244,12 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         limit = end - start
-        if mode in ("cut", "cut_always"):
+        if mode in ("cut", "cut_always", "stall"):
             limit = max(0, min(limit, entry.size // 2 - start))
             self.close_connection = True
         self._send(entry, start, limit, corrupt=(mode == "corrupt"))
+        if mode == "stall":  # keep the connection open without sending, as a hung transfer does
+            time.sleep(STALL_SECONDS)
 
     def _range(self, size: int, mode: str | None) -> tuple[int | None, int, bool]:
         header = self.headers.get("Range", "")

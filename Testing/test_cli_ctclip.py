@@ -12,6 +12,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from small_models import bert_vocab, make_small_ctclip
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
+RICORD_DICOM = "ricord1a_419639-000082_chest_noncontrast/dicom"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,13 @@ def private_home(tmp_path, monkeypatch):
 
 def test_detect_writes_json_and_prints_a_table(ct_dir, tmp_path, small, capsys):
     out = tmp_path / "result.json"
-    assert main(["detect", str(ct_dir / RICORD_3MM), *small, "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["detect", str(ct_dir / RICORD_DICOM), *small, "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "P(present)" in printed and "Emphysema" in printed
     result = json.loads(out.read_text())
     findings = result["detection"]["findings"]
     assert [f["name"] for f in findings] == list(CT_RATE_ABNORMALITIES)
-    assert result["input"]["shape_ijk"] == [120, 120, 106] and result["input"]["warnings"] == []
+    assert result["input"]["shape_ijk"] == [512, 512, 255] and result["input"]["warnings"] == []
     assert result["detection"]["method"] == "zero-shot" and result["detection"]["device"] == "cpu"
 
 
@@ -64,3 +65,36 @@ def test_embed_image_with_tokens_and_text(ct_dir, tmp_path, small):
     assert main(["embed-text", "Emphysema is present.", "No nodules.", *small, "--out", str(text_out)]) == 0
     with safe_open(str(text_out), "pt") as stored:
         assert stored.get_tensor("text_latents").shape == (2, 32)
+
+
+def test_index_and_search_by_image_and_text(ct_dir, tmp_path, small, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("totalseg_chest_crop_aorta", "totalseg_chest_crop_pulmonary", "totalseg_abdomen_control"):
+        (cases / f"{name}.nii.gz").symlink_to(ct_dir / name / "ct.nii.gz")
+    embedded = cases / "ricord.safetensors"
+    assert main(["embed", str(ct_dir / RICORD_3MM), *small, "--out", str(embedded)]) == 0
+    index = tmp_path / "index"
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0
+    assert "4 cases" in capsys.readouterr().out
+
+    assert main(["search", "--index", str(index), "--ct", str(ct_dir / RICORD_3MM), "-k", "4", *small]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and "ricord" in lines[0]
+    assert float(lines[0].split()[1]) == pytest.approx(1.0, abs=1e-4)  # the same scan, embedded earlier
+    assert main(["search", "--index", str(index), "--text", "Pleural effusion is present.", *small]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+
+    stamp = (index / "index.json").stat().st_mtime_ns
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0  # nothing changed: nothing re-encoded
+    assert (index / "index.json").stat().st_mtime_ns == stamp
+
+
+def test_embedding_from_another_checkpoint_is_refused(ct_dir, tmp_path, small, capsys):
+    other, other_config, _ = make_small_ctclip(tmp_path / "other", seed=3)
+    (tmp_path / "cases").mkdir()
+    embedded = tmp_path / "cases" / "case.safetensors"
+    other_args = ["--weights", str(other), "--model-config", str(other_config)]
+    assert main(["embed", str(ct_dir / RICORD_3MM), *other_args, "--out", str(embedded)]) == 0
+    assert main(["index", str(tmp_path / "cases"), "--index", str(tmp_path / "index"), *small]) == 1
+    assert "re-embed it with this model" in capsys.readouterr().err

@@ -22,7 +22,16 @@ from anatomy_checks import (
     spine_offset_axis2,
 )
 from conftest import data_root, fixture_folders
-from CTFoundationLib.preprocess import CTCLIP_V2, FVLM, centre_crop_or_pad, crop_around_box, preprocess
+from CTFoundationLib.preprocess import (
+    CTCLIP_V2,
+    FVLM,
+    centre_crop_or_pad,
+    crop_to_labels,
+    organ_window,
+    pad_end_to_multiple,
+    pad_symmetric,
+    preprocess,
+)
 from CTFoundationLib.reading import read_ct
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
@@ -185,9 +194,25 @@ def test_centre_crop_and_pad_follow_the_reference_rule():
     np.testing.assert_array_equal(padded, [-1, 0, 1, 2, -1, -1])
 
 
-def test_crop_around_box_keeps_the_box_and_pads_to_the_multiple():
-    values = np.random.default_rng(0).random((40, 50, 60)).astype(np.float32)
-    window, slices = crop_around_box(values, ((5, 15), (0, 50), (50, 60)), (16, 16, 32), (16, 16, 32), 0.0)
-    assert window.shape == (16, 64, 32)
-    assert all(s.start <= b[0] and s.stop >= b[1] for s, b in zip(slices, ((5, 15), (0, 50), (50, 60))))
-    np.testing.assert_array_equal(window[:, 7:57, :20], values[2:18, :, 39:59])
+def test_organ_window_centres_clamps_and_grows_like_fvlm_eval():
+    organ = np.zeros((40, 300, 400), bool)
+    organ[10:21, 5:50, 385:396] = True  # box z 10..20, y 5..49, x 385..395 (inclusive)
+    z, y, x = organ_window(organ, (16, 64, 32))
+    assert (z.start, z.stop) == (7, 23)  # centre 15, start 15 - 8
+    assert (y.start, y.stop) == (0, 64)  # centre 27 - 32 < 0 -> starts at 0
+    assert (x.start, x.stop) == (368, 400)  # centre 390 + 16 > 400 -> moved back to end at 400
+    wide = np.zeros((40, 300, 400), bool)
+    wide[0:40, 100:101, 0:400] = True  # x extent 399 > roi: size = last - first, as the reference
+    assert organ_window(wide, (16, 64, 32))[2] == slice(0, 399)
+    assert organ_window(wide, (64, 64, 32))[0] == slice(0, 40)  # volume shorter than the roi
+
+
+def test_crop_and_pads_follow_monai_rules():
+    labels = np.zeros((30, 60, 70), np.uint8)
+    labels[10:12, 25:30, 1:2] = 3
+    assert crop_to_labels(labels, labels, (5, 20, 20)) == (slice(5, 16), slice(5, 49), slice(0, 21))
+    values = np.ones((3, 5, 6), np.float32)
+    padded = pad_symmetric(values, (6, 5, 4), 0.0)
+    assert padded.shape == (6, 5, 6) and padded[:1].sum() == 0 and padded[1:4].all() and padded[4:].sum() == 0
+    ended = pad_end_to_multiple(values, (4, 4, 4), 0.0)
+    assert ended.shape == (4, 8, 8) and ended[:3, :5, :6].all() and ended.sum() == values.sum()

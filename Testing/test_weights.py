@@ -10,8 +10,11 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +157,6 @@ def env(tmp_path: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """Run `ctfoundation ...` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "FEATURE_MODULES", ("cli_weights",))  # other feature modules live on other branches
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = cli.main(list(argv))
@@ -249,6 +251,25 @@ def test_resume_after_cut_in_a_later_run(env: Path, hub: FakeHub) -> None:
     assert hub.served["models/clip.pt"] == len(CLIP)  # no byte fetched twice
     ranges = [h.get("Range") for m, p, h in hub.requests_seen if p.startswith("/cdn/") and m == "GET"]
     assert ranges == [None, f"bytes={len(CLIP) // 2}-"]
+
+
+def test_ctrl_c_then_rerun_resumes(env: Path, hub: FakeHub) -> None:
+    """A download interrupted with Ctrl-C (SIGINT) keeps its part file; the next run fetches only the rest."""
+    hub.behave("models/clip.pt", "stall")
+    part = model_dir("t-clip", env) / "clip.pt.part"
+    command = [sys.executable, "-m", "CTFoundationLib", "weights", "download", "t-clip", "--yes"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (part.is_file() and part.stat().st_size >= len(CLIP) // 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr
+    assert part.stat().st_size == len(CLIP) // 2
+    hub.behave("models/clip.pt", None)
+    get("t-clip", options=fast(retries=0))
+    assert (model_dir("t-clip", env) / "clip.pt").read_bytes() == CLIP
+    assert hub.served["models/clip.pt"] == len(CLIP)  # the first half was not fetched again
 
 
 def test_resume_within_one_run_by_retrying(env: Path, hub: FakeHub) -> None:

@@ -1,0 +1,78 @@
+"""`ctfoundation report`: findings JSON and a readable HTML page per CT, plus index.html and summary.csv."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .cases import discover_cases
+from .cli_ctclip import add_model_arguments, build_runtime
+from .detection import load_thresholds
+from .errors import CTFoundationError
+from .report import REPORT_FILE, BatchProgress, BatchSummary, Shard, run_batch
+
+MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
+
+
+def register(subparsers) -> None:
+    report = subparsers.add_parser(
+        "report", help="batch reports: findings JSON + HTML page per CT, index.html and summary.csv"
+    )
+    report.add_argument("inputs", type=Path, nargs="+", help="CT files, DICOM folders, folders of cases or a CSV list")
+    report.add_argument("--out", type=Path, required=True, help="output folder; cases finished in it are skipped")
+    report.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
+    report.add_argument(
+        "--shard", type=parse_shard, metavar="I/N", help="process only part I of N (1-based), e.g. 1/4 ... 4/4"
+    )
+    report.add_argument("--force", action="store_true", help="redo cases that are already finished")
+    add_model_arguments(report)
+    report.set_defaults(run=run_report)
+
+
+def parse_shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except CTFoundationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def run_report(args: argparse.Namespace) -> int:
+    cases = discover_cases(args.inputs)
+    thresholds = load_thresholds(args.thresholds)
+    bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
+    current = {"case": "loading model"}
+
+    def on_model_step(step: str) -> None:
+        bar.set_postfix_str(f"{current['case']}: {step}")
+
+    def on_case_step(event: BatchProgress) -> None:
+        if bar.total != event.total:
+            bar.reset(total=event.total)
+        current["case"] = event.case_id
+        if event.done > bar.n:
+            bar.update(event.done - bar.n)
+        bar.set_postfix_str(f"{event.case_id}: {event.step}")
+
+    with bar:
+        runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
+        summary = run_batch(
+            runtime, cases, args.out, thresholds=thresholds, shard=args.shard, force=args.force, progress=on_case_step
+        )
+    print_summary(summary, len(cases), args.shard)
+    return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:
+    ok, failed, skipped = (summary.with_status(status) for status in ("ok", "failed", "skipped"))
+    part = f" (shard {shard}: {len(summary.outcomes)} of {found})" if shard else ""
+    cases = "1 case" if found == 1 else f"{found} cases"
+    print(f"{cases}{part}: {len(ok)} reported, {len(failed)} failed, {len(skipped)} already done")
+    for outcome in failed:
+        print(f"  failed {outcome.case_id}: {outcome.error}", file=sys.stderr)
+    if len(summary.outcomes) == 1 and summary.outcomes[0].status != "failed":
+        print(f"report: {summary.outcomes[0].folder / REPORT_FILE}")
+    print(f"index:   {summary.index_html}")
+    print(f"summary: {summary.summary_csv}")

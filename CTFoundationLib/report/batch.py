@@ -1,0 +1,308 @@
+"""Batch reports: many CTs in, per case `result.json` + a self-contained `report.html`, and a summary.
+
+Output folder (see files.py): DIR/<case>/result.json, DIR/<case>/report.html, DIR/index.html, DIR/summary.csv.
+- Resumable: a case is skipped when its result.json says "ok" with the same run key (checkpoint, dtype,
+  thresholds, sections, source path and file fingerprint). report.html is written first and result.json
+  last, each atomically, so a killed run never leaves a case that looks finished. Failed cases are retried.
+- One bad case does not stop the batch: its error is written to its result.json and the summary.
+- `Shard(i, n)` takes every n-th case starting at the i-th, so n uncoordinated processes split a list.
+- Bounded memory: cases are processed one at a time with the one loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..cases import Case
+from ..detection import CTCLIPRuntime
+from ..errors import CTFoundationError, CTInputError, WeightsError
+from ..reading import read_ct
+from ..retrieval import source_fingerprint
+from ..sanity import summarize
+from ..weights.cache import now_iso
+from ..weights.registry import load_registry
+from .files import REPORT_FILE, RESULT_FILE, case_folder_name, remove_leftovers, write_json_file, write_text_atomic
+from .keyimages import key_images
+from .render import render_case
+from .sections import ReportSection, SectionOutput
+from .summary import write_summary
+
+RESULT_FORMAT = "ctfoundation-report-result/1"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The `index`-th (1-based) of `count` interleaved parts of a case list."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'2/4' -> Shard(2, 4)."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise CTFoundationError(f"shard '{text}': expected I/N such as 1/4 (the I-th of N parts)") from None
+        if not 1 <= index <= count:
+            raise CTFoundationError(f"shard '{text}': I must run from 1 to N, e.g. 1/{max(count, 1)}")
+        return cls(index, count)
+
+    def select(self, cases: Sequence[Case]) -> list[Case]:
+        return list(cases[self.index - 1 :: self.count])
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Progress of a batch: `done` of `total` cases to process are finished; `step` runs on `case_id`."""
+
+    case_id: str
+    step: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    case_id: str
+    status: str  # "ok", "failed" or "skipped" (finished by an earlier run)
+    folder: Path
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class BatchSummary:
+    out_dir: Path
+    outcomes: list[CaseOutcome] = field(default_factory=list)
+    index_html: Path | None = None
+    summary_csv: Path | None = None
+
+    def with_status(self, status: str) -> list[CaseOutcome]:
+        return [outcome for outcome in self.outcomes if outcome.status == status]
+
+
+def run_batch(
+    runtime: CTCLIPRuntime,
+    cases: Sequence[Case],
+    out_dir: Path,
+    thresholds: Mapping[str, float] | None = None,
+    sections: Sequence[ReportSection] = (),
+    shard: Shard | None = None,
+    force: bool = False,
+    progress: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Report every case of `cases` (or of its `shard`) into `out_dir`, then rebuild the summary.
+
+    runtime: an already loaded model, used for all cases. force: redo cases finished before.
+    progress: called at each step of each case that is processed (skipped cases are not reported).
+    """
+    out_dir = Path(out_dir)
+    folders = _case_folders(out_dir, cases)
+    selected = shard.select(cases) if shard else list(cases)
+    keys = {case.case_id: run_key(runtime, case, thresholds, sections) for case in selected}
+    summary = BatchSummary(out_dir)
+    todo = []
+    for case in selected:
+        if not force and is_finished(folders[case.case_id], keys[case.case_id]):
+            summary.outcomes.append(CaseOutcome(case.case_id, "skipped", folders[case.case_id]))
+        else:
+            todo.append(case)
+    notify = progress or (lambda event: None)
+    try:
+        for position, case in enumerate(todo):
+
+            def step(name: str, case_id: str = case.case_id, finished: int = position) -> None:
+                notify(BatchProgress(case_id, name, finished, len(todo)))
+
+            outcome = report_one(runtime, case, folders[case.case_id], keys[case.case_id], thresholds, sections, step)
+            summary.outcomes.append(outcome)
+            notify(BatchProgress(case.case_id, outcome.status, position + 1, len(todo)))
+    finally:
+        summary.index_html, summary.summary_csv = write_summary(out_dir)
+    return summary
+
+
+def report_one(
+    runtime: CTCLIPRuntime,
+    case: Case,
+    folder: Path,
+    key: str,
+    thresholds: Mapping[str, float] | None,
+    sections: Sequence[ReportSection],
+    step: Callable[[str], None],
+) -> CaseOutcome:
+    """Read, check, detect, run the sections, render and write one case; any error becomes a failed result."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    clock = _StepClock(step)
+    result = _base_result(case, key)
+    try:
+        _fill_result(result, runtime, case, folder, thresholds, sections, clock)
+    except Exception as error:  # one bad case must not stop the batch; KeyboardInterrupt still does
+        (folder / REPORT_FILE).unlink(missing_ok=True)
+        result.pop("report", None)
+        result.update(status="failed", error=_error_record(error, clock.current))
+    result["timings_s"] = dict(clock.seconds, total=round(time.perf_counter() - clock.started, 3))
+    write_json_file(folder / RESULT_FILE, result)
+    message = f"{result['error']['stage']}: {result['error']['message']}" if result["status"] == "failed" else ""
+    return CaseOutcome(case.case_id, result["status"], folder, result["timings_s"]["total"], message)
+
+
+def _fill_result(
+    result: dict,
+    runtime: CTCLIPRuntime,
+    case: Case,
+    folder: Path,
+    thresholds: Mapping[str, float] | None,
+    sections: Sequence[ReportSection],
+    clock: _StepClock,
+) -> None:
+    """The pipeline of one case; fills `result` step by step and writes report.html."""
+    with clock("read"):
+        volume = read_ct(case.path)
+    with clock("check"):
+        summary = summarize(volume)
+    result["warnings"] = summary.pop("warnings")
+    summary.pop("source")
+    result["input"] = summary
+    with clock("detect"):
+        detection = runtime.detect(volume, thresholds)
+    result["detection"] = detection.to_dict()
+    result["models"] = [_model_record("detection", runtime)]
+    outputs: dict[str, SectionOutput] = {}
+    for section in sections:
+        with clock(f"section:{section.key}"):
+            outputs[section.key] = section.compute(volume)
+    result["sections"] = {key: output.data for key, output in outputs.items()}
+    with clock("key_images"):
+        points = [point for output in outputs.values() for point in output.points]
+        overlays = [overlay for output in outputs.values() for overlay in output.overlays]
+        images = key_images(volume, points=points, overlays=overlays)
+    del volume
+    result["key_images"] = [image.describe() for image in images]
+    result.update(status="ok", report=REPORT_FILE)
+    with clock("write"):
+        fragments = [(s.key, s.title, outputs[s.key].html) for s in sections]
+        result["timings_s"] = dict(clock.seconds)
+        write_text_atomic(folder / REPORT_FILE, render_case(result, images, fragments))
+
+
+def _base_result(case: Case, key: str) -> dict:
+    return {
+        "format": RESULT_FORMAT,
+        "case_id": case.case_id,
+        "status": "failed",
+        "source": str(case.path),
+        "created": now_iso(),
+        "software": f"ctfoundation {__version__}",
+        "run_key": key,
+    }
+
+
+def _model_record(role: str, runtime: CTCLIPRuntime) -> dict:
+    """Which model and checkpoint produced a part of the result, and under which licence."""
+    return {
+        "role": role,
+        "id": runtime.model_id,
+        "checkpoint_file": runtime.checkpoint.name,
+        "checkpoint_sha256": runtime.checkpoint_sha256,
+        "licence": dict(licence) if (licence := _licence_record(runtime.model_id)) else None,
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _licence_record(model_id: str) -> dict | None:
+    """The registry's licence of a model; None for a model the registry does not know."""
+    try:
+        licence = load_registry().get(model_id).license
+    except WeightsError:
+        return None
+    return {"id": licence.id, "name": licence.name, "url": licence.url, "summary": licence.summary}
+
+
+def _error_record(error: Exception, stage: str) -> dict:
+    """What failed and where; a traceback only for errors the library did not anticipate."""
+    record = {"stage": stage, "type": type(error).__name__, "message": str(error) or repr(error)}
+    if not isinstance(error, CTFoundationError):
+        record["traceback"] = "".join(traceback.format_exception(error))
+    return record
+
+
+def run_key(
+    runtime: CTCLIPRuntime, case: Case, thresholds: Mapping[str, float] | None, sections: Sequence[ReportSection]
+) -> str:
+    """sha256 of everything a finished case depends on; a different key means the case must be redone."""
+    try:
+        fingerprint = source_fingerprint(case.path)
+    except CTFoundationError:
+        fingerprint = "missing"
+    settings = {
+        "model": runtime.model_id,
+        "checkpoint_sha256": runtime.checkpoint_sha256,
+        "dtype": runtime.dtype,
+        "thresholds": dict(sorted((thresholds or {}).items())),
+        "sections": [section.key for section in sections],
+        "source": str(Path(case.path).resolve()),
+        "fingerprint": fingerprint,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def is_finished(folder: Path, key: str) -> bool:
+    """True when the case folder holds an "ok" result.json with this run key and its report.html."""
+    try:
+        result = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(result, dict)
+        and result.get("status") == "ok"
+        and result.get("run_key") == key
+        and (folder / REPORT_FILE).is_file()
+    )
+
+
+def _case_folders(out_dir: Path, cases: Sequence[Case]) -> dict[str, Path]:
+    """Case id -> its output folder; ids that would share a folder are an input error."""
+    folders: dict[str, Path] = {}
+    owners: dict[str, str] = {}
+    for case in cases:
+        name = case_folder_name(case.case_id)
+        if name in owners and owners[name] != case.case_id:
+            raise CTInputError(
+                f"cases '{owners[name]}' and '{case.case_id}' would share the output folder {out_dir / name}; "
+                "give them distinct case_id values in a CSV list"
+            )
+        owners[name] = case.case_id
+        folders[case.case_id] = out_dir / name
+    return folders
+
+
+class _StepClock:
+    """Times the named steps of one case, tells the progress callback, and remembers the step running."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        self.notify, self.current = notify, "start"
+        self.seconds: dict[str, float] = {}
+        self.started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
+        self.notify(name)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,33 @@
+"""Optional report sections: further result producers (grounded findings, narrative reports...) plug in here.
+
+A section runs once per case on the CT volume after detection. What it returns is stored in
+`result.json` under `sections[key]`, its HTML fragment is placed in `report.html` under `title`, and its
+points and overlays are drawn on the key images (with key images added through each point).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..volume import CTVolume
+from .keyimages import MarkedPoint, Overlay
+
+
+@dataclass
+class SectionOutput:
+    """data: JSON-serialisable. html: a fragment whose text the section has escaped itself."""
+
+    data: dict
+    html: str = ""
+    points: Sequence[MarkedPoint] = field(default_factory=tuple)
+    overlays: Sequence[Overlay] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """key: stable identifier (result.json key, HTML anchor); it is part of the resume key."""
+
+    key: str
+    title: str
+    compute: Callable[[CTVolume], SectionOutput]

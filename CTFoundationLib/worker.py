@@ -1,0 +1,202 @@
+"""Background entry point: `python -m CTFoundationLib.worker TASK ...` (Slicer runs it with PythonSlicer).
+
+Tasks:
+  detect CT --out FILE [model options]   one CT -> the JSON `ctfoundation detect --out` writes
+  download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
+  import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
+  devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
+
+Progress goes to stdout as event lines (`worker_process.format_event`): started, step, warning, file,
+bytes, note, devices, result, error. Exit code: 0 success, 2 a CTFoundationError (the `error` event
+carries its message), 1 an unexpected failure (traceback in the event's `details`), 130 interrupted.
+Heavy libraries (torch) are imported by the tasks that need them, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import CTFoundationError, CTInputError
+from .worker_process import format_event
+
+DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
+# In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
+DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
+                "write result")
+BYTES_EVENT_INTERVAL_S = 0.25
+
+
+def emit(event_type: str, **fields) -> None:
+    """Print one event line and flush, so the parent sees it at once."""
+    print(format_event(event_type, **fields), flush=True)
+
+
+def step_emitter() -> Callable[[str], None]:
+    """A progress callback that turns runtime step names into numbered `step` events."""
+
+    def step(name: str) -> None:
+        canonical = name.removesuffix(" cached")
+        index = DETECT_STEPS.index(canonical) + 1 if canonical in DETECT_STEPS else 0
+        emit("step", name=name, index=index, count=len(DETECT_STEPS))
+
+    return step
+
+
+# --- detect ---------------------------------------------------------------------------------------------
+
+
+def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_ctclip import add_model_arguments
+
+    parser.add_argument("ct", type=Path, help="CT file (NIfTI/NRRD) or DICOM folder")
+    parser.add_argument("--out", type=Path, required=True, help="result JSON (the CLI's `detect --out` format)")
+    parser.add_argument("--volume-info", type=Path, help='JSON {"source": ..., "metadata": {...}} for the report')
+    parser.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
+    add_model_arguments(parser)
+
+
+def detection_report(summary: dict, result) -> dict:
+    """What `ctfoundation detect --out` writes: the input summary and the detection result."""
+    return {"input": summary, "detection": result.to_dict()}
+
+
+def run_detect(args: argparse.Namespace) -> Path:
+    from .cli_ctclip import build_runtime
+    from .detection import load_thresholds
+    from .reading import read_ct
+    from .sanity import summarize
+    from .weights.cache import write_json_atomic
+
+    step = step_emitter()
+    step("read CT")
+    volume = read_ct(args.ct)
+    if args.volume_info:
+        apply_volume_info(volume, args.volume_info)
+    step("check CT")
+    summary = summarize(volume)
+    for warning in summary["warnings"]:
+        emit("warning", **warning)
+    thresholds = load_thresholds(args.thresholds)
+    runtime = build_runtime(args, args.model != "ct-clip-lipro", step)
+    result = runtime.detect(volume, thresholds)
+    step("write result")
+    write_json_atomic(args.out, detection_report(summary, result))
+    return args.out
+
+
+def apply_volume_info(volume, path: Path) -> None:
+    """Replace the temporary file name with where the CT really came from (e.g. the Slicer node name)."""
+    try:
+        info = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CTInputError(f"volume info {path} cannot be read as JSON ({error})") from error
+    volume.source = str(info.get("source", volume.source))
+    volume.metadata.update(info.get("metadata", {}))
+
+
+# --- weights --------------------------------------------------------------------------------------------
+
+
+def add_weights_arguments(parser: argparse.ArgumentParser, importing: bool) -> None:
+    parser.add_argument("model", help="model id from the registry, e.g. ct-clip-v2")
+    if importing:
+        parser.add_argument("source", type=Path, help="file or folder holding the model's files")
+        parser.add_argument("--copy", action="store_true", help="always copy (default: hard-link when possible)")
+    else:
+        parser.add_argument("--no-deps", action="store_true", help="not the models this one depends on")
+    parser.add_argument("--home", type=Path, help="weights cache root (default: $CTFOUNDATION_HOME)")
+    parser.add_argument("--accept-licenses", action="store_true", help="the user has read and accepted them")
+
+
+def run_download(args: argparse.Namespace) -> Path:
+    from .weights import DownloadOptions, download_model
+
+    last = [0.0]
+
+    def on_bytes(done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= BYTES_EVENT_INTERVAL_S or (total is not None and done >= total):
+            last[0] = now
+            emit("bytes", done=done, total=total)
+
+    options = DownloadOptions(
+        progress=on_bytes,
+        on_file=lambda name, size: emit("file", name=name, size=size),
+        on_event=lambda message: emit("note", message=message),
+    )
+    return download_model(
+        args.model, home=args.home, with_deps=not args.no_deps, accept_licenses=args.accept_licenses, options=options
+    )
+
+
+def run_import(args: argparse.Namespace) -> Path:
+    from .weights import import_model
+
+    emit("note", message=f"checking {args.source}")
+    return import_model(
+        args.model, args.source, home=args.home, accept_licenses=args.accept_licenses, link=not args.copy
+    )
+
+
+# --- devices --------------------------------------------------------------------------------------------
+
+
+def run_devices(args: argparse.Namespace) -> None:
+    import torch
+
+    devices = [{"id": "auto", "label": "auto (GPU when present)"}, {"id": "cpu", "label": "CPU"}]
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        properties = torch.cuda.get_device_properties(index)
+        memory_gb = properties.total_memory / 2**30
+        devices.append({"id": f"cuda:{index}", "label": f"cuda:{index} {properties.name} ({memory_gb:.0f} GB)"})
+    emit("devices", devices=devices, torch=torch.__version__)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]] = {
+    "detect": (add_detect_arguments, run_detect),
+    "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
+    "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
+    "devices": (lambda parser: None, run_devices),
+}
+
+
+def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
+    """Split off the task name, then build only that task's parser (keeps torch out of weights tasks)."""
+    if not argv or argv[0] not in TASKS:
+        raise SystemExit(f"usage: python -m CTFoundationLib.worker {{{','.join(TASKS)}}} ... (got {argv[:1]})")
+    task = argv[0]
+    parser = argparse.ArgumentParser(prog=f"CTFoundationLib.worker {task}")
+    TASKS[task][0](parser)
+    return task, parser.parse_args(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    task, args = parse(sys.argv[1:] if argv is None else argv)
+    emit("started", task=task, pid=os.getpid())
+    try:
+        output = TASKS[task][1](args)
+    except CTFoundationError as error:
+        emit("error", kind=type(error).__name__, message=str(error), details=traceback.format_exc())
+        return 2
+    except KeyboardInterrupt:
+        emit("error", kind="KeyboardInterrupt", message="interrupted", details="")
+        return 130
+    except Exception as error:  # reported to the GUI with its traceback instead of dying silently
+        message = f"unexpected {type(error).__name__}: {error}"
+        emit("error", kind=type(error).__name__, message=message, details=traceback.format_exc())
+        return 1
+    emit("result", task=task, path=str(output) if output is not None else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

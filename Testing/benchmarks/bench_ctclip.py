@@ -1,0 +1,144 @@
+"""CT-CLIP v2 detection benchmark on the RICORD DICOM with a full-size random-weight model.
+
+Prints wall times (read + preprocess, model load, image encode, prompt encode cold and cached, total),
+peak RSS, the image encode's achieved GFLOP/s against this machine's own fp32 matmul GFLOP/s, and
+the same run done reference-style (the image re-encoded for each of the 18 findings, each prompt pair
+padded to 512 tokens): one reference pass is timed and multiplied by 18, as stated in the output.
+
+Run: .venv/bin/python Testing/benchmarks/bench_ctclip.py [--dicom DIR] [--workdir DIR] [--dtype fp32|bf16]
+The full-size checkpoint (~2 GB, with the two unused `_extra` projections as in the official file) is
+written once to --workdir and reused. The measurement itself runs in a fresh process so peak RSS is the
+runtime's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DICOM = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
+VOCAB = REPO.parent / "shared/data/vocab/bert-base-uncased_vocab.txt"
+
+
+def make_full_size_checkpoint(path: Path) -> None:
+    """Random full-size CT-CLIP v2 weights in the official key layout, `_extra` projections included."""
+    from CTFoundationLib.models.ctclip import CTCLIP, CTCLIPConfig
+
+    torch.manual_seed(0)
+    model = CTCLIP(CTCLIPConfig.full_size())
+    state = model.state_dict()
+    state["text_transformer.embeddings.position_ids"] = torch.arange(512)[None]
+    state["to_text_latent_extra.weight"] = torch.randn(512, 768) * 0.02
+    state["to_visual_latent_extra.weight"] = torch.randn(512, 294912) * 0.002
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best / 1e9
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def measure(checkpoint: Path, dicom: Path, dtype: str) -> dict:
+    """Runs in the child process: the product path, then the reference-style pass."""
+    from CTFoundationLib.detection import CTCLIPRuntime
+    from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+    from CTFoundationLib.reading import read_ct
+
+    figures = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops()}
+    start = time.perf_counter()
+    volume = read_ct(dicom)
+    figures["read_s"] = time.perf_counter() - start
+    cache = checkpoint.parent / f"runtime_cache_{time.time_ns()}"
+    runtime = CTCLIPRuntime(checkpoint, VOCAB, device="cpu", dtype=dtype, cache_dir=cache)
+    tensor = runtime.prepare(volume)
+    figures["preprocess_s"] = runtime.timings_s["preprocess"]
+    figures["load_model_s"] = runtime.timings_s["load_model"]
+    start = time.perf_counter()
+    latent, _ = runtime.model.encode_image(tensor)
+    figures["encode_image_s"] = time.perf_counter() - start
+    runtime.prompt_latents()
+    figures["encode_prompts_cold_s"] = runtime.timings_s["encode_prompts"]
+    cached = CTCLIPRuntime(checkpoint, VOCAB, device="cpu", dtype=dtype, cache_dir=cache)
+    cached.prompt_latents()
+    figures["encode_prompts_cached_s"] = cached.timings_s["encode_prompts_cached"]
+    start = time.perf_counter()
+    runtime.probabilities(latent)
+    figures["score_s"] = time.perf_counter() - start
+    figures["total_s"] = sum(
+        figures[k] for k in ("read_s", "preprocess_s", "encode_image_s", "encode_prompts_cached_s", "score_s")
+    )
+    figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    with FlopCounterMode(display=False) as counter:
+        runtime.model.encode_image(tensor)
+    figures["encode_image_gflop"] = counter.get_total_flops() / 1e9
+    figures["encode_image_gflops"] = figures["encode_image_gflop"] / figures["encode_image_s"]
+    figures["reference_prompt_pair_512_s"] = _reference_prompt_pair_seconds(runtime, CT_RATE_ABNORMALITIES[0])
+    return figures
+
+
+def _reference_prompt_pair_seconds(runtime, name: str) -> float:
+    encoded = runtime.tokenizer(
+        [f"{name} is present.", f"{name} is not present."],
+        padding="max_length", truncation=True, max_length=512, return_tensors="pt",
+    )
+    return _timed(lambda: runtime.model.encode_text(encoded["input_ids"], encoded["attention_mask"]))
+
+
+def report(figures: dict) -> None:
+    per_finding = figures["encode_image_s"] + figures["reference_prompt_pair_512_s"]
+    reference_total = figures["read_s"] + figures["preprocess_s"] + 18 * per_finding
+    print(f"threads {figures['threads']}, fp32 matmul {figures['matmul_gflops']:.1f} GFLOP/s")
+    for key in ("read_s", "preprocess_s", "load_model_s", "encode_image_s", "encode_prompts_cold_s",
+                "encode_prompts_cached_s", "score_s", "total_s"):
+        print(f"{key:28s} {figures[key]:8.3f}")
+    print(f"{'peak RSS':28s} {figures['peak_rss_gb']:8.2f} GB")
+    print(f"image encode: {figures['encode_image_gflop']:.0f} GFLOP, {figures['encode_image_gflops']:.1f} GFLOP/s "
+          f"= {figures['matmul_gflops'] / figures['encode_image_gflops']:.2f}x the matmul floor's time")
+    print(f"reference style: 18 x (image pass {figures['encode_image_s']:.2f} s + prompt pair padded to 512 "
+          f"{figures['reference_prompt_pair_512_s']:.2f} s) + read/preprocess = {reference_total:.1f} s "
+          "(one pass timed, multiplied by 18)")
+    print(f"speed-up over reference style (total, prompts cached): {reference_total / figures['total_s']:.1f}x")
+    print(f"speed-up, model work only (encode + score vs 18 passes): "
+          f"{18 * per_finding / (figures['encode_image_s'] + figures['encode_prompts_cached_s'] + figures['score_s']):.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dicom", type=Path, default=DEFAULT_DICOM)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ctfoundation-bench"))
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    checkpoint = args.workdir / "ct_clip_v2_fullsize_random.pt"
+    if args.child:
+        print(json.dumps(measure(checkpoint, args.dicom, args.dtype)))
+        return
+    if not checkpoint.is_file():
+        print(f"writing a full-size random checkpoint to {checkpoint} …", flush=True)
+        make_full_size_checkpoint(checkpoint)
+    child = [sys.executable, __file__, "--child", "--dicom", str(args.dicom), "--workdir", str(args.workdir),
+             "--dtype", args.dtype]
+    output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+    report(json.loads(output.strip().splitlines()[-1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""Stand-in for slicer.i18n: no translation."""
+
+
+def tr(text: str) -> str:
+    return text

@@ -1,0 +1,239 @@
+"""Stand-in MRML scene and nodes with the semantics of Slicer 5.10 that the module relies on (see README.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import vtk
+
+
+class vtkMRMLNode:
+    def __init__(self) -> None:
+        self._id, self._name, self._scene = "", "", None
+        self._attributes: dict[str, str] = {}
+        self._references: dict[str, str] = {}
+
+    def GetID(self) -> str:
+        return self._id
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = name
+
+    def GetScene(self):
+        return self._scene
+
+    def SetAttribute(self, name: str, value: str) -> None:
+        self._attributes[name] = str(value)
+
+    def GetAttribute(self, name: str) -> str | None:
+        return self._attributes.get(name)
+
+    def RemoveAttribute(self, name: str) -> None:
+        self._attributes.pop(name, None)
+
+    def SetNodeReferenceID(self, role: str, nodeId: str | None) -> None:
+        if nodeId:
+            self._references[role] = nodeId
+        else:
+            self._references.pop(role, None)
+
+    def GetNodeReferenceID(self, role: str) -> str | None:
+        return self._references.get(role)
+
+    def GetNodeReference(self, role: str):
+        nodeId = self._references.get(role)
+        return self._scene.GetNodeByID(nodeId) if nodeId and self._scene else None
+
+    def IsA(self, className: str) -> bool:
+        return any(cls.__name__ == className for cls in type(self).__mro__)
+
+    def Modified(self) -> None:
+        pass
+
+
+class vtkMRMLLinearTransformNode(vtkMRMLNode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._toParent = np.eye(4)
+
+    def SetMatrixTransformToParent(self, matrix: vtk.vtkMatrix4x4) -> None:
+        self._toParent = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+    def IsTransformToWorldLinear(self) -> bool:
+        return True
+
+    def GetMatrixTransformToWorld(self, matrix: vtk.vtkMatrix4x4) -> None:
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, self._toParent[r, c])
+
+
+class vtkMRMLTransformableNode(vtkMRMLNode):
+    def SetAndObserveTransformNodeID(self, nodeId: str | None) -> None:
+        self.SetNodeReferenceID("transform", nodeId)
+
+    def GetParentTransformNode(self):
+        return self.GetNodeReference("transform")
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLTransformableNode):
+    """Keeps origin, spacing and directions like vtkMRMLVolumeNode; the image data itself has unit geometry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._image = None
+        self._origin = np.zeros(3)
+        self._spacing = np.ones(3)
+        self._directions = np.eye(3)  # columns: RAS direction of i, j, k
+
+    def SetAndObserveImageData(self, image: vtk.vtkImageData) -> None:
+        self._image = image
+
+    def GetImageData(self):
+        return self._image
+
+    def SetIJKToRASMatrix(self, matrix: vtk.vtkMatrix4x4) -> None:
+        array = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+        self._spacing = np.linalg.norm(array[:3, :3], axis=0)
+        self._directions = array[:3, :3] / self._spacing
+        self._origin = array[:3, 3].copy()
+
+    def GetIJKToRASMatrix(self, matrix: vtk.vtkMatrix4x4) -> None:
+        array = np.eye(4)
+        array[:3, :3] = self._directions * self._spacing
+        array[:3, 3] = self._origin
+        for r in range(4):
+            for c in range(4):
+                matrix.SetElement(r, c, array[r, c])
+
+    def GetSpacing(self) -> tuple[float, float, float]:
+        return tuple(float(s) for s in self._spacing)
+
+    def GetOrigin(self) -> tuple[float, float, float]:
+        return tuple(float(o) for o in self._origin)
+
+
+class vtkMRMLTableNode(vtkMRMLNode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._table = vtk.vtkTable()
+        self._descriptions: dict[str, str] = {}
+        self._locked = False
+
+    def SetAndObserveTable(self, table: vtk.vtkTable) -> None:
+        self._table = table
+
+    def GetTable(self) -> vtk.vtkTable:
+        return self._table
+
+    def GetNumberOfRows(self) -> int:
+        return self._table.GetNumberOfRows()
+
+    def GetNumberOfColumns(self) -> int:
+        return self._table.GetNumberOfColumns()
+
+    def GetColumnIndex(self, name: str) -> int:
+        for index in range(self._table.GetNumberOfColumns()):
+            if self._table.GetColumn(index).GetName() == name:
+                return index
+        return -1
+
+    def GetCellText(self, row: int, column: int) -> str:
+        return self._table.GetValue(row, column).ToString()
+
+    def SetColumnDescription(self, name: str, description: str) -> None:
+        self._descriptions[name] = description
+
+    def GetColumnDescription(self, name: str) -> str:
+        return self._descriptions.get(name, "")
+
+    def SetLocked(self, locked: bool) -> None:
+        self._locked = bool(locked)
+
+    def GetLocked(self) -> bool:
+        return self._locked
+
+
+class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._parameters: dict[str, str] = {}
+        self._singletonTag = None
+
+    def SetParameter(self, name: str, value: str) -> None:
+        self._parameters[name] = str(value)
+
+    def GetParameter(self, name: str) -> str:
+        return self._parameters.get(name, "")
+
+    def HasParameter(self, name: str) -> bool:
+        return name in self._parameters
+
+    def UnsetParameter(self, name: str) -> None:
+        self._parameters.pop(name, None)
+
+    def SetSingletonTag(self, tag: str) -> None:
+        self._singletonTag = tag
+
+    def GetSingletonTag(self) -> str | None:
+        return self._singletonTag
+
+
+class vtkMRMLLayoutNode(vtkMRMLNode):
+    SlicerLayoutFourUpTableView = 35
+
+
+NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLScriptedModuleNode,
+                                              vtkMRMLLinearTransformNode, vtkMRMLLayoutNode)}
+
+
+class vtkMRMLScene:
+    StartCloseEvent, EndCloseEvent = 66000, 66001
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, vtkMRMLNode] = {}
+        self._counter = 0
+
+    def AddNode(self, node: vtkMRMLNode) -> vtkMRMLNode:
+        self._counter += 1
+        node._id = f"{type(node).__name__}{self._counter}"
+        node._scene = self
+        if not node.GetName():
+            node.SetName(self.GenerateUniqueName(type(node).__name__.removeprefix("vtkMRML").removesuffix("Node")))
+        self._nodes[node._id] = node
+        return node
+
+    def AddNewNodeByClass(self, className: str, name: str = "") -> vtkMRMLNode:
+        node = NODE_CLASSES[className]()
+        node.SetName(name)
+        return self.AddNode(node)
+
+    def RemoveNode(self, node: vtkMRMLNode) -> None:
+        self._nodes.pop(node.GetID(), None)
+
+    def GetNodeByID(self, nodeId: str):
+        return self._nodes.get(nodeId)
+
+    def GetFirstNodeByClass(self, className: str):
+        return next((n for n in self._nodes.values() if n.IsA(className)), None)
+
+    def GetNodesByClass(self, className: str) -> list[vtkMRMLNode]:
+        return [n for n in self._nodes.values() if n.IsA(className)]
+
+    def GetSingletonNode(self, tag: str, className: str):
+        return next((n for n in self.GetNodesByClass(className) if n.GetSingletonTag() == tag), None)
+
+    def GenerateUniqueName(self, baseName: str) -> str:
+        names = {n.GetName() for n in self._nodes.values()}
+        if baseName not in names:
+            return baseName
+        index = 1
+        while f"{baseName}_{index}" in names:
+            index += 1
+        return f"{baseName}_{index}"
+
+    def Clear(self, removeSingletons: int = 0) -> None:
+        self._nodes = {i: n for i, n in self._nodes.items()
+                       if not removeSingletons and isinstance(n, vtkMRMLScriptedModuleNode)}

@@ -1,0 +1,186 @@
+"""The background worker (`python -m CTFoundationLib.worker`) as a real subprocess: events, results, errors, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from CTFoundationLib import cli
+from CTFoundationLib.errors import WorkerError
+from CTFoundationLib.worker import DETECT_STEPS, DETECTION_MODELS
+from CTFoundationLib.worker_process import ChildTraceback, WorkerProcess, format_event, parse_event, python_command
+from fake_hub import FakeHub
+from small_models import bert_vocab, make_small_ctclip
+
+REPO = Path(__file__).resolve().parents[1]
+RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"  # like PythonSlicer: a child runs Python
+
+
+def worker(*arguments: str, env: dict | None = None, launcher: bool = False) -> WorkerProcess:
+    command = python_command() + list(arguments)
+    if launcher:
+        command = [sys.executable, "-c", LAUNCHER, *command]
+    return WorkerProcess(command, cwd=REPO, env=env).start()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    checkpoint, config, _ = make_small_ctclip(tmp_path_factory.mktemp("small"))
+    return checkpoint, config
+
+
+def model_options(small) -> list[str]:
+    checkpoint, config = small
+    return ["--weights", str(checkpoint), "--model-config", str(config), "--text-encoder", str(bert_vocab()),
+            "--device", "cpu"]
+
+
+def test_event_lines_round_trip_and_other_lines_are_logs() -> None:
+    line = format_event("step", name="load model", index=3, count=8)
+    assert parse_event(line) == {"type": "step", "name": "load model", "index": 3, "count": 8}
+    assert parse_event("UserWarning: something") is None
+    assert parse_event(line.replace("{", "[", 1)) is None
+
+
+def test_detection_models_match_the_cli() -> None:
+    from CTFoundationLib.cli_ctclip import CTCLIP_MODELS
+
+    assert DETECTION_MODELS == CTCLIP_MODELS
+
+
+@pytest.mark.slow
+def test_detect_writes_the_cli_json(ct_dir, small, tmp_path, monkeypatch) -> None:
+    ct = ct_dir / RICORD_3MM
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    env = dict(os.environ)
+    process = worker("detect", str(ct), "--out", str(tmp_path / "worker.json"), *model_options(small),
+                     env=env)
+    assert process.wait(timeout_s=600) == 0, "\n".join(process.log_tail)
+    result = process.outcome()
+    assert Path(result["path"]) == tmp_path / "worker.json"
+    steps = [e for e in process.events if e["type"] == "step"]
+    assert [e["index"] for e in steps] == sorted(e["index"] for e in steps)
+    assert {"read CT", "check CT", "load model", "preprocess", "encode image", "score", "write result"} <= {
+        e["name"] for e in steps}
+    assert all(e["count"] == len(DETECT_STEPS) for e in steps)
+    assert process.events[0]["type"] == "started" and process.events[-1]["type"] == "result"
+
+    assert cli.main(["detect", str(ct), "--out", str(tmp_path / "cli.json"), *model_options(small)]) == 0
+    from_worker = json.loads((tmp_path / "worker.json").read_text())
+    from_cli = json.loads((tmp_path / "cli.json").read_text())
+    assert from_worker["input"] == from_cli["input"]
+    for ours, theirs in zip(from_worker["detection"]["findings"], from_cli["detection"]["findings"]):
+        assert ours["name"] == theirs["name"] and ours["probability"] == pytest.approx(theirs["probability"], abs=1e-6)
+    drop = {"findings", "timings_s"}
+    assert {k: v for k, v in from_worker["detection"].items() if k not in drop} == {
+        k: v for k, v in from_cli["detection"].items() if k not in drop}
+
+
+def test_bad_input_is_an_error_event_with_the_reason(tmp_path) -> None:
+    process = worker("detect", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "r.json"))
+    assert process.wait(timeout_s=300) == 2
+    error = process.last("error")
+    assert error["kind"] == "CTInputError" and "missing.nii.gz: no such file or folder" in error["message"]
+    with pytest.raises(WorkerError, match="The CT cannot be used: .*missing.nii.gz") as caught:
+        process.outcome()
+    assert isinstance(caught.value.__cause__, ChildTraceback) and "Traceback" in str(caught.value.__cause__)
+    assert not (tmp_path / "r.json").exists()
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_cancel_ends_the_whole_process_tree(ct_dir, small, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    process = worker("detect", str(ct_dir / RICORD_3MM), "--out", str(out), *model_options(small),
+                     launcher=True)
+    deadline = time.monotonic() + 300
+    while not any(e["type"] == "step" for e in process.events):
+        assert time.monotonic() < deadline and not process.finished, "\n".join(process.log_tail)
+        process.poll()
+        time.sleep(0.05)
+    python_pid = process.last("started")["pid"]
+    assert python_pid != process.pid  # the launcher's child, as with PythonSlicer
+    process.cancel()
+    process.wait(timeout_s=30)
+    assert _gone(process.pid) and _gone(python_pid)
+    assert process.cancelled and not out.exists()
+    with pytest.raises(WorkerError, match="cancelled"):
+        process.outcome()
+
+
+def test_devices_lists_auto_and_cpu() -> None:
+    process = worker("devices")
+    assert process.wait(timeout_s=300) == 0
+    devices = process.last("devices")
+    assert [d["id"] for d in devices["devices"]][:2] == ["auto", "cpu"]
+    import torch
+
+    assert devices["torch"] == torch.__version__
+    assert len(devices["devices"]) == 2 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+# --- weights --------------------------------------------------------------------------------------------
+
+CHECKPOINT = b"PK\x03\x04" + bytes(range(256)) * 12_000  # a torch-zip header, ~3 MB: several progress chunks
+
+
+@pytest.fixture
+def hub_env(tmp_path):
+    """A fake Hub serving one gated checkpoint, and the environment that points the worker at it."""
+    hub = FakeHub(tmp_path / "hub").start()
+    hub.add("test/CT-RATE", "models/clip.pt", CHECKPOINT, repo_type="dataset")
+    registry = {
+        "schema_version": 1,
+        "models": {"t-clip": {
+            "title": "test clip", "family": "ct-clip", "license": "CC-BY-NC-SA-4.0", "gated": True,
+            "page": "https://example.org/ct-rate", "depends_on": [], "resources": {"approx_ram_gb": 1},
+            "files": [{"name": "clip.pt", "format": "torch", "source": {
+                "type": "hf", "repo": "test/CT-RATE", "repo_type": "dataset", "revision": "main",
+                "path": "models/clip.pt"}}]}},
+    }
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    env = {**os.environ, "CTFOUNDATION_REGISTRY": str(tmp_path / "registry.json"), "CTFOUNDATION_MIRROR": hub.url,
+           "HF_TOKEN": "hf_test_token"}
+    yield env, tmp_path / "home"
+    hub.stop()
+
+
+def test_download_reports_progress_and_places_the_file(hub_env) -> None:
+    env, home = hub_env
+    refused = worker("download", "t-clip", "--home", str(home), env=env)
+    assert refused.wait(timeout_s=120) == 2 and "licence not yet acknowledged" in refused.last("error")["message"]
+
+    process = worker("download", "t-clip", "--home", str(home), "--accept-licenses", env=env)
+    assert process.wait(timeout_s=120) == 0, "\n".join(process.log_tail)
+    assert process.last("file") == {"type": "file", "name": "clip.pt", "size": len(CHECKPOINT)}
+    last_bytes = process.last("bytes")
+    assert last_bytes["done"] == last_bytes["total"] == len(CHECKPOINT)
+    placed = Path(process.outcome()["path"])
+    assert placed == home / "models" / "t-clip" / "clip.pt"
+    assert hashlib.sha256(placed.read_bytes()).hexdigest() == hashlib.sha256(CHECKPOINT).hexdigest()
+
+
+def test_import_checks_and_places_a_file(hub_env, tmp_path) -> None:
+    env, home = hub_env
+    source = tmp_path / "downloaded-elsewhere.pt"
+    source.write_bytes(CHECKPOINT)
+    process = worker("import", "t-clip", str(source), "--home", str(home), "--accept-licenses", "--copy", env=env)
+    assert process.wait(timeout_s=120) == 0, "\n".join(process.log_tail)
+    placed = Path(process.outcome()["path"])
+    assert placed.read_bytes() == CHECKPOINT and placed.parent == home / "models" / "t-clip"
