@@ -1,26 +1,24 @@
 """Conversations with CT-CHAT about one CT: sessions, streaming, stop, image cache, grounding hook.
 
     runtime = ChatRuntime.from_weights("ct-chat-llama3.1-8b")      # or CTChatModel.load(...) + CTCLIPRuntime
-    session = runtime.session(volume, grounder=my_grounder)         # the CT is encoded once (cached on disk)
+    session = runtime.session(volume)                                # the CT is encoded once (cached on disk)
     answer = session.ask("Is there a pleural effusion?", "short", on_token=print, stop_event=event)
+    answer.sentences, answer.anatomy_paths                           # each sentence grounded to anatomy
     report = session.generate_report()
 
 `ask` runs in the caller's thread and hands text pieces to `on_token` as they are decoded; a GUI runs it
-in a worker thread and sets `stop_event` (a threading.Event) to stop. The sentence -> anatomy grounding is
-not done here: pass a `grounder` callable (the grounding module's) and each answer carries its sentences
-with what the grounder returned for them.
+in a worker thread and sets `stop_event` (a threading.Event) to stop. Each answer's sentences are grounded
+to RadGenome anatomy paths with grounding.SentenceGrounder (the built-in lexicon unless another is given).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .detection import CTCLIPRuntime, default_cache_dir
 from .errors import ChatError, WeightsError
+from .grounding import GroundedSentence, SentenceGrounder, default_grounder
 from .models.ctchat import ANSWER_SUFFIXES, CTChatModel, GenerationSettings, Progress, PromptCache, user_message
 from .models.ctclip import CTCLIPConfig
 from .volume import CTVolume
@@ -43,14 +42,6 @@ CHAT_TEMPLATES = {
     "ct-chat-mistral": "mistral_instruct",
 }
 TokenCallback = Callable[[str], None]
-Grounder = Callable[[str], Any]  # one answer sentence -> the anatomy it talks about (the grounding module's)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-
-
-@dataclass
-class GroundedSentence:
-    text: str
-    anatomy: Any  # what the grounder returned for this sentence
 
 
 @dataclass
@@ -66,7 +57,7 @@ class ChatTurn:
 
 @dataclass
 class ChatAnswer:
-    """An answer with its timing and, when the session has a grounder, its grounded sentences."""
+    """An answer with its timing and its sentences grounded to anatomy."""
 
     text: str
     answer_type: str
@@ -78,13 +69,13 @@ class ChatAnswer:
     tokens_per_s: float | None
     sentences: list[GroundedSentence] = field(default_factory=list)
 
+    @property
+    def anatomy_paths(self) -> list[str]:
+        """The RadGenome anatomy paths the answer talks about, in order of first mention (negated ones included)."""
+        return list(dict.fromkeys(sentence.path for sentence in self.sentences if sentence.path))
+
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of an answer (split after . ! ? followed by white space)."""
-    return [part.strip() for part in _SENTENCE_END.split(text.strip()) if part.strip()]
 
 
 class ChatSession:
@@ -93,9 +84,10 @@ class ChatSession:
     image: the projected image embeddings (1, 256, H), computed once for the session.
     """
 
-    def __init__(self, model: CTChatModel, image: torch.Tensor | None, grounder: Grounder | None = None,
+    def __init__(self, model: CTChatModel, image: torch.Tensor | None, grounder: SentenceGrounder | None = None,
                  settings: GenerationSettings = GenerationSettings(), source: str = "") -> None:
-        self.model, self.image, self.grounder, self.settings, self.source = model, image, grounder, settings, source
+        self.model, self.image, self.settings, self.source = model, image, settings, source
+        self.grounder = grounder or default_grounder()
         self.turns: list[ChatTurn] = []
         self._cache = PromptCache()  # earlier turns' key/values: a follow-up question computes only what is new
         self._busy = threading.Lock()
@@ -137,10 +129,8 @@ class ChatSession:
         return self.ask(request, "report", on_token, stop_event)
 
     def ground(self, text: str) -> list[GroundedSentence]:
-        """The answer's sentences with the grounder's anatomy for each (empty without a grounder)."""
-        if self.grounder is None:
-            return []
-        return [GroundedSentence(sentence, self.grounder(sentence)) for sentence in split_sentences(text)]
+        """The answer's sentences, each with the anatomy it talks about."""
+        return self.grounder.ground_report(text)
 
     def reset(self) -> None:
         """Forget the conversation (the CT stays encoded)."""
@@ -231,7 +221,7 @@ class ChatRuntime:
         self.progress("encode CT")
         return self.model.image_embeddings(cached_token_grid(self.encoder, volume, self.cache_dir))
 
-    def session(self, volume: CTVolume | None, grounder: Grounder | None = None,
+    def session(self, volume: CTVolume | None, grounder: SentenceGrounder | None = None,
                 settings: GenerationSettings = GenerationSettings()) -> ChatSession:
         """A new conversation about `volume` (None: general questions, no CT)."""
         image = self.image_embeddings(volume) if volume is not None else None

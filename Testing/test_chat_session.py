@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from CTFoundationLib.chat import ChatRuntime, GroundedSentence, split_sentences, volume_sha256
+from CTFoundationLib.chat import ChatAnswer, ChatRuntime, volume_sha256
 from CTFoundationLib.cli_chat import interactive
 from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import ChatError
+from CTFoundationLib.grounding import split_sentences
 from CTFoundationLib.models.ctchat import IMAGE_TOKEN_INDEX, CTChatModel, GenerationSettings
 from CTFoundationLib.reading import read_ct
 from CTFoundationLib.volume import CTVolume
@@ -54,10 +55,7 @@ def test_general_question_without_a_ct_gets_the_right_answer(runtime):
 
 
 def test_conversation_about_a_ct_streams_grounds_and_reports(runtime, ricord):
-    def grounder(sentence: str) -> list[str]:
-        return [word for word in ("image", "lung", "heart") if word in sentence.lower()]
-
-    session = runtime.session(ricord, grounder=grounder, settings=GenerationSettings(max_new_tokens=12))
+    session = runtime.session(ricord, settings=GenerationSettings(max_new_tokens=12))
     assert session.image.shape == (1, 256, SMOLLM2_WIDTH)
     arrivals: list[tuple[float, str]] = []
     first = session.ask("Describe this image.", "short", on_token=lambda text: arrivals.append((time.perf_counter(), text)))
@@ -67,7 +65,7 @@ def test_conversation_about_a_ct_streams_grounds_and_reports(runtime, ricord):
     assert len(pieces) >= 3 and times == sorted(times) and times[-1] > times[0]  # one piece at a time
     assert "".join(pieces).strip() == first.text
     assert first.first_token_s is not None and 0 < first.first_token_s < first.seconds
-    assert first.sentences == [GroundedSentence(s, grounder(s)) for s in split_sentences(first.text)]
+    assert [sentence.text for sentence in first.sentences] == split_sentences(first.text)
     assert session.turns[0].user_text == "<image>\n<provided>Describe this image. <short_answer>"
 
     second = session.ask("Is the heart enlarged?", "free", settings=GenerationSettings(max_new_tokens=6))
@@ -83,6 +81,19 @@ def test_conversation_about_a_ct_streams_grounds_and_reports(runtime, ricord):
     json.dumps(session.transcript())
     session.reset()
     assert session.turns == [] and session.prompt("Hi").count("<image>") == 1
+
+
+def test_answers_are_grounded_to_anatomy(runtime):
+    session = runtime.session(None)
+    text = "Ground-glass opacities in the right lower lobe. No pleural effusion. The heart size is normal. Hello."
+    sentences = session.ground(text)
+    assert [(s.path, s.laterality, s.negated) for s in sentences] == [
+        ("lung/right lung/right lung lower lobe", "right", False), ("pleura", None, True), ("heart", None, False),
+        (None, None, False),
+    ]
+    answer = ChatAnswer(text, "free", False, False, 20, 0.1, 1.0, 19.0, sentences)
+    assert answer.anatomy_paths == ["lung/right lung/right lung lower lobe", "pleura", "heart"]
+    assert json.loads(json.dumps(answer.to_dict()))["sentences"][1]["region"] == "pleura"
 
 
 def test_image_is_encoded_once_and_cached_by_volume_hash(runtime, ricord, parts, ct_dir):
