@@ -33,6 +33,7 @@ from .volume import CTVolume
 from .weights import load_registry, resolve_weights
 
 ANSWER_TYPES = tuple(ANSWER_SUFFIXES)
+DEFAULT_CHAT_MODEL = "ct-chat-llama3.1-8b"
 REPORT_REQUEST = "Generate the radiology report for this chest CT volume."
 # Conversation template of each registered CT-CHAT (the reference's training scripts' --version).
 CHAT_TEMPLATES = {
@@ -189,30 +190,22 @@ class ChatRuntime:
     @classmethod
     def from_weights(
         cls,
-        model_id: str = "ct-chat-llama3.1-8b",
+        model_id: str = DEFAULT_CHAT_MODEL,
         *,
-        llm: Path | None = None,
-        lora: Path | None = None,
-        use_lora: bool = True,
-        projector: Path | None = None,
         ctclip: Path | None = None,
         ctclip_config: CTCLIPConfig | None = None,
-        template: str | None = None,
         device: str = "auto",
-        precision: str = "auto",
         home: Path | None = None,
         progress: Progress | None = None,
+        **model_options,
     ) -> ChatRuntime:
-        """Load a registered CT-CHAT from the weights cache; llm / lora / projector / ctclip point at local files.
+        """Load a registered CT-CHAT and its CT-CLIP from the weights cache (ctclip: a local checkpoint instead).
 
-        use_lora=False runs the base LLM with the projector file only (e.g. a stage-1 mm_projector.bin).
+        model_options: load_chat_model's (llm, lora, use_lora, projector, template, precision).
         """
-        files = chat_weights(model_id, llm=llm, lora=lora if use_lora else False, ctclip=ctclip, home=home)
-        model = CTChatModel.load(
-            files["llm"], files["lora"], projector, template or CHAT_TEMPLATES.get(model_id, "llama3"),
-            device=device, precision=precision, progress=progress,
-        )
-        encoder = CTCLIPRuntime(files["ctclip"], model_id="ct-clip-v2", config=ctclip_config, device=device,
+        model = load_chat_model(model_id, device=device, home=home, progress=progress, **model_options)
+        checkpoint = resolve_weights(chat_dependency(model_id, "ct-clip"), ctclip, home=home)
+        encoder = CTCLIPRuntime(checkpoint, model_id="ct-clip-v2", config=ctclip_config, device=device,
                                 progress=progress)
         return cls(model, encoder, progress=progress)
 
@@ -228,19 +221,33 @@ class ChatRuntime:
         return ChatSession(self.model, image, grounder, settings, volume.source if volume is not None else "")
 
 
-def chat_weights(model_id: str, *, llm: Path | None = None, lora: Path | None | bool = None,
-                 ctclip: Path | None = None, home: Path | None = None) -> dict[str, Path | None]:
-    """Paths of a CT-CHAT's LoRA folder, base LLM and CT-CLIP: the given ones, else the installed weights.
+def load_chat_model(
+    model_id: str = DEFAULT_CHAT_MODEL,
+    *,
+    llm: Path | None = None,
+    lora: Path | None = None,
+    use_lora: bool = True,
+    projector: Path | None = None,
+    template: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    home: Path | None = None,
+    progress: Progress | None = None,
+) -> CTChatModel:
+    """A registered CT-CHAT's language side; llm / lora / projector point at local files instead of the cache.
 
-    lora=False: no adapter (the "lora" entry is None).
+    use_lora=False runs the base LLM with the projector file only (e.g. a stage-1 mm_projector.bin).
     """
+    base = resolve_weights(chat_dependency(model_id, "llm"), llm, home=home)
+    adapter = resolve_weights(model_id, lora, home=home) if use_lora else None
+    return CTChatModel.load(base, adapter, projector, template or CHAT_TEMPLATES.get(model_id, "llama3"),
+                            device=device, precision=precision, progress=progress)
+
+
+def chat_dependency(model_id: str, family: str) -> str:
+    """The registry id of a CT-CHAT's base LLM (family "llm") or image encoder ("ct-clip")."""
     registry = load_registry()
     spec = registry.get(model_id)
     if spec.family != "ct-chat":
         raise WeightsError(f"{model_id} is not a CT-CHAT model; use one of {sorted(CHAT_TEMPLATES)}")
-    needs = {registry.get(dep).family: dep for dep in spec.depends_on}
-    return {
-        "lora": None if lora is False else resolve_weights(model_id, lora, home=home),
-        "llm": resolve_weights(needs["llm"], llm, home=home),
-        "ctclip": resolve_weights(needs["ct-clip"], ctclip, home=home),
-    }
+    return next(dep for dep in spec.depends_on if registry.get(dep).family == family)

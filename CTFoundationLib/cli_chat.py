@@ -7,7 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .chat import ANSWER_TYPES, CHAT_TEMPLATES, ChatAnswer, ChatRuntime, ChatSession
+from .chat import ANSWER_TYPES, CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatAnswer, ChatRuntime, ChatSession
 from .cli_ctclip import read_model_config, step_progress
 from .cli_input import add_input_arguments, read_input
 from .errors import CTFoundationError
@@ -24,26 +24,26 @@ INTERACTIVE_HELP = (
 def register(subparsers) -> None:
     chat = subparsers.add_parser("chat", help="ask CT-CHAT about a CT (one-shot or interactive)")
     add_input_arguments(chat)
-    chat.add_argument("--model", choices=sorted(CHAT_TEMPLATES), default="ct-chat-llama3.1-8b")
+    chat.add_argument("--model", choices=sorted(CHAT_TEMPLATES), default=DEFAULT_CHAT_MODEL)
     chat.add_argument("--question", action="append", help="ask this and exit (repeat for several turns)")
     chat.add_argument("--answer-type", choices=ANSWER_TYPES, default="free", help="task token added to questions")
     chat.add_argument("--report", action="store_true", help="generate a report (after any --question) and exit")
     chat.add_argument("--transcript", type=Path, help="write the conversation to this JSON file")
-    add_chat_model_arguments(chat)
+    chat.add_argument("--ctclip", type=Path, help="CT-CLIP v2 checkpoint (default: installed ct-clip-v2)")
+    chat.add_argument("--ctclip-config", type=Path, help="CT-CLIP constructor JSON, for non-standard sizes")
+    chat.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    add_llm_arguments(chat)
     chat.set_defaults(run=run_chat)
 
 
-def add_chat_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Where the CT-CHAT parts are (default: the installed weights of --model), where and how it runs."""
+def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where CT-CHAT's language side is (default: the installed weights of the chat model), how it decodes."""
     parser.add_argument("--llm", type=Path, help="base LLM: Hugging Face model folder or .gguf file")
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--lora", type=Path, help="CT-CHAT LoRA folder (any name; holds non_lora_trainables.bin)")
     lora.add_argument("--no-lora", action="store_true", help="base LLM without adapter (needs --projector)")
     parser.add_argument("--projector", type=Path, help="projector weights (non_lora_trainables.bin or mm_projector.bin)")
-    parser.add_argument("--ctclip", type=Path, help="CT-CLIP v2 checkpoint (default: installed ct-clip-v2)")
-    parser.add_argument("--ctclip-config", type=Path, help="CT-CLIP constructor JSON, for non-standard sizes")
     parser.add_argument("--template", choices=sorted(TEMPLATES), help="conversation format (default: the model's)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="8bit/4bit need CUDA + bitsandbytes")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
@@ -51,19 +51,25 @@ def add_chat_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed when sampling")
 
 
-def run_chat(args: argparse.Namespace) -> int:
+def chat_model_options(args: argparse.Namespace) -> dict:
+    """load_chat_model's keyword arguments from add_llm_arguments' options (and --device)."""
     if args.no_lora and args.projector is None:
         raise CTFoundationError("--no-lora needs --projector (without the adapter the projector must come from a file)")
+    return {"llm": args.llm, "lora": args.lora, "use_lora": not args.no_lora, "projector": args.projector,
+            "template": args.template, "device": args.device, "precision": args.precision}
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    options, settings = chat_model_options(args), generation_settings(args)
     volume = read_input(args)
     for warning in summarize(volume)["warnings"]:
         print(f"warning [{warning['code']}]: {warning['message']}", file=sys.stderr)
     with step_progress("ct-chat") as progress:
         runtime = ChatRuntime.from_weights(
-            args.model, llm=args.llm, lora=args.lora, use_lora=not args.no_lora, projector=args.projector,
-            ctclip=args.ctclip, ctclip_config=read_model_config(args.ctclip_config), template=args.template,
-            device=args.device, precision=args.precision, progress=progress,
+            args.model, ctclip=args.ctclip, ctclip_config=read_model_config(args.ctclip_config), progress=progress,
+            **options,
         )
-        session = runtime.session(volume, settings=generation_settings(args))
+        session = runtime.session(volume, settings=settings)
     try:
         if args.question or args.report:
             for question in args.question or []:

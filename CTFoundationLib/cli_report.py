@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
 from .cases import discover_cases
+from .chat import CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatRuntime, load_chat_model
+from .cli_chat import add_llm_arguments, chat_model_options, generation_settings
 from .cli_ctclip import add_model_arguments, build_runtime
-from .detection import load_thresholds
+from .detection import CTCLIPRuntime, load_thresholds
 from .errors import CTFoundationError
-from .report import REPORT_FILE, BatchProgress, BatchSummary, Shard, run_batch
+from .report import REPORT_FILE, BatchProgress, BatchSummary, ReportSection, Shard, run_batch
+from .report.narrative import narrative_section
 
 MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
 
@@ -28,7 +32,12 @@ def register(subparsers) -> None:
         "--shard", type=parse_shard, metavar="I/N", help="process only part I of N (1-based), e.g. 1/4 ... 4/4"
     )
     report.add_argument("--force", action="store_true", help="redo cases that are already finished")
+    report.add_argument(
+        "--narrative", nargs="?", const=DEFAULT_CHAT_MODEL, choices=sorted(CHAT_TEMPLATES), metavar="CHAT_MODEL",
+        help=f"add a report written by CT-CHAT (default {DEFAULT_CHAT_MODEL}); needs --model ct-clip-v2",
+    )
     add_model_arguments(report)
+    add_llm_arguments(report.add_argument_group("CT-CHAT (with --narrative)"))
     report.set_defaults(run=run_report)
 
 
@@ -40,6 +49,8 @@ def parse_shard(text: str) -> Shard:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    if args.narrative and args.model != "ct-clip-v2":
+        raise CTFoundationError(f"--narrative needs --model ct-clip-v2 (CT-CHAT's image encoder), not {args.model}")
     cases = discover_cases(args.inputs)
     thresholds = load_thresholds(args.thresholds)
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
@@ -58,11 +69,20 @@ def run_report(args: argparse.Namespace) -> int:
 
     with bar:
         runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
+        sections = [narrative(args, runtime, on_model_step)] if args.narrative else []
         summary = run_batch(
-            runtime, cases, args.out, thresholds=thresholds, shard=args.shard, force=args.force, progress=on_case_step
+            runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard, force=args.force,
+            progress=on_case_step,
         )
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def narrative(args: argparse.Namespace, encoder: CTCLIPRuntime, progress: Callable[[str], None]) -> ReportSection:
+    """The CT-CHAT report section; CT-CHAT reads the detection model's CT-CLIP v2 token grid."""
+    settings = generation_settings(args)
+    model = load_chat_model(args.narrative, progress=progress, **chat_model_options(args))
+    return narrative_section(ChatRuntime(model, encoder, progress=progress), args.narrative, settings)
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

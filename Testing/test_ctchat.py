@@ -4,6 +4,7 @@ LoRA + non_lora_trainables.bin loading, greedy decoding, stop, context guard and
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import threading
 from pathlib import Path
@@ -13,7 +14,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from CTFoundationLib.chat import ChatRuntime
 from CTFoundationLib.cli import main
+from CTFoundationLib.cli_ctclip import read_model_config
+from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, CTFoundationError
 from CTFoundationLib.models.ctchat import (
     IMAGE_TOKEN_INDEX,
@@ -28,8 +32,9 @@ from CTFoundationLib.models.ctchat import (
     tokenize_prompt,
     user_message,
 )
+from CTFoundationLib.reading import read_ct
 from small_chat_models import TINY_HIDDEN, make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder, with_bos
-from small_models import make_small_ctclip
+from small_models import bert_vocab, make_small_ctclip
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 TURNS = [("<image>\n<provided>Is there an effusion? <short_answer>", "No."), ("Where? <long_answer>", None)]
@@ -282,3 +287,34 @@ def test_cli_one_shot_question_and_report_with_transcript(tiny_llm, adapter, ct_
 def test_cli_refuses_no_lora_without_projector(capsys):
     assert main(["chat", "ct.nii.gz", "--no-lora"]) == 2
     assert "--no-lora needs --projector" in capsys.readouterr().err
+
+
+def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    checkpoint, constructors, _ = make_small_ctclip(tmp_path / "ctclip")
+    out = tmp_path / "reports"
+    code = main([
+        "report", str(ct_dir / RICORD_3MM), "--out", str(out), "--weights", str(checkpoint), "--model-config",
+        str(constructors), "--text-encoder", str(bert_vocab()), "--device", "cpu", "--narrative", "--llm",
+        str(tiny_llm), "--lora", str(adapter[0]), "--template", "chatml_direct", "--max-new-tokens", "12",
+    ])
+    assert code == 0, capsys.readouterr().err
+    [folder] = [path for path in out.iterdir() if path.is_dir()]
+    result = json.loads((folder / "result.json").read_text())
+    narrative = result["sections"]["narrative"]
+    assert narrative["model"] == "ct-chat-llama3.1-8b" and narrative["new_tokens"] == 12 and not narrative["complete"]
+    model = CTChatModel.load(tiny_llm, adapter[0], template="chatml_direct", device="cpu")
+    session = ChatRuntime(model, CTCLIPRuntime(checkpoint, config=read_model_config(constructors), device="cpu"),
+                          cache_dir=tmp_path / "home" / "runtime").session(
+        read_ct(ct_dir / RICORD_3MM), settings=GenerationSettings(max_new_tokens=12))
+    expected = session.generate_report()
+    assert narrative["text"] == expected.text  # the same greedy report as a chat session writes
+    assert [s["text"] for s in narrative["sentences"]] == [s.text for s in expected.sentences]
+    page = (folder / "report.html").read_text()
+    assert "Generated report (ct-chat-llama3.1-8b)" in page and "cut at the token limit" in page
+    assert html.escape(expected.sentences[0].text, quote=False) in page
+
+
+def test_report_narrative_needs_ctclip_v2(capsys):
+    assert main(["report", "ct.nii.gz", "--out", "x", "--model", "ct-clip-lipro", "--narrative"]) != 0
+    assert "--narrative needs --model ct-clip-v2" in capsys.readouterr().err
