@@ -7,6 +7,7 @@ import hashlib
 import html
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from CTFoundationLib.chat import ChatRuntime
+from CTFoundationLib.chat_worker import ChatWorker
 from CTFoundationLib.cli import main
 from CTFoundationLib.cli_ctclip import read_model_config
 from CTFoundationLib.detection import CTCLIPRuntime
@@ -318,3 +320,49 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
 def test_report_narrative_needs_ctclip_v2(capsys):
     assert main(["report", "ct.nii.gz", "--out", "x", "--model", "ct-clip-lipro", "--narrative"]) != 0
     assert "--narrative needs --model ct-clip-v2" in capsys.readouterr().err
+
+
+def test_chat_worker_loads_once_streams_stops_and_reports_failures(model, tiny_llm, adapter, ct_dir, tmp_path):
+    checkpoint, _, config = make_small_ctclip(tmp_path / "ctclip")
+    loads: list[str] = []
+
+    def loader(progress) -> ChatRuntime:
+        loads.append(threading.current_thread().name)
+        progress("load language model")
+        encoder = CTCLIPRuntime(checkpoint, config=config, device="cpu")
+        return ChatRuntime(model, encoder, cache_dir=tmp_path / "cache")
+
+    worker = ChatWorker(loader)
+    session = worker.session(read_ct(ct_dir / RICORD_3MM)).result(timeout=120)
+    session.settings = GenerationSettings(max_new_tokens=8)
+    answers = [worker.ask(session, "Findings?", "long").result(timeout=60), worker.report(session).result(timeout=60)]
+    events = worker.events()
+    assert loads == ["ct-chat_0"] and threading.current_thread().name not in loads  # loaded once, off this thread
+    statuses = [e["status"] for e in events if e["type"] == "status"]
+    assert statuses[:3] == ["loading", "loading", "ready"] and statuses[-1] == "ready" and "busy" in statuses
+    tokens = "".join(e["text"] for e in events if e["type"] == "token")
+    assert tokens.split() == " ".join(a.text for a in answers).split()
+    assert [e["answer"] for e in events if e["type"] == "answer"] == answers
+    assert [t.answer_type for t in session.turns] == ["long", "report"]
+
+    session.settings = GenerationSettings(max_new_tokens=400)
+    pending = worker.ask(session, "More?")
+    while not any(e["type"] == "token" for e in worker.events()):
+        time.sleep(0.01)
+    worker.stop()
+    stopped = pending.result(timeout=60)
+    assert stopped.stopped and stopped.new_tokens < 400
+    worker.close()
+    assert worker.events()[-1] == {"type": "status", "status": "closed", "detail": ""}
+
+    def broken(progress) -> ChatRuntime:
+        return CTChatModel.load(tmp_path, adapter[0], device="cpu")
+
+    failed = ChatWorker(broken)
+    with pytest.raises(CheckpointError):
+        failed.loaded.result(timeout=60)
+    with pytest.raises(ChatError, match="did not load"):
+        failed.session(None).result(timeout=60)
+    events = failed.events()
+    assert "not a Hugging Face model folder" in events[1]["message"] and failed.status == "failed"
+    failed.close()
