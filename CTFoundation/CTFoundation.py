@@ -58,6 +58,7 @@ if str(packageRoot()) not in sys.path:
 from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
 from CTFoundationLib.worker import DETECTION_MODELS  # noqa: E402
 from CTFoundationLib.worker_process import WorkerProcess, python_command  # noqa: E402
+from CTFoundationChat import ChatPanel  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
@@ -316,6 +317,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.pythonExecutable = shutil.which("PythonSlicer") or sys.executable
         self._registry = None
+        self._chatWorkers: dict = {}  # loaded CT-CHAT models, by model and options
 
     def getParameterNode(self) -> CTFoundationParameterNode:
         return CTFoundationParameterNode(super().getParameterNode())
@@ -555,6 +557,45 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         self.getParameterNode().findingsTable = tableNode
         return DetectionOutcome(result, report, tableNode, volumeNode)
 
+    # --- chat (CT-CHAT) ------------------------------------------------------------------------------------
+
+    def chatModels(self) -> list[str]:
+        """The registered CT-CHAT model ids."""
+        return sorted(model for model, spec in self.registry().models.items() if spec.family == "ct-chat")
+
+    def chat(self, volumeNode: vtkMRMLScalarVolumeNode | None, model: str = "ct-chat-llama3.1-8b", **modelOptions):
+        """A CT-CHAT conversation about the volume (None: general questions); `.ask("...")` returns the answer.
+
+        The model loads once per (model, modelOptions) in a background thread and stays loaded for later
+        chats. modelOptions: llm / lora / projector paths, template, precision (library load_chat_model);
+        the CT-CLIP checkpoint, device and weights folder come from the parameter node.
+        """
+        from CTFoundationChat import ChatConversation
+
+        self.requireDependencies()
+        volume = ctVolumeFromNode(volumeNode) if volumeNode is not None else None
+        return ChatConversation(self.chatWorker(model, modelOptions), volume, volumeNode)
+
+    def chatWorker(self, model: str, modelOptions: dict):
+        """The ChatWorker holding this model (started on first use; a failed one is replaced)."""
+        from CTFoundationLib.chat import ChatRuntime
+        from CTFoundationLib.chat_worker import ChatWorker
+        from CTFoundationLib.cli_ctclip import read_model_config
+
+        key = json.dumps([model, modelOptions], sort_keys=True, default=str)
+        worker = self._chatWorkers.get(key)
+        if worker is None or worker.status in ("failed", "closed"):
+            parameters = self.getParameterNode()
+            ownCTCLIP = parameters.model == "ct-clip-v2"
+            ctclip = optionalPath(parameters.weightsFile) if ownCTCLIP else None
+            config = read_model_config(optionalPath(parameters.modelConfigFile)) if ownCTCLIP else None
+            device, home = parameters.device, self.weightsHome()
+            worker = ChatWorker(lambda progress: ChatRuntime.from_weights(
+                model, ctclip=ctclip, ctclip_config=config, device=device, home=home, progress=progress,
+                **modelOptions))
+            self._chatWorkers[key] = worker
+        return worker
+
     @staticmethod
     def showTableInLayout(tableNode: vtkMRMLTableNode) -> None:
         """Show the table in the view layout (switching to a layout with a table view if needed)."""
@@ -616,12 +657,14 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupModelsSection()
         self.setupDetectionSection()
         self.setupResultsSection()
+        self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         for task in (self._detectionTask, self._weightsTask, self._devicesTask):
             if task is not None:
                 task.cancel()
+        self.chatPanel.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:

@@ -25,6 +25,12 @@ from .models.ctchat import Progress
 from .volume import CTVolume
 
 Result = TypeVar("Result")
+SessionLike = ChatSession | Future  # a session, or the Future of one
+
+
+def resolved(session: SessionLike) -> ChatSession:
+    """The session itself (a Future's result: on the worker thread it is done, the jobs run in order)."""
+    return session.result() if isinstance(session, Future) else session
 
 
 class ChatWorker:
@@ -49,13 +55,16 @@ class ChatWorker:
         """A new conversation about `volume` (its CT-CLIP token grid cached on disk), once the model is loaded."""
         return self._submit("busy", lambda: self._loaded_runtime().session(volume))
 
-    def ask(self, session: ChatSession, question: str, answer_type: str = "free") -> Future[ChatAnswer]:
-        """Answer in the background; the text streams as token events, then an answer event."""
-        return self._submit("busy", lambda: self._answer(lambda on_token: session.ask(
+    def ask(self, session: SessionLike, question: str, answer_type: str = "free") -> Future[ChatAnswer]:
+        """Answer in the background; the text streams as token events, then an answer event.
+
+        session: a ChatSession, or the Future that `session()` returned (no need to wait for it first).
+        """
+        return self._submit("busy", lambda: self._answer(lambda on_token: resolved(session).ask(
             question, answer_type, on_token, self._stop)))
 
-    def report(self, session: ChatSession) -> Future[ChatAnswer]:
-        return self._submit("busy", lambda: self._answer(lambda on_token: session.generate_report(
+    def report(self, session: SessionLike) -> Future[ChatAnswer]:
+        return self._submit("busy", lambda: self._answer(lambda on_token: resolved(session).generate_report(
             on_token, self._stop)))
 
     def stop(self) -> None:

@@ -9,6 +9,7 @@ from .standin_mrml import (  # noqa: F401  (slicer.vtkMRML* names)
     vtkMRMLScene,
     vtkMRMLScriptedModuleNode,
     vtkMRMLTableNode,
+    vtkMRMLTextNode,
 )
 
 

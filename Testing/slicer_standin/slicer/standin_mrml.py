@@ -185,8 +185,22 @@ class vtkMRMLLayoutNode(vtkMRMLNode):
     SlicerLayoutFourUpTableView = 35
 
 
+class vtkMRMLTextNode(vtkMRMLNode):
+    """Text saved with the scene (Slicer writes it to a .txt file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._text = ""
+
+    def SetText(self, text: str) -> None:
+        self._text = str(text)
+
+    def GetText(self) -> str:
+        return self._text
+
+
 NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLScriptedModuleNode,
-                                              vtkMRMLLinearTransformNode, vtkMRMLLayoutNode)}
+                                              vtkMRMLLinearTransformNode, vtkMRMLLayoutNode, vtkMRMLTextNode)}
 
 
 class vtkMRMLScene:
