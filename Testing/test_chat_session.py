@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from CTFoundationLib.chat import ChatAnswer, ChatRuntime, volume_sha256
+from CTFoundationLib.cli import main
 from CTFoundationLib.cli_chat import interactive
 from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import ChatError
@@ -30,9 +31,10 @@ SMOLLM2_WIDTH = 576
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("chat-parts")
-    checkpoint, _, config = make_small_ctclip(folder / "ctclip")
+    checkpoint, constructors, config = make_small_ctclip(folder / "ctclip")
     projector = save_projector(folder / "mm_projector.bin", SMOLLM2_WIDTH, config.vision.dim, seed=0)
-    return {"home": folder / "home", "ctclip": checkpoint, "config": config, "projector": projector}
+    return {"home": folder / "home", "ctclip": checkpoint, "constructors": constructors, "config": config,
+            "projector": projector}
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,20 @@ def test_interactive_prompt(runtime, ricord, monkeypatch, capsys):
     assert session.turns == []  # /reset emptied it after two answers
     out = capsys.readouterr()
     assert out.out.count("ct-chat> ") == 2 and "answer types: free, short" in out.err
+
+
+@pytest.mark.slow
+def test_cli_chat_runs_smollm2_end_to_end_on_the_ricord_scan(parts, ct_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(parts["home"]))
+    transcript = tmp_path / "chat.json"
+    code = main([
+        "chat", str(ct_dir / RICORD_3MM), "--llm", str(smollm2_gguf()), "--no-lora", "--projector",
+        str(parts["projector"]), "--ctclip", str(parts["ctclip"]), "--ctclip-config", str(parts["constructors"]), "--template",
+        "chatml_direct", "--device", "cpu", "--max-new-tokens", "4", "--question", "Describe this image.",
+        "--transcript", str(transcript),
+    ])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    [turn] = json.loads(transcript.read_text())["turns"]
+    assert turn["user_text"] == "<image>\n<provided>Describe this image." and turn["answer"] in out.out
+    assert "tokens in" in out.err
