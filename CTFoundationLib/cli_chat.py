@@ -10,7 +10,7 @@ from pathlib import Path
 from .chat import ANSWER_TYPES, CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatAnswer, ChatRuntime, ChatSession
 from .cli_ctclip import read_model_config, step_progress
 from .cli_input import add_input_arguments, read_input
-from .errors import CTFoundationError
+from .errors import ChatError
 from .models.ctchat import PRECISIONS, TEMPLATES, GenerationSettings
 from .sanity import summarize
 from .weights.cache import write_json_atomic
@@ -54,7 +54,7 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 def chat_model_options(args: argparse.Namespace) -> dict:
     """load_chat_model's keyword arguments from add_llm_arguments' options (and --device)."""
     if args.no_lora and args.projector is None:
-        raise CTFoundationError("--no-lora needs --projector (without the adapter the projector must come from a file)")
+        raise ChatError("--no-lora needs --projector (without the adapter the projector must come from a file)")
     return {"llm": args.llm, "lora": args.lora, "use_lora": not args.no_lora, "projector": args.projector,
             "template": args.template, "device": args.device, "precision": args.precision}
 
@@ -88,7 +88,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise CTFoundationError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
+        raise ChatError("--max-new-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
     return GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 

@@ -20,7 +20,7 @@ from CTFoundationLib.chat_worker import ChatWorker
 from CTFoundationLib.cli import main
 from CTFoundationLib.cli_ctclip import read_model_config
 from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, CTFoundationError
+from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError
 from CTFoundationLib.models.ctchat import (
     IMAGE_TOKEN_INDEX,
     LLAMA3_SYSTEM_PROMPT,
@@ -231,9 +231,9 @@ def test_loading_errors_say_what_is_wrong(tiny_llm, adapter, tmp_path, tokenizer
         CTChatModel.load(tiny_llm, tmp_path / "missing", device="cpu")
     with pytest.raises(CheckpointError, match="needs its projector"):
         CTChatModel.load(tiny_llm, None, device="cpu")
-    with pytest.raises(CTFoundationError, match="fp16 needs a GPU"):
+    with pytest.raises(ChatError, match="fp16 needs a GPU"):
         CTChatModel.load(tiny_llm, folder, device="cpu", precision="fp16")
-    with pytest.raises(CTFoundationError, match="4bit weights need a CUDA GPU"):
+    with pytest.raises(ChatError, match="4bit weights need a CUDA GPU"):
         CTChatModel.load(tiny_llm, folder, device="cpu", precision="4bit")
     with pytest.raises(ChatError, match="not one token"):  # llama3's <|eot_id|> does not exist in this vocabulary
         CTChatModel.load(tiny_llm, folder, template="llama3", device="cpu")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, TextStreamer
 
-from ..errors import ChatError, CheckpointError, ContextLengthError, CTFoundationError
+from ..errors import ChatError, CheckpointError, ContextLengthError, DependencyError
 from .ctchat_projector import AttnPoolProjector, llm_embedding_weights, load_projector, read_state_dict
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -469,12 +469,12 @@ class EventStoppingCriteria(StoppingCriteria):
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, str | None]:
     """(compute dtype, None | '8bit' | '4bit') for a precision name on a device."""
     if precision not in PRECISIONS:
-        raise CTFoundationError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ChatError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     on_gpu = device.type == "cuda"
     if precision in ("8bit", "4bit") and not on_gpu:
-        raise CTFoundationError(f"{precision} weights need a CUDA GPU (bitsandbytes); on CPU use fp32 or bf16")
+        raise ChatError(f"{precision} weights need a CUDA GPU (bitsandbytes); on CPU use fp32 or bf16")
     if precision == "fp16" and not on_gpu:
-        raise CTFoundationError("fp16 needs a GPU; on CPU use fp32 (or bf16 to halve the memory)")
+        raise ChatError("fp16 needs a GPU; on CPU use fp32 (or bf16 to halve the memory)")
     gpu_half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision == "auto":
@@ -525,7 +525,7 @@ def bitsandbytes_config(quantization: str, dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise CTFoundationError(f"{quantization} weights need bitsandbytes: pip install 'bitsandbytes>=0.43'") from None
+        raise DependencyError(f"{quantization} weights need bitsandbytes: pip install 'bitsandbytes>=0.43'") from None
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
