@@ -674,6 +674,8 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._detectionTask = None
         self._weightsTask = None
         self._devicesTask = None
+        self._groundingTask = None
+        self._anatomyTable = None
 
     def resourcePath(self, filename: str) -> str:
         return str(resourcePath(filename))
@@ -691,10 +693,11 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupModelsSection()
         self.setupDetectionSection()
         self.setupResultsSection()
+        self.setupAnatomySection()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for task in (self._detectionTask, self._weightsTask, self._devicesTask):
+        for task in (self._detectionTask, self._weightsTask, self._devicesTask, self._groundingTask):
             if task is not None:
                 task.cancel()
         self.removeObservers()
@@ -972,6 +975,55 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         summary = (_("Positive: {names}").format(names=", ".join(positives) or _("none")) if thresholds
                    else _("No decision thresholds set (Advanced): probabilities only."))
         self.ui.resultsSummaryLabel.text = f"{outcome.result.model} ({outcome.result.method}): {summary}"
+
+
+    # --- Findings per anatomy section -----------------------------------------------------------------------
+
+    def setupAnatomySection(self) -> None:
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.connect("clicked(bool)", self.onGroundOrCancel)
+        self.ui.anatomyTableView.connect("clicked(QModelIndex)", self.onAnatomyRowClicked)
+
+    def onGroundOrCancel(self) -> None:
+        if self._groundingTask is not None:
+            self._groundingTask.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding could not start."), waitCursor=True):
+            self._groundingTask = self.logic.ground(
+                self._parameterNode.inputVolume, self.ui.anatomySegmentationSelector.currentNode(),
+                self.ui.anatomyReportEdit.toPlainText(), waitForCompletion=False,
+                callback=self.onGroundingFinished, progress=self.onGroundingProgress)
+            self.ui.groundProgressBar.value = 0
+            self.ui.groundProgressBar.show()
+            self.ui.groundButton.text = _("Cancel")
+
+    def onGroundingProgress(self, step: str, fraction: float) -> None:
+        self.ui.groundProgressBar.value = int(100 * fraction)
+        self.ui.groundStatusLabel.text = step
+
+    def onGroundingFinished(self, outcome: GroundingOutcome | None, error: Exception | None) -> None:
+        cancelled = self._groundingTask is not None and self._groundingTask.process.cancelled
+        self._groundingTask = None
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.text = _("Find findings per anatomy")
+        self.ui.groundStatusLabel.text = _("cancelled") if cancelled else (_("failed") if error else _("done"))
+        if cancelled:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding failed.")):
+            if error is not None:
+                raise error
+            self._anatomyTable = outcome.tableNode
+            self.ui.anatomyTableView.setMRMLTableNode(outcome.tableNode)
+            highlightPositiveRows(self.ui.anatomyTableView, outcome.tableNode)
+            positives = [name for name, s in outcome.grounded["segments"].items() if s["positive"]]
+            self.ui.groundStatusLabel.text = _("Positive segments: {names}").format(
+                names=", ".join(positives) or _("none"))
+
+    def onAnatomyRowClicked(self, index) -> None:
+        """A click on a row (of the possibly sorted view) centres the slice views on that row's segment."""
+        if self._anatomyTable is not None:
+            row = self.ui.anatomyTableView.sortFilterProxyModel().mapToSource(index).row()
+            self.logic.jumpToAnatomyRow(self._anatomyTable, row)
 
 
 #
