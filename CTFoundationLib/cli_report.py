@@ -9,10 +9,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cases import discover_cases
+from .anatomy import AnatomyRequest
 from .cli_ctclip import add_model_arguments, build_runtime
+from .cli_ground import add_fvlm_arguments, fvlm_scoring
 from .detection import load_thresholds
 from .errors import CTFoundationError
-from .report import REPORT_FILE, BatchProgress, BatchSummary, Shard, run_batch
+from .report import REPORT_FILE, BatchProgress, BatchSummary, ReportSection, Shard, run_batch
+from .report.anatomy_section import anatomy_section
 
 MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
 
@@ -29,6 +32,14 @@ def register(subparsers) -> None:
     )
     report.add_argument("--force", action="store_true", help="redo cases that are already finished")
     add_model_arguments(report)
+    anatomy = report.add_argument_group(
+        "findings per anatomy (off by default: TotalSegmentator takes minutes per case, the built-in "
+        "lungs/airway/body/bone segmentation a few seconds)")
+    anatomy.add_argument("--anatomy", action="store_true",
+                         help="add the per-anatomy findings section and draw the positive segments on the key images")
+    anatomy.add_argument("--no-totalsegmentator", action="store_true",
+                         help="use the built-in segmentation even when TotalSegmentator is installed")
+    add_fvlm_arguments(report)
     report.set_defaults(run=run_report)
 
 
@@ -58,11 +69,19 @@ def run_report(args: argparse.Namespace) -> int:
 
     with bar:
         runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
-        summary = run_batch(
-            runtime, cases, args.out, thresholds=thresholds, shard=args.shard, force=args.force, progress=on_case_step
-        )
+        sections = report_sections(args, on_model_step)
+        summary = run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
+                            force=args.force, progress=on_case_step)
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def report_sections(args: argparse.Namespace, progress) -> list[ReportSection]:
+    """The optional sections the arguments ask for (the per-anatomy findings with --anatomy)."""
+    if not args.anatomy:
+        return []
+    request = AnatomyRequest(use_totalsegmentator=not args.no_totalsegmentator, device=args.device)
+    return [anatomy_section(request, fvlm_scoring(args, progress))]
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:
