@@ -51,14 +51,16 @@ def resourcePath(relativePath: str) -> Path:
     return packageRoot() / "Resources" / relativePath
 
 
-if str(packageRoot()) not in sys.path:
-    sys.path.insert(0, str(packageRoot()))
+for _folder in (packageRoot(), Path(__file__).resolve().parent):  # CTFoundationLib; CTFoundationMRML beside this file
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Only light library modules here (no torch, nibabel): the module must load before its dependencies are installed.
 from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
 from CTFoundationLib.worker import DETECTION_MODELS  # noqa: E402
 from CTFoundationLib.worker_process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationChat import ChatPanel  # noqa: E402
+from CTFoundationMRML import anatomy  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
@@ -301,6 +303,17 @@ class DetectionOutcome:
     volumeNode: vtkMRMLScalarVolumeNode
 
 
+@dataclass
+class GroundingOutcome:
+    """What `CTFoundationLogic.ground` returns: the library's grounded result (grounded.json, as
+    `ctfoundation ground` writes it) and the segmentation and table nodes made from it."""
+
+    grounded: dict
+    segmentationNode: object  # vtkMRMLSegmentationNode
+    tableNode: vtkMRMLTableNode
+    volumeNode: vtkMRMLScalarVolumeNode
+
+
 #
 # CTFoundationLogic
 #
@@ -492,12 +505,26 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         waitForCompletion=False: returns the BackgroundTask (cancel() it to stop); callback(outcome, error)
         is called on the main thread when it ends, with exactly one of the two set.
         """
+
+        def arguments(workDir: Path) -> list[str]:
+            return ["detect", *self._modelArguments(volumeNode, model, device, workDir),
+                    "--out", str(workDir / "result.json")]
+
+        return self._runInBackground(
+            "detect", arguments, lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
+            waitForCompletion, callback, progress)
+
+    def _runInBackground(self, name: str, arguments: Callable[[Path], list[str]], outcome: Callable,
+                         waitForCompletion: bool, callback, progress):
+        """Run a worker task on a fresh work folder: the outcome (waiting) or the BackgroundTask (not waiting).
+
+        arguments(workDir) writes the inputs and gives the command line; outcome(task, workDir) turns the
+        finished task into MRML on the main thread; callback(outcome, error) as in `detect`.
+        """
         self.requireDependencies()
-        parameters = self.getParameterNode()
-        workDir = Path(tempfile.mkdtemp(prefix="CTFoundation-detect-"))
+        workDir = Path(tempfile.mkdtemp(prefix=f"CTFoundation-{name}-"))
         try:
-            arguments = self._detectArguments(volumeNode, model or parameters.model, device or parameters.device,
-                                              workDir)
+            commandLine = arguments(workDir)
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -505,13 +532,13 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
         def onFinished(task: BackgroundTask) -> None:
             try:
-                finished["outcome"] = self._detectionOutcome(task, volumeNode, workDir / "result.json")
+                finished["outcome"] = outcome(task, workDir)
             except CTFoundationError as error:
                 finished["error"] = error
             if callback is not None:
                 callback(finished.get("outcome"), finished.get("error"))
 
-        task = self._startTask(arguments, lambda event: self._reportStep(event, progress), onFinished, workDir)
+        task = self._startTask(commandLine, lambda event: self._reportStep(event, progress), onFinished, workDir)
         if not waitForCompletion:
             return task
         task.waitForCompletion()
@@ -519,8 +546,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             raise finished["error"]
         return finished["outcome"]
 
-    def _detectArguments(self, volumeNode, model: str, device: str, workDir: Path) -> list[str]:
-        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); its command line."""
+    def _modelArguments(self, volumeNode, model: str | None, device: str | None, workDir: Path) -> list[str]:
+        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); the CT and model options."""
         import nibabel
 
         volume = ctVolumeFromNode(volumeNode)
@@ -528,8 +555,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         info = {"source": volume.source, "metadata": volume.metadata}
         (workDir / "volume.json").write_text(json.dumps(info), encoding="utf-8")
         parameters = self.getParameterNode()
-        arguments = ["detect", str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
-                     "--out", str(workDir / "result.json"), "--model", model, "--device", device,
+        arguments = [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
+                     "--model", model or parameters.model, "--device", device or parameters.device,
                      "--dtype", parameters.dtype]
         options = {"--weights": parameters.weightsFile, "--model-config": parameters.modelConfigFile,
                    "--text-encoder": parameters.textEncoder, "--thresholds": parameters.thresholdsFile}
@@ -556,6 +583,54 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         storeResultOnVolume(volumeNode, result, tableNode)
         self.getParameterNode().findingsTable = tableNode
         return DetectionOutcome(result, report, tableNode, volumeNode)
+
+    # --- anatomy-grounded findings ---------------------------------------------------------------------
+
+    def ground(self, volumeNode: vtkMRMLScalarVolumeNode, segmentationNode=None, report: str | None = None,
+               model: str | None = None, device: str | None = None, waitForCompletion: bool = True,
+               callback=None, progress=None):
+        """Findings per anatomy segment (CT-CLIP, and fVLM when its weights are installed), in the background.
+
+        segmentationNode: the anatomy (segments named as TotalSegmentator or RadGenome name them); None lets
+        the library make it (TotalSegmentator if installed, else lungs/airway/body/bone). report: report or
+        answer text whose sentences are placed on the segments. Model options as in `detect`.
+        Returns a GroundingOutcome (waiting) or the BackgroundTask; callback(outcome, error) as in `detect`.
+        """
+
+        def arguments(workDir: Path) -> list[str]:
+            commandLine = ["ground", *self._modelArguments(volumeNode, model, device, workDir),
+                           "--out", str(workDir / "out")]
+            if segmentationNode is not None:
+                masks = anatomy.exportSegmentMasks(segmentationNode, volumeNode, ijkToRasArray(volumeNode),
+                                                   workDir / "segmentation")
+                commandLine += ["--segmentation", str(masks)]
+            if report:
+                (workDir / "report.txt").write_text(report, encoding="utf-8")
+                commandLine += ["--report", str(workDir / "report.txt")]
+            return commandLine
+
+        return self._runInBackground(
+            "ground", arguments, lambda task, workDir: self._groundingOutcome(task, volumeNode, workDir / "out"),
+            waitForCompletion, callback, progress)
+
+    def _groundingOutcome(self, task: BackgroundTask, volumeNode, outFolder: Path) -> GroundingOutcome:
+        """The worker's grounded.json and masks into a segmentation node and a findings table (main thread)."""
+        task.process.outcome()
+        grounded = json.loads((outFolder / "grounded.json").read_text(encoding="utf-8"))
+        segmentationNode = anatomy.anatomySegmentation(grounded, outFolder, volumeNode, resourcePath(""))
+        tableNode = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} anatomy findings"))
+        anatomy.anatomyFindingsTable(grounded, tableNode)
+        tableNode.SetNodeReferenceID(anatomy.SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
+        return GroundingOutcome(grounded, segmentationNode, tableNode, volumeNode)
+
+    @staticmethod
+    def jumpToAnatomyRow(tableNode: vtkMRMLTableNode, row: int) -> tuple[float, float, float] | None:
+        """Centre the slice views on the segment of a findings-table row; returns that centre (RAS mm)."""
+        centre = anatomy.rowSegmentCentre(tableNode, row)
+        if centre is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*centre, True)
+        return centre
 
     # --- chat (CT-CHAT) ------------------------------------------------------------------------------------
 
@@ -640,6 +715,8 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._detectionTask = None
         self._weightsTask = None
         self._devicesTask = None
+        self._groundingTask = None
+        self._anatomyTable = None
 
     def resourcePath(self, filename: str) -> str:
         return str(resourcePath(filename))
@@ -657,11 +734,12 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupModelsSection()
         self.setupDetectionSection()
         self.setupResultsSection()
+        self.setupAnatomySection()
         self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for task in (self._detectionTask, self._weightsTask, self._devicesTask):
+        for task in (self._detectionTask, self._weightsTask, self._devicesTask, self._groundingTask):
             if task is not None:
                 task.cancel()
         self.chatPanel.cleanup()
@@ -940,6 +1018,55 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         summary = (_("Positive: {names}").format(names=", ".join(positives) or _("none")) if thresholds
                    else _("No decision thresholds set (Advanced): probabilities only."))
         self.ui.resultsSummaryLabel.text = f"{outcome.result.model} ({outcome.result.method}): {summary}"
+
+
+    # --- Findings per anatomy section -----------------------------------------------------------------------
+
+    def setupAnatomySection(self) -> None:
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.connect("clicked(bool)", self.onGroundOrCancel)
+        self.ui.anatomyTableView.connect("clicked(QModelIndex)", self.onAnatomyRowClicked)
+
+    def onGroundOrCancel(self) -> None:
+        if self._groundingTask is not None:
+            self._groundingTask.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding could not start."), waitCursor=True):
+            self._groundingTask = self.logic.ground(
+                self._parameterNode.inputVolume, self.ui.anatomySegmentationSelector.currentNode(),
+                self.ui.anatomyReportEdit.toPlainText(), waitForCompletion=False,
+                callback=self.onGroundingFinished, progress=self.onGroundingProgress)
+            self.ui.groundProgressBar.value = 0
+            self.ui.groundProgressBar.show()
+            self.ui.groundButton.text = _("Cancel")
+
+    def onGroundingProgress(self, step: str, fraction: float) -> None:
+        self.ui.groundProgressBar.value = int(100 * fraction)
+        self.ui.groundStatusLabel.text = step
+
+    def onGroundingFinished(self, outcome: GroundingOutcome | None, error: Exception | None) -> None:
+        cancelled = self._groundingTask is not None and self._groundingTask.process.cancelled
+        self._groundingTask = None
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.text = _("Find findings per anatomy")
+        self.ui.groundStatusLabel.text = _("cancelled") if cancelled else (_("failed") if error else _("done"))
+        if cancelled:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding failed.")):
+            if error is not None:
+                raise error
+            self._anatomyTable = outcome.tableNode
+            self.ui.anatomyTableView.setMRMLTableNode(outcome.tableNode)
+            highlightPositiveRows(self.ui.anatomyTableView, outcome.tableNode)
+            positives = [name for name, s in outcome.grounded["segments"].items() if s["positive"]]
+            self.ui.groundStatusLabel.text = _("Positive segments: {names}").format(
+                names=", ".join(positives) or _("none"))
+
+    def onAnatomyRowClicked(self, index) -> None:
+        """A click on a row (of the possibly sorted view) centres the slice views on that row's segment."""
+        if self._anatomyTable is not None:
+            row = self.ui.anatomyTableView.sortFilterProxyModel().mapToSource(index).row()
+            self.logic.jumpToAnatomyRow(self._anatomyTable, row)
 
 
 #

@@ -10,12 +10,15 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .cases import discover_cases
+from .anatomy import AnatomyRequest
 from .chat import CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatRuntime, load_chat_model
 from .cli_chat import add_llm_arguments, chat_model_options, generation_settings
 from .cli_ctclip import add_model_arguments, build_runtime
+from .cli_ground import add_fvlm_arguments, fvlm_scoring
 from .detection import CTCLIPRuntime, load_thresholds
 from .errors import CTFoundationError
 from .report import REPORT_FILE, BatchProgress, BatchSummary, ReportSection, Shard, run_batch
+from .report.anatomy_section import anatomy_section
 from .report.narrative import narrative_section
 
 MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
@@ -37,6 +40,14 @@ def register(subparsers) -> None:
         help=f"add a report written by CT-CHAT (default {DEFAULT_CHAT_MODEL}); needs --model ct-clip-v2",
     )
     add_model_arguments(report)
+    anatomy = report.add_argument_group(
+        "findings per anatomy (off by default: TotalSegmentator takes minutes per case, the built-in "
+        "lungs/airway/body/bone segmentation a few seconds)")
+    anatomy.add_argument("--anatomy", action="store_true",
+                         help="add the per-anatomy findings section and draw the positive segments on the key images")
+    anatomy.add_argument("--no-totalsegmentator", action="store_true",
+                         help="use the built-in segmentation even when TotalSegmentator is installed")
+    add_fvlm_arguments(report)
     add_llm_arguments(report.add_argument_group("CT-CHAT (with --narrative)"))
     report.set_defaults(run=run_report)
 
@@ -69,13 +80,22 @@ def run_report(args: argparse.Namespace) -> int:
 
     with bar:
         runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
-        sections = [narrative(args, runtime, on_model_step)] if args.narrative else []
-        summary = run_batch(
-            runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard, force=args.force,
-            progress=on_case_step,
-        )
+        sections = report_sections(args, runtime, on_model_step)
+        summary = run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
+                            force=args.force, progress=on_case_step)
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def report_sections(args: argparse.Namespace, encoder: CTCLIPRuntime, progress) -> list[ReportSection]:
+    """The optional sections the arguments ask for (per-anatomy findings with --anatomy, CT-CHAT's with --narrative)."""
+    sections = []
+    if args.anatomy:
+        request = AnatomyRequest(use_totalsegmentator=not args.no_totalsegmentator, device=args.device)
+        sections.append(anatomy_section(request, fvlm_scoring(args, progress)))
+    if args.narrative:
+        sections.append(narrative(args, encoder, progress))
+    return sections
 
 
 def narrative(args: argparse.Namespace, encoder: CTCLIPRuntime, progress: Callable[[str], None]) -> ReportSection:

@@ -2,6 +2,7 @@
 
 Tasks:
   detect CT --out FILE [model options]   one CT -> the JSON `ctfoundation detect --out` writes
+  ground CT --out DIR [ground options]   one CT -> grounded.json + masks/ as `ctfoundation ground` writes
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
   import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
@@ -30,6 +31,8 @@ DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro")
 # In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
 DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
                 "write result")
+GROUND_STEPS = ("read CT", "anatomy", "load model", "preprocess", "encode image", "score", "fvlm: load model",
+                "fvlm: preprocess", "fvlm: encode and score", "write result")
 BYTES_EVENT_INTERVAL_S = 0.25
 
 
@@ -38,13 +41,15 @@ def emit(event_type: str, **fields) -> None:
     print(format_event(event_type, **fields), flush=True)
 
 
-def step_emitter() -> Callable[[str], None]:
-    """A progress callback that turns runtime step names into numbered `step` events."""
+def step_emitter(steps: tuple[str, ...] = DETECT_STEPS) -> Callable[[str], None]:
+    """A progress callback that turns runtime step names into numbered `step` events (an unknown step name
+    keeps the number of the step before it)."""
+    last = [0]
 
     def step(name: str) -> None:
         canonical = name.removesuffix(" cached")
-        index = DETECT_STEPS.index(canonical) + 1 if canonical in DETECT_STEPS else 0
-        emit("step", name=name, index=index, count=len(DETECT_STEPS))
+        last[0] = steps.index(canonical) + 1 if canonical in steps else last[0]
+        emit("step", name=name, index=last[0], count=len(steps))
 
     return step
 
@@ -89,6 +94,27 @@ def run_detect(args: argparse.Namespace) -> Path:
     step("write result")
     write_json_atomic(args.out, detection_report(summary, result))
     return args.out
+
+
+def add_ground_task_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_ground import add_ground_arguments
+
+    add_ground_arguments(parser)
+    parser.add_argument("--volume-info", type=Path, help='JSON {"source": ..., "metadata": {...}} for the result')
+
+
+def run_ground_task(args: argparse.Namespace) -> Path:
+    from .cli_ground import write_grounded
+    from .reading import read_ct
+
+    step = step_emitter(GROUND_STEPS)
+    step("read CT")
+    volume = read_ct(args.ct)
+    if args.volume_info:
+        apply_volume_info(volume, args.volume_info)
+    write_grounded(args, volume, step)
+    step("write result")
+    return args.out / "grounded.json"
 
 
 def apply_volume_info(volume, path: Path) -> None:
@@ -163,6 +189,7 @@ def run_devices(args: argparse.Namespace) -> None:
 
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]] = {
     "detect": (add_detect_arguments, run_detect),
+    "ground": (add_ground_task_arguments, run_ground_task),
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),

@@ -245,7 +245,7 @@ def test_sections_add_data_html_and_key_images(small, ct_dir, tmp_path):
     folder = ct_dir / "totalseg_chest_crop_aorta"
     mask = np.asarray(nib.load(folder / "aorta_mask.nii.gz").dataobj) > 0
 
-    def aorta_section(volume):
+    def aorta_section(volume, detection):
         voxel = np.argwhere(mask)[int(mask.sum()) // 2]
         ras = tuple(float(v) for v in (volume.affine_ras @ np.array([*voxel, 1.0]))[:3])
         volume_ml = float(mask.sum() * np.prod(volume.spacing_ijk_mm) / 1000)

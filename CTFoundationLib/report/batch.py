@@ -185,7 +185,7 @@ def _fill_result(
     outputs: dict[str, SectionOutput] = {}
     for section in sections:
         with clock(f"section:{section.key}"):
-            outputs[section.key] = section.compute(volume)
+            outputs[section.key] = section.compute(volume, detection)
     result["sections"] = {key: output.data for key, output in outputs.items()}
     with clock("key_images"):
         points = [point for output in outputs.values() for point in output.points]

@@ -1,6 +1,6 @@
 """Optional report sections: further result producers (grounded findings, narrative reports...) plug in here.
 
-A section runs once per case on the CT volume after detection. What it returns is stored in
+A section runs once per case on the CT volume and its CT-CLIP detection result. What it returns is stored in
 `result.json` under `sections[key]`, its HTML fragment is placed in `report.html` under `title`, and its
 points and overlays are drawn on the key images (with key images added through each point).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..results import DetectionResult
 from ..volume import CTVolume
 from .keyimages import MarkedPoint, Overlay
 
@@ -30,4 +31,4 @@ class ReportSection:
 
     key: str
     title: str
-    compute: Callable[[CTVolume], SectionOutput]
+    compute: Callable[[CTVolume, DetectionResult], SectionOutput]
