@@ -735,7 +735,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupDetectionSection()
         self.setupResultsSection()
         self.setupAnatomySection()
-        self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume)
+        self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume, self.groundText)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -1039,6 +1039,12 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.groundProgressBar.value = 0
             self.ui.groundProgressBar.show()
             self.ui.groundButton.text = _("Cancel")
+
+    def groundText(self, text: str) -> None:
+        """Place a text's sentences (a chat answer) on the anatomy segments: the Anatomy section's report box."""
+        self.ui.anatomyReportEdit.setPlainText(text)
+        if self._groundingTask is None:
+            self.onGroundOrCancel()
 
     def onGroundingProgress(self, step: str, fraction: float) -> None:
         self.ui.groundProgressBar.value = int(100 * fraction)

@@ -103,10 +103,12 @@ def transcriptHtml(turns: list[dict], streaming: str | None, anatomy: list[str])
 
 
 class ChatPanel:
-    """The Chat section: model, start, transcript, answer type, question line, Send, Stop, Generate report."""
+    """The Chat section: model, start, transcript, answer type, question line, Send, Stop, Generate report,
+    Show on anatomy (hands the latest answer to `placeOnAnatomy`, which puts its sentences on the segments)."""
 
-    def __init__(self, logic, parentLayout, currentVolume: Callable[[], vtkMRMLScalarVolumeNode | None]) -> None:
-        self.logic, self.currentVolume = logic, currentVolume
+    def __init__(self, logic, parentLayout, currentVolume: Callable[[], vtkMRMLScalarVolumeNode | None],
+                 placeOnAnatomy: Callable[[str], None]) -> None:
+        self.logic, self.currentVolume, self.placeOnAnatomy = logic, currentVolume, placeOnAnatomy
         self.conversation = None
         self.streaming: str | None = None
         self.timer = qt.QTimer()
@@ -142,8 +144,11 @@ class ChatPanel:
         self.stopButton.connect("clicked(bool)", self.onStop)
         self.reportButton = qt.QPushButton(_("Generate report"))
         self.reportButton.connect("clicked(bool)", self.onReport)
+        self.anatomyButton = qt.QPushButton(_("Show on anatomy"))
+        self.anatomyButton.toolTip = _("Place the latest answer's sentences on the anatomy segments (Anatomy section)")
+        self.anatomyButton.connect("clicked(bool)", self.onShowOnAnatomy)
         row = qt.QHBoxLayout()
-        for widget in (self.questionEdit, self.sendButton, self.stopButton, self.reportButton):
+        for widget in (self.questionEdit, self.sendButton, self.stopButton, self.reportButton, self.anatomyButton):
             row.addWidget(widget)
         form.addRow(row)
         self.updateButtons("")
@@ -174,6 +179,10 @@ class ChatPanel:
         if self.conversation is not None:
             self.conversation.generateReport(waitForCompletion=False)
             self.streaming = ""
+
+    def onShowOnAnatomy(self) -> None:
+        if self.conversation is not None and self.conversation.lastAnswer is not None:
+            self.placeOnAnatomy(self.conversation.lastAnswer.text)
 
     def onStop(self) -> None:
         if self.conversation is not None:
@@ -206,7 +215,7 @@ class ChatPanel:
     def updateButtons(self, status: str, detail: str = "") -> None:
         ready = status == "ready"
         self.statusLabel.text = STATUS_TEXT.get(status, _("not started")) + (f": {detail}" if detail else "")
-        for widget in (self.sendButton, self.reportButton, self.questionEdit):
+        for widget in (self.sendButton, self.reportButton, self.questionEdit, self.anatomyButton):
             widget.enabled = ready
         self.stopButton.enabled = status == "busy"
 
