@@ -55,3 +55,14 @@ def test_console_chat_reports_a_model_that_cannot_load(ctf, scene, small, chat_p
     assert chat.worker.status == "failed"
     replaced = logic.chat(None, model="ct-chat-llama3.1-8b", **dict(chat_parts, llm=tmp_path))
     assert replaced.worker is not chat.worker  # a failed worker is not kept
+
+
+def test_transcript_html_escapes_and_shows_the_streaming_answer(ctf):
+    from CTFoundationChat import transcriptHtml, transcriptText
+
+    turns = [{"question": "Is x < 3 & y?", "answer_type": "short", "answer": "<b>No</b>.", "stopped": True}]
+    page = transcriptHtml(turns, "Partial <i>", ["pleura", "lung/right lung"])
+    assert "Is x &lt; 3 &amp; y?" in page and "&lt;b&gt;No&lt;/b&gt;." in page and "<b>No</b>" not in page
+    assert page.index("&lt;b&gt;No") < page.index("Partial &lt;i&gt;&#9646;") < page.index("pleura, lung/right lung")
+    assert transcriptHtml(turns, None, []).count("CT-CHAT") == 1
+    assert transcriptText(turns) == "You [short]: Is x < 3 & y?\nCT-CHAT: <b>No</b>. [stopped]\n"
