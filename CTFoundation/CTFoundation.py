@@ -1044,6 +1044,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_DetectionWithSmallCheckpoint()
+        self.setUp()
+        self.test_GroundingOnFallbackAnatomy()
 
     def loadTestCT(self) -> vtkMRMLScalarVolumeNode:
         path = os.environ.get("CTFOUNDATION_TEST_CT")
@@ -1053,9 +1055,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
 
         return SampleData.downloadSample("CTChest")
 
-    def test_DetectionWithSmallCheckpoint(self) -> None:
-        self.delayDisplay("Loading a chest CT")
-        volumeNode = self.loadTestCT()
+    def runWithSmallCheckpoint(self, run):
+        """run(logic) with the parameter node pointing at a small random CT-CLIP checkpoint made here."""
         logic = CTFoundationLogic()
         if logic.missingDependencies():
             logic.installDependencies(askConfirmation=False)
@@ -1067,14 +1068,19 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         parameters.weightsFile = str(checkpoint)
         parameters.modelConfigFile = str(constructors)
         parameters.textEncoder = str(write_prompt_vocab(folder / "vocab" / "vocab.txt"))
-        self.delayDisplay("Detecting with a small random checkpoint")
-        steps = []
         try:
-            outcome = logic.detect(volumeNode, model="ct-clip-v2", device="cpu",
-                                   progress=lambda step, fraction: steps.append(step))
+            return run(logic)
         finally:
             parameters.weightsFile = parameters.modelConfigFile = parameters.textEncoder = ""
             shutil.rmtree(folder, ignore_errors=True)
+
+    def test_DetectionWithSmallCheckpoint(self) -> None:
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Detecting with a small random checkpoint")
+        steps = []
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.detect(
+            volumeNode, model="ct-clip-v2", device="cpu", progress=lambda step, fraction: steps.append(step)))
 
         table = outcome.tableNode
         self.assertEqual(table.GetNumberOfRows(), 18)
@@ -1085,4 +1091,28 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         self.assertEqual(volumeNode.GetNodeReference(FINDINGS_REFERENCE_ROLE).GetID(), table.GetID())
         self.assertEqual(outcome.report["input"]["source"], volumeNode.GetName())
         self.assertIn("encode image", steps)
+        self.delayDisplay("Test passed")
+
+    def test_GroundingOnFallbackAnatomy(self) -> None:
+        """Anatomy made by the library's fallback (lungs, airway, body, bone), a report sentence on the left lung."""
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Grounding findings on the anatomy")
+        report = "A 6 mm nodule is seen in the left lung upper lobe."
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.ground(
+            volumeNode, report=report, model="ct-clip-v2", device="cpu"))
+
+        segmentation = outcome.segmentationNode.GetSegmentation()
+        names = {segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())}
+        self.assertTrue({"lung_left", "lung_right"} <= names, names)
+        table = outcome.tableNode
+        self.assertGreater(table.GetNumberOfRows(), 0)
+        anatomyColumn = table.GetColumnIndex("anatomy")
+        self.assertGreaterEqual(anatomyColumn, 0)
+        segments = outcome.grounded["segments"]
+        self.assertEqual([s["text"] for s in segments["lung_left"]["sentences"]], [report])
+        self.assertEqual(segments["lung_right"]["sentences"], [])
+        centre = CTFoundationLogic.jumpToAnatomyRow(table, 0)
+        self.assertIsNotNone(centre)
         self.delayDisplay("Test passed")

@@ -5,10 +5,12 @@ headless batch script."""
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.metadata
 import json
 import sys
 import time
+import unittest
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -21,6 +23,7 @@ from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import CTInputError, DependencyError, WorkerError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
+from conftest import data_root
 from small_models import bert_vocab, make_small_ctclip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,3 +331,11 @@ def test_batch_script_writes_what_the_cli_writes(ctf, scene, ct_dir, small, tmp_
     code = ctfoundation_batch.main([str(tmp_path / "missing.nii.gz"), str(ct), "--out", str(tmp_path / "many"),
                                     *options, "--weights", str(tmp_path / "no-such.pt")])
     assert code == 1 and not (tmp_path / "many").exists()
+
+
+def test_module_self_test_runs(ctf, scene, monkeypatch, tmp_path) -> None:
+    """CTFoundationTest (written for a real Slicer) passes here on the RICORD 3 mm NIfTI: detection and grounding."""
+    monkeypatch.setenv("CTFOUNDATION_TEST_CT", str(data_root() / "ct" / RICORD / "ct_3mm_iso.nii.gz"))
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(ctf.CTFoundationTest("runTest"))
+    assert result.wasSuccessful(), [text for _, text in result.errors + result.failures]
