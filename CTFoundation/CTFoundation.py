@@ -303,6 +303,19 @@ class DetectionOutcome:
 
 
 @dataclass
+class ReportOutcome:
+    """What `CTFoundationLogic.report` returns: where the batch report is and each case's status row
+    (summary.csv as `ctfoundation report` writes it: case_id, status ok/failed, report, error, ...)."""
+
+    indexHtml: Path
+    cases: list[dict]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.cases if row["status"] != "ok"]
+
+
+@dataclass
 class GroundingOutcome:
     """What `CTFoundationLogic.ground` returns: the library's grounded result (grounded.json, as
     `ctfoundation ground` writes it) and the segmentation and table nodes made from it."""
@@ -552,9 +565,13 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         nibabel.save(nibabel.Nifti1Image(volume.hu, volume.affine_ras), str(workDir / "volume.nii"))
         info = {"source": volume.source, "metadata": volume.metadata}
         (workDir / "volume.json").write_text(json.dumps(info), encoding="utf-8")
+        return [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
+                *self._modelOptions(model, device)]
+
+    def _modelOptions(self, model: str | None, device: str | None) -> list[str]:
+        """The worker's model options: model / device as given, else the parameter node's, and its files."""
         parameters = self.getParameterNode()
-        arguments = [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
-                     "--model", model or parameters.model, "--device", device or parameters.device,
+        arguments = ["--model", model or parameters.model, "--device", device or parameters.device,
                      "--dtype", parameters.dtype]
         options = {"--weights": parameters.weightsFile, "--model-config": parameters.modelConfigFile,
                    "--text-encoder": parameters.textEncoder, "--thresholds": parameters.thresholdsFile}
@@ -621,6 +638,32 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         anatomy.anatomyFindingsTable(grounded, tableNode)
         tableNode.SetNodeReferenceID(anatomy.SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
         return GroundingOutcome(grounded, segmentationNode, tableNode, volumeNode)
+
+    # --- batch reports --------------------------------------------------------------------------------------
+
+    def report(self, inputs: list, outFolder, model: str | None = None, device: str | None = None,
+               anatomy: bool = False, waitForCompletion: bool = True, callback=None, progress=None):
+        """Batch reports of CT files / DICOM folders / case folders / a CSV list, exactly as `ctfoundation
+        report` writes them into outFolder (result.json + report.html per case, index.html, summary.csv), in
+        the background; finished cases are skipped. Returns a ReportOutcome (waiting) or the BackgroundTask.
+        """
+        outFolder = Path(outFolder)
+
+        def arguments(workDir: Path) -> list[str]:
+            return ["report", *[str(Path(p)) for p in inputs], "--out", str(outFolder),
+                    *self._modelOptions(model, device), *(["--anatomy"] if anatomy else [])]
+
+        return self._runInBackground(
+            "report", arguments, lambda task, workDir: self._reportOutcome(task, outFolder),
+            waitForCompletion, callback, progress)
+
+    @staticmethod
+    def _reportOutcome(task: BackgroundTask, outFolder: Path) -> ReportOutcome:
+        import csv
+
+        indexHtml = Path(task.process.outcome()["path"])
+        with open(outFolder / "summary.csv", newline="", encoding="utf-8") as summary:
+            return ReportOutcome(indexHtml, list(csv.DictReader(summary)))
 
     @staticmethod
     def jumpToAnatomyRow(tableNode: vtkMRMLTableNode, row: int) -> tuple[float, float, float] | None:

@@ -24,6 +24,12 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="batch reports: findings JSON + HTML page per CT, index.html and summary.csv"
     )
+    add_report_arguments(report)
+    report.set_defaults(run=run_report)
+
+
+def add_report_arguments(report: argparse.ArgumentParser) -> None:
+    """The `report` options (shared by the CLI and the Slicer worker's `report` task)."""
     report.add_argument("inputs", type=Path, nargs="+", help="CT files, DICOM folders, folders of cases or a CSV list")
     report.add_argument("--out", type=Path, required=True, help="output folder; cases finished in it are skipped")
     report.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
@@ -40,7 +46,6 @@ def register(subparsers) -> None:
     anatomy.add_argument("--no-totalsegmentator", action="store_true",
                          help="use the built-in segmentation even when TotalSegmentator is installed")
     add_fvlm_arguments(report)
-    report.set_defaults(run=run_report)
 
 
 def parse_shard(text: str) -> Shard:
@@ -52,7 +57,6 @@ def parse_shard(text: str) -> Shard:
 
 def run_report(args: argparse.Namespace) -> int:
     cases = discover_cases(args.inputs)
-    thresholds = load_thresholds(args.thresholds)
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
     current = {"case": "loading model"}
 
@@ -68,12 +72,18 @@ def run_report(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{event.case_id}: {event.step}")
 
     with bar:
-        runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
-        sections = report_sections(args, on_model_step)
-        summary = run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
-                            force=args.force, progress=on_case_step)
+        summary = report_cases(args, cases, on_model_step, on_case_step)
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def report_cases(args: argparse.Namespace, cases: list, on_model_step, on_case_step) -> BatchSummary:
+    """Load the model(s) the arguments name once, then report every case (of the shard) into args.out."""
+    thresholds = load_thresholds(args.thresholds)
+    runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
+    sections = report_sections(args, on_model_step)
+    return run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
+                     force=args.force, progress=on_case_step)
 
 
 def report_sections(args: argparse.Namespace, progress) -> list[ReportSection]:
