@@ -304,6 +304,19 @@ class DetectionOutcome:
 
 
 @dataclass
+class ReportOutcome:
+    """What `CTFoundationLogic.report` returns: where the batch report is and each case's status row
+    (summary.csv as `ctfoundation report` writes it: case_id, status ok/failed, report, error, ...)."""
+
+    indexHtml: Path
+    cases: list[dict]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.cases if row["status"] != "ok"]
+
+
+@dataclass
 class GroundingOutcome:
     """What `CTFoundationLogic.ground` returns: the library's grounded result (grounded.json, as
     `ctfoundation ground` writes it) and the segmentation and table nodes made from it."""
@@ -554,9 +567,13 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         nibabel.save(nibabel.Nifti1Image(volume.hu, volume.affine_ras), str(workDir / "volume.nii"))
         info = {"source": volume.source, "metadata": volume.metadata}
         (workDir / "volume.json").write_text(json.dumps(info), encoding="utf-8")
+        return [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
+                *self._modelOptions(model, device)]
+
+    def _modelOptions(self, model: str | None, device: str | None) -> list[str]:
+        """The worker's model options: model / device as given, else the parameter node's, and its files."""
         parameters = self.getParameterNode()
-        arguments = [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
-                     "--model", model or parameters.model, "--device", device or parameters.device,
+        arguments = ["--model", model or parameters.model, "--device", device or parameters.device,
                      "--dtype", parameters.dtype]
         options = {"--weights": parameters.weightsFile, "--model-config": parameters.modelConfigFile,
                    "--text-encoder": parameters.textEncoder, "--thresholds": parameters.thresholdsFile}
@@ -623,6 +640,32 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         anatomy.anatomyFindingsTable(grounded, tableNode)
         tableNode.SetNodeReferenceID(anatomy.SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
         return GroundingOutcome(grounded, segmentationNode, tableNode, volumeNode)
+
+    # --- batch reports --------------------------------------------------------------------------------------
+
+    def report(self, inputs: list, outFolder, model: str | None = None, device: str | None = None,
+               anatomy: bool = False, waitForCompletion: bool = True, callback=None, progress=None):
+        """Batch reports of CT files / DICOM folders / case folders / a CSV list, exactly as `ctfoundation
+        report` writes them into outFolder (result.json + report.html per case, index.html, summary.csv), in
+        the background; finished cases are skipped. Returns a ReportOutcome (waiting) or the BackgroundTask.
+        """
+        outFolder = Path(outFolder)
+
+        def arguments(workDir: Path) -> list[str]:
+            return ["report", *[str(Path(p)) for p in inputs], "--out", str(outFolder),
+                    *self._modelOptions(model, device), *(["--anatomy"] if anatomy else [])]
+
+        return self._runInBackground(
+            "report", arguments, lambda task, workDir: self._reportOutcome(task, outFolder),
+            waitForCompletion, callback, progress)
+
+    @staticmethod
+    def _reportOutcome(task: BackgroundTask, outFolder: Path) -> ReportOutcome:
+        import csv
+
+        indexHtml = Path(task.process.outcome()["path"])
+        with open(outFolder / "summary.csv", newline="", encoding="utf-8") as summary:
+            return ReportOutcome(indexHtml, list(csv.DictReader(summary)))
 
     @staticmethod
     def jumpToAnatomyRow(tableNode: vtkMRMLTableNode, row: int) -> tuple[float, float, float] | None:
@@ -1093,6 +1136,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_DetectionWithSmallCheckpoint()
+        self.setUp()
+        self.test_GroundingOnFallbackAnatomy()
 
     def loadTestCT(self) -> vtkMRMLScalarVolumeNode:
         path = os.environ.get("CTFOUNDATION_TEST_CT")
@@ -1102,9 +1147,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
 
         return SampleData.downloadSample("CTChest")
 
-    def test_DetectionWithSmallCheckpoint(self) -> None:
-        self.delayDisplay("Loading a chest CT")
-        volumeNode = self.loadTestCT()
+    def runWithSmallCheckpoint(self, run):
+        """run(logic) with the parameter node pointing at a small random CT-CLIP checkpoint made here."""
         logic = CTFoundationLogic()
         if logic.missingDependencies():
             logic.installDependencies(askConfirmation=False)
@@ -1116,14 +1160,19 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         parameters.weightsFile = str(checkpoint)
         parameters.modelConfigFile = str(constructors)
         parameters.textEncoder = str(write_prompt_vocab(folder / "vocab" / "vocab.txt"))
-        self.delayDisplay("Detecting with a small random checkpoint")
-        steps = []
         try:
-            outcome = logic.detect(volumeNode, model="ct-clip-v2", device="cpu",
-                                   progress=lambda step, fraction: steps.append(step))
+            return run(logic)
         finally:
             parameters.weightsFile = parameters.modelConfigFile = parameters.textEncoder = ""
             shutil.rmtree(folder, ignore_errors=True)
+
+    def test_DetectionWithSmallCheckpoint(self) -> None:
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Detecting with a small random checkpoint")
+        steps = []
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.detect(
+            volumeNode, model="ct-clip-v2", device="cpu", progress=lambda step, fraction: steps.append(step)))
 
         table = outcome.tableNode
         self.assertEqual(table.GetNumberOfRows(), 18)
@@ -1134,4 +1183,28 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         self.assertEqual(volumeNode.GetNodeReference(FINDINGS_REFERENCE_ROLE).GetID(), table.GetID())
         self.assertEqual(outcome.report["input"]["source"], volumeNode.GetName())
         self.assertIn("encode image", steps)
+        self.delayDisplay("Test passed")
+
+    def test_GroundingOnFallbackAnatomy(self) -> None:
+        """Anatomy made by the library's fallback (lungs, airway, body, bone), a report sentence on the left lung."""
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Grounding findings on the anatomy")
+        report = "A 6 mm nodule is seen in the left lung upper lobe."
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.ground(
+            volumeNode, report=report, model="ct-clip-v2", device="cpu"))
+
+        segmentation = outcome.segmentationNode.GetSegmentation()
+        names = {segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())}
+        self.assertTrue({"lung_left", "lung_right"} <= names, names)
+        table = outcome.tableNode
+        self.assertGreater(table.GetNumberOfRows(), 0)
+        anatomyColumn = table.GetColumnIndex("anatomy")
+        self.assertGreaterEqual(anatomyColumn, 0)
+        segments = outcome.grounded["segments"]
+        self.assertEqual([s["text"] for s in segments["lung_left"]["sentences"]], [report])
+        self.assertEqual(segments["lung_right"]["sentences"], [])
+        centre = CTFoundationLogic.jumpToAnatomyRow(table, 0)
+        self.assertIsNotNone(centre)
         self.delayDisplay("Test passed")

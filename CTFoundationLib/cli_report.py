@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .cases import discover_cases
 from .anatomy import AnatomyRequest
+from .cases import discover_cases
 from .chat import CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatRuntime, load_chat_model
 from .cli_chat import add_llm_arguments, chat_model_options, generation_settings
 from .cli_ctclip import add_model_arguments, build_runtime
@@ -28,6 +28,12 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="batch reports: findings JSON + HTML page per CT, index.html and summary.csv"
     )
+    add_report_arguments(report)
+    report.set_defaults(run=run_report)
+
+
+def add_report_arguments(report: argparse.ArgumentParser) -> None:
+    """The `report` options (shared by the CLI and the Slicer worker's `report` task)."""
     report.add_argument("inputs", type=Path, nargs="+", help="CT files, DICOM folders, folders of cases or a CSV list")
     report.add_argument("--out", type=Path, required=True, help="output folder; cases finished in it are skipped")
     report.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
@@ -49,7 +55,6 @@ def register(subparsers) -> None:
                          help="use the built-in segmentation even when TotalSegmentator is installed")
     add_fvlm_arguments(report)
     add_llm_arguments(report.add_argument_group("CT-CHAT (with --narrative)"))
-    report.set_defaults(run=run_report)
 
 
 def parse_shard(text: str) -> Shard:
@@ -60,10 +65,7 @@ def parse_shard(text: str) -> Shard:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    if args.narrative and args.model != "ct-clip-v2":
-        raise CTFoundationError(f"--narrative needs --model ct-clip-v2 (CT-CHAT's image encoder), not {args.model}")
     cases = discover_cases(args.inputs)
-    thresholds = load_thresholds(args.thresholds)
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
     current = {"case": "loading model"}
 
@@ -79,12 +81,20 @@ def run_report(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{event.case_id}: {event.step}")
 
     with bar:
-        runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
-        sections = report_sections(args, runtime, on_model_step)
-        summary = run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
-                            force=args.force, progress=on_case_step)
+        summary = report_cases(args, cases, on_model_step, on_case_step)
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def report_cases(args: argparse.Namespace, cases: list, on_model_step, on_case_step) -> BatchSummary:
+    """Load the model(s) the arguments name once, then report every case (of the shard) into args.out."""
+    if args.narrative and args.model != "ct-clip-v2":
+        raise CTFoundationError(f"--narrative needs --model ct-clip-v2 (CT-CHAT's image encoder), not {args.model}")
+    thresholds = load_thresholds(args.thresholds)
+    runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
+    sections = report_sections(args, runtime, on_model_step)
+    return run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
+                     force=args.force, progress=on_case_step)
 
 
 def report_sections(args: argparse.Namespace, encoder: CTCLIPRuntime, progress) -> list[ReportSection]:

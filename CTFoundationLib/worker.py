@@ -3,6 +3,7 @@
 Tasks:
   detect CT --out FILE [model options]   one CT -> the JSON `ctfoundation detect --out` writes
   ground CT --out DIR [ground options]   one CT -> grounded.json + masks/ as `ctfoundation ground` writes
+  report INPUTS... --out DIR [options]   batch reports exactly as `ctfoundation report` writes them
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
   import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
@@ -127,6 +128,33 @@ def apply_volume_info(volume, path: Path) -> None:
     volume.metadata.update(info.get("metadata", {}))
 
 
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def add_report_task_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_report import add_report_arguments
+
+    add_report_arguments(parser)
+
+
+def run_report_task(args: argparse.Namespace) -> Path:
+    """`ctfoundation report` with progress as events: a `step` per case step, a `warning` per failed case."""
+    from .cases import discover_cases
+    from .cli_report import report_cases
+
+    cases = discover_cases(args.inputs)
+    emit("note", message=f"{len(cases)} case(s) found")
+    model_step = step_emitter()
+
+    def on_case_step(event) -> None:
+        emit("step", name=f"{event.case_id}: {event.step}", index=event.done, count=event.total)
+
+    summary = report_cases(args, cases, model_step, on_case_step)
+    for outcome in summary.with_status("failed"):
+        emit("warning", code="CASE_FAILED", message=f"{outcome.case_id}: {outcome.error}")
+    return summary.index_html
+
+
 # --- weights --------------------------------------------------------------------------------------------
 
 
@@ -190,6 +218,7 @@ def run_devices(args: argparse.Namespace) -> None:
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]] = {
     "detect": (add_detect_arguments, run_detect),
     "ground": (add_ground_task_arguments, run_ground_task),
+    "report": (add_report_task_arguments, run_report_task),
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),

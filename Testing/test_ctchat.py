@@ -317,8 +317,8 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
     assert html.escape(expected.sentences[0].text, quote=False) in page
 
 
-def test_report_narrative_needs_ctclip_v2(capsys):
-    assert main(["report", "ct.nii.gz", "--out", "x", "--model", "ct-clip-lipro", "--narrative"]) != 0
+def test_report_narrative_needs_ctclip_v2(ct_dir, tmp_path, capsys):
+    assert main(["report", str(ct_dir / RICORD_3MM), "--out", str(tmp_path), "--model", "ct-clip-lipro", "--narrative"]) == 2
     assert "--narrative needs --model ct-clip-v2" in capsys.readouterr().err
 
 
