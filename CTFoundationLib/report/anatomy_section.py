@@ -35,7 +35,13 @@ def anatomy_section(request: AnatomyRequest, fvlm: FVLMScoring) -> ReportSection
         points = [MarkedPoint(f"{s.title} centre", tuple(s.centroid_ras_mm)) for s in positives[:MAX_SEGMENT_IMAGES]]
         return SectionOutput(case.to_dict(), section_html(case), points, overlays)
 
-    return ReportSection(SECTION_KEY, "Findings per anatomy", compute)
+    fvlm_settings = (
+        {"skipped": fvlm.skipped} if fvlm.runtime is None else
+        {"checkpoint_sha256": fvlm.runtime.checkpoint_sha256, "thresholds": dict(fvlm.thresholds or {}),
+         "mode": fvlm.mode}
+    )
+    settings = {"totalsegmentator": request.use_totalsegmentator, "fvlm": fvlm_settings}
+    return ReportSection(SECTION_KEY, "Findings per anatomy", compute, settings)
 
 
 def section_html(case: GroundedCase) -> str:

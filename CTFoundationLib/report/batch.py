@@ -254,7 +254,7 @@ def run_key(
         "checkpoint_sha256": runtime.checkpoint_sha256,
         "dtype": runtime.dtype,
         "thresholds": dict(sorted((thresholds or {}).items())),
-        "sections": [section.key for section in sections],
+        "sections": [[section.key, section.settings] for section in sections],
         "source": str(Path(case.path).resolve()),
         "fingerprint": fingerprint,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from html import escape
 
 from ..chat import ChatRuntime
@@ -33,7 +34,8 @@ def narrative_section(runtime: ChatRuntime, model_id: str, settings: GenerationS
         }
         return SectionOutput(data=data, html=narrative_html(data))
 
-    return ReportSection(NARRATIVE_KEY, f"Generated report ({model_id})", compute)
+    return ReportSection(NARRATIVE_KEY, f"Generated report ({model_id})", compute,
+                         {"model": model_id, "generation": asdict(settings)})
 
 
 def narrative_html(data: dict) -> str:

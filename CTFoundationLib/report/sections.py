@@ -7,8 +7,9 @@ points and overlays are drawn on the key images (with key images added through e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..results import DetectionResult
 from ..volume import CTVolume
@@ -27,8 +28,10 @@ class SectionOutput:
 
 @dataclass(frozen=True)
 class ReportSection:
-    """key: stable identifier (result.json key, HTML anchor); it is part of the resume key."""
+    """key: stable identifier (result.json key, HTML anchor). key and settings (JSON-ready: what the output
+    depends on besides the CT, e.g. model checkpoints and options) are part of the resume key."""
 
     key: str
     title: str
     compute: Callable[[CTVolume, DetectionResult], SectionOutput]
+    settings: Mapping[str, Any] = field(default_factory=dict)
