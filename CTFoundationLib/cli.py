@@ -9,7 +9,7 @@ from . import __version__
 from .errors import CTFoundationError
 
 FEATURE_MODULES = (
-    "cli_input", "cli_ctclip", "cli_weights", "cli_ground", "cli_report", "cli_labels", "cli_training",
+    "cli_input", "cli_ctclip", "cli_weights", "cli_ground", "cli_report", "cli_labels", "cli_chat", "cli_training",
 )
 
 

@@ -14,7 +14,7 @@ from .cli_input import add_input_arguments, read_input
 from .detection import load_thresholds
 from .errors import CTFoundationError, WeightsError
 from .fvlm_runtime import MODES, FVLMRuntime
-from .grounded import GroundedCase, ground_case
+from .grounded import FVLMScoring, GroundedCase, ground_case
 from .grounding import default_grounder
 from .models.fvlm import ORGANS, FVLMConfig
 from .sanity import summarize
@@ -24,6 +24,12 @@ from .weights.cache import write_json_atomic
 
 def register(subparsers) -> None:
     ground = subparsers.add_parser("ground", help="findings per anatomy segment (CT-CLIP + fVLM) with report sentences")
+    add_ground_arguments(ground)
+    ground.set_defaults(run=run_ground)
+
+
+def add_ground_arguments(ground: argparse.ArgumentParser) -> None:
+    """The arguments of `ground` (also those of the Slicer worker's ground task)."""
     add_input_arguments(ground)
     add_model_arguments(ground)
     ground.add_argument("--thresholds", type=Path, help="CT-CLIP thresholds JSON {finding: threshold}")
@@ -35,15 +41,18 @@ def register(subparsers) -> None:
     source.add_argument("--radgenome-masks", type=Path, help="RadGenome seg_<volume> folder of anatomy masks")
     source.add_argument("--radgenome-regions", type=Path, help="RadGenome seg_<volume> folder of region masks")
     source.add_argument("--no-totalsegmentator", action="store_true", help="do not run TotalSegmentator")
-    fvlm = ground.add_argument_group("fVLM (optional: skipped, and said so, when its weights are not installed)")
+    add_fvlm_arguments(ground)
+    ground.add_argument("--report", help="report or answer text, or a file holding it")
+    ground.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+def add_fvlm_arguments(parser: argparse.ArgumentParser) -> None:
+    fvlm = parser.add_argument_group("fVLM (optional: skipped, and said so, when its weights are not installed)")
     fvlm.add_argument("--fvlm-weights", type=Path, help="fVLM checkpoint (default: the installed fvlm weights)")
     fvlm.add_argument("--fvlm-config", type=Path, help="JSON of reference constructor arguments, for other sizes")
     fvlm.add_argument("--fvlm-thresholds", type=Path, help="fVLM thresholds JSON {finding: threshold}")
     fvlm.add_argument("--fvlm-mode", choices=MODES, default="organ",
                       help="organ: one window per organ (fVLM eval.py); whole: one pass over the volume")
-    ground.add_argument("--report", help="report or answer text, or a file holding it")
-    ground.add_argument("--out", type=Path, required=True, help="output folder")
-    ground.set_defaults(run=run_ground)
 
 
 def read_report(value: str | None) -> str:
@@ -81,41 +90,47 @@ def fvlm_weights(args: argparse.Namespace) -> tuple[Path | None, str | None]:
         return None, f"fVLM skipped: {error}"
 
 
+def fvlm_scoring(args: argparse.Namespace, progress) -> FVLMScoring:
+    """The fVLM runtime the arguments ask for, loaded once, or why fVLM is skipped."""
+    checkpoint, skipped = fvlm_weights(args)
+    if checkpoint is None:
+        return FVLMScoring(None, skipped)
+    runtime = FVLMRuntime(checkpoint, resolve_weights(TEXT_ENCODER, args.text_encoder),
+                          read_fvlm_config(args.fvlm_config), args.device, progress=progress)
+    return FVLMScoring(runtime, None, load_thresholds(args.fvlm_thresholds), args.fvlm_mode)
+
+
 def run_ground(args: argparse.Namespace) -> int:
     volume = read_input(args)
+    write_grounded(args, volume)
+    return 0
+
+
+def write_grounded(args: argparse.Namespace, volume, progress=None) -> GroundedCase:
+    """Ground one CT as `args` say; write grounded.json and masks/<segment>.nii.gz into args.out."""
     summary = summarize(volume)
     text = read_report(args.report)
     request = AnatomyRequest(args.segmentation, args.label_scheme, args.radgenome_masks, args.radgenome_regions,
                              not args.no_totalsegmentator, args.device)
-    checkpoint, skipped = fvlm_weights(args)
-    with step_progress("ground") as progress:
+    with step_progress("ground") as bar:
+        progress = progress or bar
         anatomy = build_anatomy(volume, request, ORGANS, progress)
         ctclip = build_runtime(args, args.model != "ct-clip-lipro", progress).detect(
             volume, load_thresholds(args.thresholds))
-        models = {"ct-clip": ctclip.to_dict()}
-        fvlm = None
-        organ_labels = anatomy.fvlm_labels(ORGANS)
-        if checkpoint is not None and not organ_labels.any():
-            skipped = "fVLM skipped: none of its organs (lung, heart, esophagus, aorta) is in the anatomy masks"
-        if checkpoint is not None and skipped is None:
-            runtime = FVLMRuntime(checkpoint, resolve_weights(TEXT_ENCODER, args.text_encoder),
-                                  read_fvlm_config(args.fvlm_config), args.device, progress=progress)
-            fvlm = runtime.score(volume, organ_labels, load_thresholds(args.fvlm_thresholds), args.fvlm_mode)
-            models["fvlm"] = fvlm.to_dict()
-        else:
-            models["fvlm"] = {"available": False, "reason": skipped}
+        fvlm, fvlm_record = fvlm_scoring(args, progress).score(volume, anatomy)
         sentences = default_grounder().ground_report(text)
-        case = ground_case(anatomy, ctclip, fvlm, sentences, models, str(args.ct))
+        case = ground_case(anatomy, ctclip, fvlm, sentences, {"ct-clip": ctclip.to_dict(), "fvlm": fvlm_record},
+                           str(args.ct))
     written = anatomy.save_nifti(args.out / "masks")
     result = case.to_dict()
     for name, path in written.items():
         result["segments"][name]["mask_file"] = str(path.relative_to(args.out))
     write_json_atomic(args.out / "grounded.json", {"input": summary, **result})
-    if skipped:
-        print(f"note: {skipped}", file=sys.stderr)
+    if fvlm is None:
+        print(f"note: {fvlm_record['reason']}", file=sys.stderr)
     print(format_case(case))
     print(f"result: {args.out / 'grounded.json'} and {len(written)} masks in {args.out / 'masks'}")
-    return 0
+    return case
 
 
 def format_case(case: GroundedCase) -> str:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
+from .anatomy import AnatomyRequest
 from .cases import discover_cases
+from .chat import CHAT_TEMPLATES, DEFAULT_CHAT_MODEL, ChatRuntime, load_chat_model
+from .cli_chat import add_llm_arguments, chat_model_options, generation_settings
 from .cli_ctclip import add_model_arguments, build_runtime
-from .detection import load_thresholds
+from .cli_ground import add_fvlm_arguments, fvlm_scoring
+from .detection import CTCLIPRuntime, load_thresholds
 from .errors import CTFoundationError
-from .report import REPORT_FILE, BatchProgress, BatchSummary, Shard, run_batch
+from .report import REPORT_FILE, BatchProgress, BatchSummary, ReportSection, Shard, run_batch
+from .report.anatomy_section import anatomy_section
+from .report.narrative import narrative_section
 
 MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
 
@@ -21,6 +28,12 @@ def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="batch reports: findings JSON + HTML page per CT, index.html and summary.csv"
     )
+    add_report_arguments(report)
+    report.set_defaults(run=run_report)
+
+
+def add_report_arguments(report: argparse.ArgumentParser) -> None:
+    """The `report` options (shared by the CLI and the Slicer worker's `report` task)."""
     report.add_argument("inputs", type=Path, nargs="+", help="CT files, DICOM folders, folders of cases or a CSV list")
     report.add_argument("--out", type=Path, required=True, help="output folder; cases finished in it are skipped")
     report.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
@@ -28,8 +41,20 @@ def register(subparsers) -> None:
         "--shard", type=parse_shard, metavar="I/N", help="process only part I of N (1-based), e.g. 1/4 ... 4/4"
     )
     report.add_argument("--force", action="store_true", help="redo cases that are already finished")
+    report.add_argument(
+        "--narrative", nargs="?", const=DEFAULT_CHAT_MODEL, choices=sorted(CHAT_TEMPLATES), metavar="CHAT_MODEL",
+        help=f"add a report written by CT-CHAT (default {DEFAULT_CHAT_MODEL}); needs --model ct-clip-v2",
+    )
     add_model_arguments(report)
-    report.set_defaults(run=run_report)
+    anatomy = report.add_argument_group(
+        "findings per anatomy (off by default: TotalSegmentator takes minutes per case, the built-in "
+        "lungs/airway/body/bone segmentation a few seconds)")
+    anatomy.add_argument("--anatomy", action="store_true",
+                         help="add the per-anatomy findings section and draw the positive segments on the key images")
+    anatomy.add_argument("--no-totalsegmentator", action="store_true",
+                         help="use the built-in segmentation even when TotalSegmentator is installed")
+    add_fvlm_arguments(report)
+    add_llm_arguments(report.add_argument_group("CT-CHAT (with --narrative)"))
 
 
 def parse_shard(text: str) -> Shard:
@@ -41,7 +66,6 @@ def parse_shard(text: str) -> Shard:
 
 def run_report(args: argparse.Namespace) -> int:
     cases = discover_cases(args.inputs)
-    thresholds = load_thresholds(args.thresholds)
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
     current = {"case": "loading model"}
 
@@ -57,12 +81,38 @@ def run_report(args: argparse.Namespace) -> int:
         bar.set_postfix_str(f"{event.case_id}: {event.step}")
 
     with bar:
-        runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
-        summary = run_batch(
-            runtime, cases, args.out, thresholds=thresholds, shard=args.shard, force=args.force, progress=on_case_step
-        )
+        summary = report_cases(args, cases, on_model_step, on_case_step)
     print_summary(summary, len(cases), args.shard)
     return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+
+
+def report_cases(args: argparse.Namespace, cases: list, on_model_step, on_case_step) -> BatchSummary:
+    """Load the model(s) the arguments name once, then report every case (of the shard) into args.out."""
+    if args.narrative and args.model != "ct-clip-v2":
+        raise CTFoundationError(f"--narrative needs --model ct-clip-v2 (CT-CHAT's image encoder), not {args.model}")
+    thresholds = load_thresholds(args.thresholds)
+    runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
+    sections = report_sections(args, runtime, on_model_step)
+    return run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,
+                     force=args.force, progress=on_case_step)
+
+
+def report_sections(args: argparse.Namespace, encoder: CTCLIPRuntime, progress) -> list[ReportSection]:
+    """The optional sections the arguments ask for (per-anatomy findings with --anatomy, CT-CHAT's with --narrative)."""
+    sections = []
+    if args.anatomy:
+        request = AnatomyRequest(use_totalsegmentator=not args.no_totalsegmentator, device=args.device)
+        sections.append(anatomy_section(request, fvlm_scoring(args, progress)))
+    if args.narrative:
+        sections.append(narrative(args, encoder, progress))
+    return sections
+
+
+def narrative(args: argparse.Namespace, encoder: CTCLIPRuntime, progress: Callable[[str], None]) -> ReportSection:
+    """The CT-CHAT report section; CT-CHAT reads the detection model's CT-CLIP v2 token grid."""
+    settings = generation_settings(args)
+    model = load_chat_model(args.narrative, progress=progress, **chat_model_options(args))
+    return narrative_section(ChatRuntime(model, encoder, progress=progress), args.narrative, settings)
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

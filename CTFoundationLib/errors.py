@@ -41,5 +41,13 @@ class WorkerError(CTFoundationError):
     """A background task could not start, failed, or was cancelled."""
 
 
+class ChatError(CTFoundationError):
+    """A CT-CHAT conversation that cannot go on: unknown template or answer type, a busy session, a bad prompt."""
+
+
+class ContextLengthError(ChatError):
+    """The conversation no longer fits the language model's context; start a new one."""
+
+
 class TrainingError(CTFoundationError):
     """A training config, dataset or run that cannot be used (what is wrong, which file, what to do)."""

@@ -10,12 +10,14 @@ not to the left lung). Without a threshold, positive means P >= DEFAULT_THRESHOL
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
 from .anatomy import RESOURCES, AnatomyMasks, Segment
+from .models.fvlm import ORGANS
 from .detection import DetectionResult
-from .fvlm_runtime import FVLMResult
+from .fvlm_runtime import FVLMResult, FVLMRuntime
 from .grounding import GroundedSentence
 
 DEFAULT_THRESHOLD = 0.5
@@ -90,6 +92,27 @@ class GroundedCase:
         return {"source": self.source, "anatomy": self.anatomy, "models": self.models, "segments": segments,
                 "unplaced_findings": self.unplaced_findings, "unplaced_sentences": self.unplaced_sentences,
                 "finding_map": finding_map()["description"]}
+
+
+@dataclass
+class FVLMScoring:
+    """A loaded fVLM with its thresholds and mode, or (runtime None) why fVLM is skipped."""
+
+    runtime: FVLMRuntime | None
+    skipped: str | None = None
+    thresholds: Mapping[str, float] | None = None
+    mode: str = "organ"
+
+    def score(self, volume, anatomy: AnatomyMasks) -> tuple[FVLMResult | None, dict]:
+        """(fVLM result or None, its record for `GroundedCase.models`) of one CT and its anatomy."""
+        if self.runtime is None:
+            return None, {"available": False, "reason": self.skipped}
+        organ_labels = anatomy.fvlm_labels(ORGANS)
+        if not organ_labels.any():
+            reason = "fVLM skipped: none of its organs (lung, heart, esophagus, aorta) is in the anatomy masks"
+            return None, {"available": False, "reason": reason}
+        result = self.runtime.score(volume, organ_labels, self.thresholds, self.mode)
+        return result, result.to_dict()
 
 
 def _score(probability: float, threshold: float | None) -> Score:

@@ -2,6 +2,8 @@
 
 Tasks:
   detect CT --out FILE [model options]   one CT -> the JSON `ctfoundation detect --out` writes
+  ground CT --out DIR [ground options]   one CT -> grounded.json + masks/ as `ctfoundation ground` writes
+  report INPUTS... --out DIR [options]   batch reports exactly as `ctfoundation report` writes them
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
   import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
@@ -30,6 +32,8 @@ DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", "ct-clip
 # In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
 DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
                 "write result")
+GROUND_STEPS = ("read CT", "anatomy", "load model", "preprocess", "encode image", "score", "fvlm: load model",
+                "fvlm: preprocess", "fvlm: encode and score", "write result")
 BYTES_EVENT_INTERVAL_S = 0.25
 
 
@@ -38,13 +42,15 @@ def emit(event_type: str, **fields) -> None:
     print(format_event(event_type, **fields), flush=True)
 
 
-def step_emitter() -> Callable[[str], None]:
-    """A progress callback that turns runtime step names into numbered `step` events."""
+def step_emitter(steps: tuple[str, ...] = DETECT_STEPS) -> Callable[[str], None]:
+    """A progress callback that turns runtime step names into numbered `step` events (an unknown step name
+    keeps the number of the step before it)."""
+    last = [0]
 
     def step(name: str) -> None:
         canonical = name.removesuffix(" cached")
-        index = DETECT_STEPS.index(canonical) + 1 if canonical in DETECT_STEPS else 0
-        emit("step", name=name, index=index, count=len(DETECT_STEPS))
+        last[0] = steps.index(canonical) + 1 if canonical in steps else last[0]
+        emit("step", name=name, index=last[0], count=len(steps))
 
     return step
 
@@ -91,6 +97,27 @@ def run_detect(args: argparse.Namespace) -> Path:
     return args.out
 
 
+def add_ground_task_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_ground import add_ground_arguments
+
+    add_ground_arguments(parser)
+    parser.add_argument("--volume-info", type=Path, help='JSON {"source": ..., "metadata": {...}} for the result')
+
+
+def run_ground_task(args: argparse.Namespace) -> Path:
+    from .cli_ground import write_grounded
+    from .reading import read_ct
+
+    step = step_emitter(GROUND_STEPS)
+    step("read CT")
+    volume = read_ct(args.ct)
+    if args.volume_info:
+        apply_volume_info(volume, args.volume_info)
+    write_grounded(args, volume, step)
+    step("write result")
+    return args.out / "grounded.json"
+
+
 def apply_volume_info(volume, path: Path) -> None:
     """Replace the temporary file name with where the CT really came from (e.g. the Slicer node name)."""
     try:
@@ -99,6 +126,33 @@ def apply_volume_info(volume, path: Path) -> None:
         raise CTInputError(f"volume info {path} cannot be read as JSON ({error})") from error
     volume.source = str(info.get("source", volume.source))
     volume.metadata.update(info.get("metadata", {}))
+
+
+# --- report ---------------------------------------------------------------------------------------------
+
+
+def add_report_task_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_report import add_report_arguments
+
+    add_report_arguments(parser)
+
+
+def run_report_task(args: argparse.Namespace) -> Path:
+    """`ctfoundation report` with progress as events: a `step` per case step, a `warning` per failed case."""
+    from .cases import discover_cases
+    from .cli_report import report_cases
+
+    cases = discover_cases(args.inputs)
+    emit("note", message=f"{len(cases)} case(s) found")
+    model_step = step_emitter()
+
+    def on_case_step(event) -> None:
+        emit("step", name=f"{event.case_id}: {event.step}", index=event.done, count=event.total)
+
+    summary = report_cases(args, cases, model_step, on_case_step)
+    for outcome in summary.with_status("failed"):
+        emit("warning", code="CASE_FAILED", message=f"{outcome.case_id}: {outcome.error}")
+    return summary.index_html
 
 
 # --- weights --------------------------------------------------------------------------------------------
@@ -163,6 +217,8 @@ def run_devices(args: argparse.Namespace) -> None:
 
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]] = {
     "detect": (add_detect_arguments, run_detect),
+    "ground": (add_ground_task_arguments, run_ground_task),
+    "report": (add_report_task_arguments, run_report_task),
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),

@@ -245,7 +245,7 @@ def test_sections_add_data_html_and_key_images(small, ct_dir, tmp_path):
     folder = ct_dir / "totalseg_chest_crop_aorta"
     mask = np.asarray(nib.load(folder / "aorta_mask.nii.gz").dataobj) > 0
 
-    def aorta_section(volume):
+    def aorta_section(volume, detection):
         voxel = np.argwhere(mask)[int(mask.sum()) // 2]
         ras = tuple(float(v) for v in (volume.affine_ras @ np.array([*voxel, 1.0]))[:3])
         volume_ml = float(mask.sum() * np.prod(volume.spacing_ijk_mm) / 1000)
@@ -321,3 +321,22 @@ def test_a_killed_run_resumes_without_redoing_finished_cases(small, ct_dir, tmp_
         assert (out / case_id / "result.json").stat().st_mtime_ns == stamp, f"{case_id} was redone"
     assert f"3 cases: {2 - len(done)} reported, 1 failed, {len(done)} already done" in rerun.stdout
     assert (out / "index.html").is_file() and not list(out.glob("*/.*.tmp"))
+
+
+def test_resume_key_follows_section_settings(ct_dir):
+    """A section's settings (e.g. another CT-CHAT model or decoding options) redo finished cases; same ones don't."""
+    from types import SimpleNamespace
+
+    from CTFoundationLib.report.batch import run_key
+
+    runtime = SimpleNamespace(model_id="ct-clip-v2", checkpoint_sha256="ab" * 32, dtype="fp32")
+    case = Case("ricord", ct_dir / "ricord1a_419639-000082_chest_noncontrast" / "ct_3mm_iso.nii.gz")
+
+    def key(**settings) -> str:
+        section = ReportSection("narrative", "Generated report", lambda volume, detection: None, settings)
+        return run_key(runtime, case, None, [section])
+
+    assert key(model="a", generation={"temperature": 0.0}) == key(model="a", generation={"temperature": 0.0})
+    assert key(model="a", generation={"temperature": 0.0}) != key(model="b", generation={"temperature": 0.0})
+    assert key(model="a", generation={"temperature": 0.0}) != key(model="a", generation={"temperature": 0.7})
+    assert key() != run_key(runtime, case, None, [])

@@ -5,10 +5,12 @@ headless batch script."""
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib.metadata
 import json
 import sys
 import time
+import unittest
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -21,6 +23,7 @@ from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import CTInputError, DependencyError, WorkerError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
+from conftest import data_root
 from small_models import bert_vocab, make_small_ctclip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -328,3 +331,36 @@ def test_batch_script_writes_what_the_cli_writes(ctf, scene, ct_dir, small, tmp_
     code = ctfoundation_batch.main([str(tmp_path / "missing.nii.gz"), str(ct), "--out", str(tmp_path / "many"),
                                     *options, "--weights", str(tmp_path / "no-such.pt")])
     assert code == 1 and not (tmp_path / "many").exists()
+
+
+def test_module_self_test_runs(ctf, scene, monkeypatch, tmp_path) -> None:
+    """CTFoundationTest (written for a real Slicer) passes here on the RICORD 3 mm NIfTI: detection and grounding."""
+    monkeypatch.setenv("CTFOUNDATION_TEST_CT", str(data_root() / "ct" / RICORD / "ct_3mm_iso.nii.gz"))
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    result = unittest.TextTestRunner(stream=io.StringIO()).run(ctf.CTFoundationTest("runTest"))
+    assert result.wasSuccessful(), [text for _, text in result.errors + result.failures]
+
+
+def test_batch_script_reports_like_the_cli(ctf, scene, ct_dir, small, tmp_path, monkeypatch) -> None:
+    """--report runs `ctfoundation report` in the worker: same per-case JSON, a failed case -> exit 1."""
+    import ctfoundation_batch
+
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
+    ct = ct_dir / RICORD / "ct_3mm_iso.nii.gz"
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a NIfTI file")
+    options = ["--weights", str(small[0]), "--model-config", str(small[1]), "--text-encoder", str(bert_vocab()),
+               "--device", "cpu"]
+    code = ctfoundation_batch.main(["--", str(ct), str(broken), "--out", str(tmp_path / "slicer"), "--report",
+                                    *options])
+    assert cli.main(["report", str(ct), "--out", str(tmp_path / "cli"), *options]) == 0
+    assert code == 1
+
+    summary = (tmp_path / "slicer" / "summary.csv").read_text()
+    assert "broken" in summary and "failed" in summary
+    ours, theirs = (json.loads(next((tmp_path / out).glob("*ct_3mm_iso*/result.json")).read_text())
+                    for out in ("slicer", "cli"))
+    assert ours["status"] == theirs["status"] == "ok"
+    assert [f["probability"] for f in ours["detection"]["findings"]] == pytest.approx(
+        [f["probability"] for f in theirs["detection"]["findings"]], abs=1e-6)
+    assert (tmp_path / "slicer" / "index.html").is_file()

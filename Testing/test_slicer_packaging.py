@@ -37,7 +37,10 @@ def run(*command: str | Path, cwd: Path | None = None) -> str:
 def packaged_sources(root: Path) -> dict[str, Path]:
     """What must land in qt-scripted-modules: relative path there -> source file."""
     wanted = {"CTFoundation.py": root / "CTFoundation" / "CTFoundation.py",
+              "CTFoundationChat/__init__.py": root / "CTFoundation" / "CTFoundationChat" / "__init__.py",
               "Scripts/ctfoundation_batch.py": root / "CTFoundation" / "Scripts" / "ctfoundation_batch.py"}
+    for name in ("__init__.py", "anatomy.py"):  # the module's MRML helpers, beside it
+        wanted[f"CTFoundationMRML/{name}"] = root / "CTFoundation" / "CTFoundationMRML" / name
     for folder, pattern in (("CTFoundationLib", "*.py"), ("Resources", "*")):
         for path in (root / folder).rglob(pattern):
             if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith("."):
@@ -127,4 +130,4 @@ def test_every_slicer_name_exists_in_the_real_api(version: str) -> None:
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         report = done.stdout + done.stderr  # findings on stdout, statistics on stderr
         assert done.returncode == 0 and "findings: 0" in report, report
-        assert "python_files=2" in report  # the module and the batch script were both checked
+        assert "python_files=5" in report  # the module, its MRML helpers, its chat panel and the batch script

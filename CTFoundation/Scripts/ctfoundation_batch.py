@@ -1,10 +1,14 @@
-"""Headless CT-CLIP detection in 3D Slicer: CT files or DICOM folders in, `ctfoundation detect --out` JSON out.
+"""Headless CTFoundation in 3D Slicer: CT-CLIP detection JSON, or batch reports, for CT files or DICOM folders.
 
     Slicer --no-main-window --python-script ctfoundation_batch.py -- CT [CT ...] --out OUT [options]
+    Slicer --no-main-window --python-script ctfoundation_batch.py -- INPUT [INPUT ...] --out DIR --report
 
-CT: a volume file Slicer reads (NIfTI, NRRD, MHA, ...) or a DICOM folder (imported into a temporary
-DICOM database; the CT series with the most files is loaded). One CT: OUT is the JSON file; several: OUT
-is a folder that receives <name>.json per CT. Each JSON is exactly what the CLI's `detect --out` writes.
+Detection: CT is a volume file Slicer reads (NIfTI, NRRD, MHA, ...) or a DICOM folder (imported into a
+temporary DICOM database; the CT series with the most files is loaded). One CT: OUT is the JSON file;
+several: OUT is a folder that receives <name>.json per CT. Each JSON is exactly what the CLI's `detect --out`
+writes. --report: the inputs (CT files, DICOM folders, folders of cases, a CSV list) go to the same batch
+report code as `ctfoundation report`, in the module's background process: DIR/<case>/result.json and
+report.html, DIR/index.html, DIR/summary.csv; finished cases are skipped.
 Exit code: 0 when every CT succeeded, 1 when any failed (each failure is printed), 2 for bad arguments.
 """
 
@@ -37,6 +41,8 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text-encoder", default="", help="CXR-BERT folder or vocab.txt (default: installed)")
     parser.add_argument("--thresholds", default="", help="JSON {finding: threshold} for the positive flags")
     parser.add_argument("--home", default="", help="weights cache root (default: $CTFOUNDATION_HOME)")
+    parser.add_argument("--report", action="store_true", help="batch reports into the folder OUT (as `ctfoundation report`)")
+    parser.add_argument("--anatomy", action="store_true", help="with --report: the per-anatomy findings section")
     parser.add_argument("--install-dependencies", action="store_true",
                         help="install missing Python packages into Slicer without asking")
     return parser.parse_args(argv[1:] if argv[:1] == ["--"] else argv)
@@ -106,6 +112,16 @@ def detectOne(logic: CTFoundationLogic, args: argparse.Namespace, source: Path) 
     print(f"{source}: {outputPath(args, source)}", flush=True)
 
 
+def reportAll(logic: CTFoundationLogic, args: argparse.Namespace) -> int:
+    """Batch reports of all inputs into args.out; prints each failed case and where the index is."""
+    outcome = logic.report(args.inputs, args.out, model=args.model, device=args.device, anatomy=args.anatomy,
+                           progress=lambda step, fraction: print(f"{fraction:4.0%} {step}", flush=True))
+    for row in outcome.failed:
+        print(f"error: {row['case_id']}: {row['error']}", file=sys.stderr, flush=True)
+    print(f"index: {outcome.indexHtml}", flush=True)
+    return 1 if outcome.failed else 0
+
+
 def main(argv: list[str]) -> int:
     try:
         args = parseArguments(argv)
@@ -117,6 +133,12 @@ def main(argv: list[str]) -> int:
     except CTFoundationError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    if args.report:
+        try:
+            return reportAll(logic, args)
+        except CTFoundationError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 1
     for source in args.inputs:
         try:
             detectOne(logic, args, source)

@@ -185,7 +185,7 @@ def _fill_result(
     outputs: dict[str, SectionOutput] = {}
     for section in sections:
         with clock(f"section:{section.key}"):
-            outputs[section.key] = section.compute(volume)
+            outputs[section.key] = section.compute(volume, detection)
     result["sections"] = {key: output.data for key, output in outputs.items()}
     with clock("key_images"):
         points = [point for output in outputs.values() for point in output.points]
@@ -254,7 +254,7 @@ def run_key(
         "checkpoint_sha256": runtime.checkpoint_sha256,
         "dtype": runtime.dtype,
         "thresholds": dict(sorted((thresholds or {}).items())),
-        "sections": [section.key for section in sections],
+        "sections": [[section.key, section.settings] for section in sections],
         "source": str(Path(case.path).resolve()),
         "fingerprint": fingerprint,
     }

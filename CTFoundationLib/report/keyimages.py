@@ -55,6 +55,7 @@ class Overlay:
     label: str
     mask_ijk: np.ndarray
     colour: tuple[int, int, int] = (255, 64, 64)
+    opacity: float = OVERLAY_OPACITY
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def key_images(
     size_px: length of the longer image side in pixels. Order: by centre, then plane, then window.
     """
     grid = volume.reoriented(DISPLAY_AXES)
-    masks = [(_display_mask(volume, overlay), overlay.colour) for overlay in overlays]
+    masks = [(_display_mask(volume, overlay), overlay.colour, overlay.opacity) for overlay in overlays]
     marks = [_grid_voxel(grid, point) for point in points]
     centres = [("volume centre", tuple(n // 2 for n in grid.shape_ijk))]
     centres += [(point.label, mark) for point, mark in zip(points, marks)]
@@ -136,9 +137,9 @@ def _render_slice(grid: CTVolume, plane: str, index: int, window: Window, masks,
         image = Image.fromarray(pixels, "L")
     else:
         rgb = np.repeat(pixels[..., None], 3, axis=2).astype(np.float32)
-        for mask, colour in masks:
+        for mask, colour, opacity in masks:
             inside = _plane(mask, cut, index)
-            rgb[inside] = (1 - OVERLAY_OPACITY) * rgb[inside] + OVERLAY_OPACITY * np.asarray(colour, np.float32)
+            rgb[inside] = (1 - opacity) * rgb[inside] + opacity * np.asarray(colour, np.float32)
         image = Image.fromarray(rgb.round().astype(np.uint8), "RGB")
     rows, cols = pixels.shape
     spacing = grid.spacing_ijk_mm

@@ -1,15 +1,17 @@
 """Optional report sections: further result producers (grounded findings, narrative reports...) plug in here.
 
-A section runs once per case on the CT volume after detection. What it returns is stored in
+A section runs once per case on the CT volume and its CT-CLIP detection result. What it returns is stored in
 `result.json` under `sections[key]`, its HTML fragment is placed in `report.html` under `title`, and its
 points and overlays are drawn on the key images (with key images added through each point).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from ..results import DetectionResult
 from ..volume import CTVolume
 from .keyimages import MarkedPoint, Overlay
 
@@ -26,8 +28,10 @@ class SectionOutput:
 
 @dataclass(frozen=True)
 class ReportSection:
-    """key: stable identifier (result.json key, HTML anchor); it is part of the resume key."""
+    """key: stable identifier (result.json key, HTML anchor). key and settings (JSON-ready: what the output
+    depends on besides the CT, e.g. model checkpoints and options) are part of the resume key."""
 
     key: str
     title: str
-    compute: Callable[[CTVolume], SectionOutput]
+    compute: Callable[[CTVolume, DetectionResult], SectionOutput]
+    settings: Mapping[str, Any] = field(default_factory=dict)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from .standin_mrml import (  # noqa: F401  (slicer.vtkMRML* names)
     vtkMRMLLayoutNode,
     vtkMRMLLinearTransformNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLScene,
     vtkMRMLScriptedModuleNode,
+    vtkMRMLSegmentationDisplayNode,
+    vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
+    vtkMRMLTextNode,
+    vtkSegment,
+    vtkSegmentation,
 )
 
 
@@ -33,7 +40,20 @@ class _Application:
         return None
 
 
+class _MarkupsLogic:
+    """vtkSlicerMarkupsLogic: without slice views, JumpSlicesToLocation only records where it was asked to go."""
+
+    def __init__(self) -> None:
+        self.jumps: list[tuple] = []
+
+    def JumpSlicesToLocation(self, x: float, y: float, z: float, centered: bool, viewGroup: int = -1,
+                             exclude=None) -> None:
+        self.jumps.append((x, y, z, centered))
+
+
 app = _Application()
 mrmlScene = vtkMRMLScene()
+_markupsLogic = _MarkupsLogic()
+modules = SimpleNamespace(markups=SimpleNamespace(logic=lambda: _markupsLogic))
 
 from . import util  # noqa: E402, F401

@@ -74,6 +74,9 @@ class vtkMRMLTransformableNode(vtkMRMLNode):
     def SetAndObserveTransformNodeID(self, nodeId: str | None) -> None:
         self.SetNodeReferenceID("transform", nodeId)
 
+    def GetTransformNodeID(self) -> str | None:
+        return self.GetNodeReferenceID("transform")
+
     def GetParentTransformNode(self):
         return self.GetNodeReference("transform")
 
@@ -185,8 +188,135 @@ class vtkMRMLLayoutNode(vtkMRMLNode):
     SlicerLayoutFourUpTableView = 35
 
 
+class vtkMRMLTextNode(vtkMRMLNode):
+    """Text saved with the scene (Slicer writes it to a .txt file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._text = ""
+
+    def SetText(self, text: str) -> None:
+        self._text = str(text)
+
+    def GetText(self) -> str:
+        return self._text
+
+
+class vtkSegment:
+    """Name, colour (0..1), string tags; the terminology entry is the tag 'TerminologyEntry', as in Slicer."""
+
+    def __init__(self) -> None:
+        self._name, self._color, self._tags = "", (0.5, 0.5, 0.5), {}
+
+    def SetName(self, name: str) -> None:
+        self._name = name
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetColor(self, r, g=None, b=None) -> None:
+        self._color = tuple(float(c) for c in (r if g is None else (r, g, b)))
+
+    def GetColor(self) -> tuple[float, float, float]:
+        return self._color
+
+    def SetTag(self, tag: str, value) -> None:
+        self._tags[tag] = str(value)
+
+    def GetTag(self, tag: str, value: vtk.reference) -> bool:
+        """Like the wrapped C++ GetTag(tag, std::string&): fills `value` (a vtk.reference), True when present."""
+        if tag not in self._tags:
+            return False
+        value.set(self._tags[tag])
+        return True
+
+    def HasTag(self, tag: str) -> bool:
+        return tag in self._tags
+
+    @staticmethod
+    def GetTerminologyEntryTagName() -> str:
+        return "TerminologyEntry"
+
+    def SetTerminology(self, entry: str) -> None:
+        self.SetTag(self.GetTerminologyEntryTagName(), entry)
+
+    def GetTerminology(self) -> str:
+        return self._tags.get(self.GetTerminologyEntryTagName(), "")
+
+
+class vtkSegmentation:
+    """Ordered segments by id. Each segment's binary labelmap is kept as a (k, j, i) bool array with its
+    IJK-to-RAS matrix (`_labelmaps`), which the stand-in's slicer.util segment array functions read and write."""
+
+    def __init__(self) -> None:
+        self._segments: dict[str, vtkSegment] = {}
+        self._labelmaps: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def AddEmptySegment(self, segmentId: str = "", segmentName: str = "", color=None) -> str:
+        segmentId = segmentId or f"Segment_{len(self._segments) + 1}"
+        segment = vtkSegment()
+        segment.SetName(segmentName or segmentId)
+        if color is not None:
+            segment.SetColor(*color)
+        self._segments[segmentId] = segment
+        return segmentId
+
+    def GetSegment(self, segmentId: str) -> vtkSegment | None:
+        return self._segments.get(segmentId)
+
+    def GetNumberOfSegments(self) -> int:
+        return len(self._segments)
+
+    def GetNthSegmentID(self, index: int) -> str:
+        return list(self._segments)[index]
+
+    def GetSegmentIdBySegmentName(self, name: str) -> str:
+        """The first segment with this name, case-insensitive as in Slicer; '' when none."""
+        return next((i for i, s in self._segments.items() if s.GetName().lower() == name.lower()), "")
+
+
+class vtkMRMLSegmentationDisplayNode(vtkMRMLNode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._opacity3D: dict[str, float] = {}
+        self._opacity2DFill: dict[str, float] = {}
+
+    def SetSegmentOpacity3D(self, segmentId: str, opacity: float) -> None:
+        self._opacity3D[segmentId] = float(opacity)
+
+    def GetSegmentOpacity3D(self, segmentId: str) -> float:
+        return self._opacity3D.get(segmentId, 1.0)
+
+    def SetSegmentOpacity2DFill(self, segmentId: str, opacity: float) -> None:
+        self._opacity2DFill[segmentId] = float(opacity)
+
+    def GetSegmentOpacity2DFill(self, segmentId: str) -> float:
+        return self._opacity2DFill.get(segmentId, 1.0)
+
+
+class vtkMRMLSegmentationNode(vtkMRMLTransformableNode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+
+    def GetSegmentation(self) -> vtkSegmentation:
+        return self._segmentation
+
+    def CreateDefaultDisplayNodes(self) -> None:
+        if self.GetNodeReference("display") is None:
+            display = self._scene.AddNewNodeByClass("vtkMRMLSegmentationDisplayNode")
+            self.SetNodeReferenceID("display", display.GetID())
+
+    def GetDisplayNode(self):
+        return self.GetNodeReference("display")
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volumeNode) -> None:
+        self.SetNodeReferenceID("referenceImageGeometryRef", volumeNode.GetID())
+
+
 NODE_CLASSES = {cls.__name__: cls for cls in (vtkMRMLScalarVolumeNode, vtkMRMLTableNode, vtkMRMLScriptedModuleNode,
-                                              vtkMRMLLinearTransformNode, vtkMRMLLayoutNode)}
+                                              vtkMRMLLinearTransformNode, vtkMRMLLayoutNode, vtkMRMLSegmentationNode,
+                                              vtkMRMLSegmentationDisplayNode, vtkMRMLTextNode)}
 
 
 class vtkMRMLScene:

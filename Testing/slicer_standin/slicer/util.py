@@ -59,6 +59,27 @@ def loadVolume(filename: str, properties: dict | None = None, returnNode: bool =
     return _addVolumeNode(np.asanyarray(image.dataobj), image.affine, name)
 
 
+def _ijkToRas(volumeNode) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return arrayFromVTKMatrix(matrix)
+
+
+def updateSegmentBinaryLabelmapFromArray(narray, segmentationNode, segmentId, referenceVolumeNode=None) -> None:
+    """Store a (k, j, i) mask as the segment's labelmap on the reference volume's geometry."""
+    segmentationNode.GetSegmentation()._labelmaps[segmentId] = (np.asarray(narray) > 0, _ijkToRas(referenceVolumeNode))
+
+
+def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):
+    """The segment's (k, j, i) mask on the reference volume's grid. Only the reference's own geometry is
+    modelled (Slicer resamples other geometries); anything else fails loudly rather than give a wrong mask."""
+    mask, ijkToRas = segmentationNode.GetSegmentation()._labelmaps[segmentId]
+    shape = tuple(reversed(referenceVolumeNode.GetImageData().GetDimensions()))
+    if mask.shape != shape or not np.allclose(ijkToRas, _ijkToRas(referenceVolumeNode), atol=1e-4):
+        raise NotImplementedError("stand-in: resampling a segment to another geometry is not modelled")
+    return mask.astype(np.uint8)
+
+
 def confirmOkCancelDisplay(text, windowTitle=None, parent=None, **kwargs) -> bool:
     logging.info(text)
     return True  # what Slicer returns in testing mode
