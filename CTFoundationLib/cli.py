@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from . import __version__
 from .errors import CTFoundationError
@@ -24,16 +25,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def report_errors(run: Callable[[], int | None]) -> int:
+    """Exit code of a command body: its own, 2 with one `error:` line on a CTFoundationError, 130 on Ctrl-C."""
     try:
-        return int(args.run(args) or 0)
+        return int(run() or 0)
     except CTFoundationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, data_root
+from conftest import REPO_ROOT
 from CTFoundationLib import __version__
 from CTFoundationLib.cli import main
 
@@ -67,12 +67,3 @@ def test_preprocess_writes_the_model_tensor(tmp_path, ct_dir, model, shape):
     assert main(["preprocess", str(ct_dir / RICORD / "ct_3mm_iso.nii.gz"), "--model", model, "--out", str(out)]) == 0
     tensor = np.load(out)
     assert tensor.shape == shape and tensor.dtype == np.float32
-
-
-def test_demo_writes_tensors_and_summary(tmp_path):
-    from CTFoundationLib.demo import main as demo_main
-
-    assert demo_main(["--data", str(data_root()), "--out", str(tmp_path)]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["warnings"] == [] and summary["shape_ijk"] == [512, 512, 255]
-    assert np.load(tmp_path / "ct-clip-v2_input.npy", mmap_mode="r").shape == (1, 240, 480, 480)

@@ -6,6 +6,7 @@ The checkpoints each recipe exports load in the runtime unchanged.
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -17,7 +18,8 @@ from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIPConfig, load_ctclip
 from CTFoundationLib.reading import read_ct
 from training.config import load_config
-from training.ctrate import CTRateDataset, load_cases
+from training.run import parse_overrides
+from training.ctrate import CTRateDataset, load_cases, read_labels
 from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
 from training.recipes import positive_class_weights
 from training.trainer import Trainer
@@ -172,6 +174,28 @@ def test_config_errors_name_the_problem(tmp_path):
         load_config(tmp_path / "vf.yaml")
 
 
-def test_names_follow_ct_clip_order(split):
-    cases = load_cases(split["root"], split["reports_csv"], split["labels_csv"])
-    assert len(cases) == 3 and cases[0].labels.shape == (len(CT_RATE_ABNORMALITIES),)
+def test_config_values_are_typed_and_overrides_checked(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-5\n")  # YAML 1.1 reads 1e-5 as a string
+    assert load_config(tmp_path / "c.yaml").train.lr == 1e-5
+    (tmp_path / "steps.yaml").write_text("train:\n  steps: many\n")
+    with pytest.raises(TrainingError, match=r"train.steps: 'many' is not a valid int"):
+        load_config(tmp_path / "steps.yaml")
+    (tmp_path / "empty.yaml").write_text("train:\n")
+    with pytest.raises(TrainingError, match=r"unknown sections \['trian'\]"):
+        load_config(tmp_path / "empty.yaml", parse_overrides(["trian.steps=3"]))
+    assert load_config(tmp_path / "empty.yaml", parse_overrides(["train.steps=3"])).train.steps == 3
+    with pytest.raises(TrainingError, match="must be positive"):
+        load_config(tmp_path / "empty.yaml", parse_overrides(["train.log_every=0"]))
+    with pytest.raises(TrainingError, match="expected SECTION.KEY=VALUE"):
+        parse_overrides(["train.steps"])
+
+
+def test_names_follow_ct_clip_order(tmp_path):
+    """Label columns in any order in the file come out in CT-CLIP's order."""
+    values = {name: i % 2 for i, name in enumerate(CT_RATE_ABNORMALITIES)}
+    path = tmp_path / "labels.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["VolumeName", *reversed(CT_RATE_ABNORMALITIES)])
+        writer.writeheader()
+        writer.writerow({"VolumeName": "v.nii.gz", **values})
+    assert read_labels(path)["v.nii.gz"].tolist() == [float(i % 2) for i in range(len(CT_RATE_ABNORMALITIES))]

@@ -122,11 +122,33 @@ class TrainingConfig:
             raise TrainingError(f"{self.source}: train.mixed_precision must be no, bf16 or fp16")
         if train.schedule not in ("constant", "cosine"):
             raise TrainingError(f"{self.source}: train.schedule must be constant or cosine")
-        if train.batch_size < 1 or train.steps < 1:
-            raise TrainingError(f"{self.source}: train.batch_size and train.steps must be positive")
+        if min(train.batch_size, train.steps, train.log_every, train.save_every) < 1:
+            raise TrainingError(
+                f"{self.source}: train.batch_size, steps, log_every and save_every must be positive")
         if train.recipe != "contrastive" and self.model.init_checkpoint is None:
             raise TrainingError(f"{self.source}: {train.recipe} fine-tunes a trained model: set model.init_checkpoint")
         return self
+
+
+_NUMBERS = {"int": int, "float": float}
+
+
+def _typed(value: Any, kind: str, where: str) -> Any:
+    """A YAML value as its field's type: numbers (YAML 1.1 reads 1e-5 as text), bools and the betas pair."""
+    number = _NUMBERS.get(kind.removesuffix(" | None"))
+    try:
+        if number is not None and not isinstance(value, bool):
+            return number(value)
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError
+        if kind.startswith("tuple[float"):
+            pair = tuple(float(v) for v in value)
+            if len(pair) != 2:
+                raise ValueError
+            return pair
+    except (TypeError, ValueError):
+        raise TrainingError(f"{where}: {value!r} is not a valid {kind}") from None
+    return value
 
 
 def _section(cls: type, raw: Any, name: str, base: Path, source: Path | None):
@@ -144,8 +166,8 @@ def _section(cls: type, raw: Any, name: str, base: Path, source: Path | None):
         if value is not None and "Path" in kind and not (key == "constructors"):
             path = Path(str(value)).expanduser()
             value = path if path.is_absolute() else base / path
-        elif key == "betas":
-            value = tuple(float(v) for v in value)
+        elif value is not None:
+            value = _typed(value, kind, f"{source}: {name}.{key}")
         values[key] = value
     if name == "model" and isinstance(values.get("constructors"), str) and values["constructors"] != "full_size":
         path = Path(values["constructors"]).expanduser()
@@ -162,11 +184,12 @@ def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) 
         raise TrainingError(f"{path}: cannot read this YAML config ({error})") from None
     if not isinstance(raw, dict):
         raise TrainingError(f"{path}: a config is a mapping with sections model, data, train, export")
+    for section, values in (overrides or {}).items():
+        current = raw.get(section) or {}
+        raw[section] = {**current, **values} if isinstance(current, dict) else current
     unknown = sorted(set(raw) - {"model", "data", "train", "export"})
     if unknown:
         raise TrainingError(f"{path}: unknown sections {unknown}; use model, data, train, export")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update(values)
     base = path.resolve().parent
     sections = {
         name: _section(cls, raw.get(name), name, base, path)

@@ -11,7 +11,6 @@ Images go through the library's own `preprocess` with the model's `PreprocessSpe
 
 from __future__ import annotations
 
-import csv
 import random
 import re
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.report_tables import binary_matrix, require_columns
+from CTFoundationLib.report_tables import read_csv_rows as read_table
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.preprocess import PreprocessSpec, preprocess
 from CTFoundationLib.reading import read_ct
@@ -54,17 +55,9 @@ class CTRateCase:
 
 
 def read_csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Rows of a CSV as dicts; TrainingError naming the file when it is missing or lacks a column."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            columns = reader.fieldnames or []
-    except OSError as error:
-        raise TrainingError(f"{path}: cannot read this CSV ({error}); check the path in the config") from None
-    missing = [name for name in required if name not in columns]
-    if missing:
-        raise TrainingError(f"{path}: the columns {missing} are missing (found {columns[:8]}...); is it the right CSV?")
+    """Rows of a CSV as dicts; TrainingError naming the file when it is unreadable or lacks a column."""
+    header, rows = read_table(path, TrainingError)
+    require_columns(header, required, path, TrainingError)
     return rows
 
 
@@ -77,10 +70,8 @@ def read_reports(path: Path) -> dict[str, str]:
 def read_labels(path: Path, names: tuple[str, ...] = CT_RATE_ABNORMALITIES) -> dict[str, np.ndarray]:
     """VolumeName -> float32 (18,) labels in `names` order (CT-CLIP's), whatever the column order."""
     rows = read_csv_rows(path, ("VolumeName", *names))
-    try:
-        return {row["VolumeName"]: np.array([float(row[name]) for name in names], np.float32) for row in rows}
-    except ValueError as error:
-        raise TrainingError(f"{path}: a label is not a number ({error}); labels must be 0 or 1") from None
+    matrix = binary_matrix(rows, names, path, TrainingError).astype(np.float32)
+    return {row["VolumeName"]: labels for row, labels in zip(rows, matrix)}
 
 
 def read_metadata(path: Path) -> dict[str, VolumeMetadata]:

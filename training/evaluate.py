@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from CTFoundationLib.errors import CTFoundationError, EvaluationError
+from CTFoundationLib.cli import report_errors
+from CTFoundationLib.errors import EvaluationError
 from CTFoundationLib.evaluation import align, evaluate, evaluation_rows, format_evaluation, read_labels, read_predictions
 from CTFoundationLib.report_tables import write_csv
 from CTFoundationLib.weights.cache import write_json_atomic
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         probabilities, labels, names, unlabelled = align(read_predictions(args.predictions), read_labels(args.labels))
         if unlabelled:
             print(f"warning: {unlabelled} predicted cases have no label and are left out", file=sys.stderr)
@@ -45,10 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.csv:
             rows = evaluation_rows(result)
             write_csv(args.csv, list(rows[0]), rows, EvaluationError)
-    except CTFoundationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import CTFoundationError, TrainingError
+from CTFoundationLib.cli import report_errors
+from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.evaluation import format_evaluation
 from CTFoundationLib.models.ctclip import CTCLIPConfig
 from CTFoundationLib.preprocess import SPECS
@@ -34,9 +35,9 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
     """["train.steps=10", ...] -> {"train": {"steps": 10}} (values parsed as YAML scalars)."""
     overrides: dict[str, dict] = {}
     for item in items:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not name or not _:
+        key, equals, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (equals and dot and section and name):
             raise TrainingError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. train.steps=10")
         overrides.setdefault(section, {})[name] = yaml.safe_load(value)
     return overrides
@@ -76,17 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="YAML config (see training/configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         config = load_config(args.config, parse_overrides(args.overrides))
         trainer = Trainer(config)
         result = trainer.train()
         if trainer.accelerator.is_main_process:
             print(f"{config.train.recipe}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
             export_thresholds(config, result.checkpoint)
-    except CTFoundationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(body)
 
 
 if __name__ == "__main__":

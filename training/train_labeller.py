@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from CTFoundationLib.errors import CTFoundationError
+from CTFoundationLib.cli import report_errors
 from CTFoundationLib.labeller import (
     ReportLabeller,
     cached_labeller_path,
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         texts, labels = read_labelled_reports(args.train_csv)
         train, held_out = split_indices(len(texts), args.test_fraction, args.seed)
         labeller = ReportLabeller.fit([texts[i] for i in train], labels[train])
@@ -51,10 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.install:
             train_labeller(args.train_csv).save(cached_labeller_path())
             print(f"labeller trained on all {len(texts)} reports -> {cached_labeller_path()}")
-    except CTFoundationError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    return report_errors(body)
 
 
 if __name__ == "__main__":
