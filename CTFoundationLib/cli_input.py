@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import json
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def parse_rescale(text: str) -> tuple[float, float]:
         slope, intercept = (float(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected SLOPE,INTERCEPT such as 1,-1024; got '{text}'") from None
-    if slope == 0:
-        raise argparse.ArgumentTypeError("the rescale slope cannot be 0")
+    if slope == 0 or not (math.isfinite(slope) and math.isfinite(intercept)):
+        raise argparse.ArgumentTypeError(f"the rescale needs a finite, non-zero slope and a finite intercept; got '{text}'")
     return slope, intercept
 
 

@@ -38,7 +38,8 @@ def read_ct(path: str | Path, series_uid: str | None = None, rescale: tuple[floa
     if path.is_dir():
         volume = read_dicom_series(path, series_uid, rescale)
     elif path.name.lower().endswith(NIFTI_SUFFIXES + NRRD_SUFFIXES):
-        volume = read_nifti(path) if path.name.lower().endswith(NIFTI_SUFFIXES) else read_nrrd(path)
+        nifti = path.name.lower().endswith(NIFTI_SUFFIXES)
+        volume = read_nifti(path, stored=rescale is not None) if nifti else read_nrrd(path)
         if rescale is not None:
             volume = _apply_explicit_rescale(volume, rescale)
     elif path.suffix.lower() in (".dcm", "") or _is_dicom_file(path):
@@ -51,12 +52,13 @@ def read_ct(path: str | Path, series_uid: str | None = None, rescale: tuple[floa
     return volume
 
 
-def read_nifti(path: Path) -> CTVolume:
+def read_nifti(path: Path, stored: bool = False) -> CTVolume:
+    """stored: the values as stored, without the header's scl_slope/scl_inter (an explicit rescale replaces it)."""
     import nibabel as nib
 
     try:
         image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
+        data = image.dataobj.get_unscaled() if stored else np.asanyarray(image.dataobj)
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError) as error:
         raise CTInputError(f"{path}: cannot read this NIfTI file ({error}); is it truncated or corrupt?") from error
     data = _squeeze_to_3d(data, path)
@@ -269,7 +271,7 @@ def _decode_slices(files: list[Path], rescale: tuple[float, float] | None) -> tu
                 hu_kji = np.empty((len(files), *raw.shape), dtype=hu.dtype)
             if hu.shape != hu_kji.shape[1:]:
                 raise CTInputError(f"{files[k]}: slice size {hu.shape} differs from {hu_kji.shape[1:]}; not one series")
-            if hu.dtype != hu_kji.dtype:
+            if hu.dtype != hu_kji.dtype and hu_kji.dtype != np.float32:  # widen once, not per slice
                 hu_kji = hu_kji.astype(np.float32)
             hu_kji[k] = hu
             slopes.append(slope)

@@ -118,6 +118,15 @@ def test_raw_stored_values_are_flagged_and_explicit_rescale_fixes_them(ricord_3m
     assert fixed.metadata["rescale"]["source"] == "explicit"
 
 
+def test_explicit_rescale_replaces_the_nifti_header_scaling(ricord_3mm, tmp_path):
+    raw = np.clip(ricord_3mm.hu.astype(np.int32) + 1024, 0, None).astype(np.uint16)
+    image = nib.Nifti1Image(raw, ricord_3mm.affine_ras)
+    image.header.set_slope_inter(1.0, -1000.0)  # a wrong header scaling the explicit rescale must replace
+    nib.save(image, tmp_path / "scaled.nii.gz")
+    fixed = read_ct(tmp_path / "scaled.nii.gz", rescale=(1.0, -1024.0))
+    np.testing.assert_array_equal(fixed.hu, np.clip(ricord_3mm.hu, -1024, None))
+
+
 def test_rescale_applied_twice_is_flagged(ricord_3mm, tmp_path):
     path = _save_nifti(ricord_3mm, (ricord_3mm.hu.astype(np.int32) - 1024).astype(np.int16), tmp_path / "twice.nii.gz")
     assert codes(read_ct(path)) == {"HU_SHIFTED"}
