@@ -473,6 +473,14 @@ def test_import_rejects_wrong_files(env: Path, tmp_path: Path) -> None:
         import_model("t-encoder", wrong)
 
 
+def test_rejected_import_keeps_the_installed_file(env: Path, tmp_path: Path) -> None:
+    import_model("t-pinned", _write(tmp_path / "good.pt", PINNED), accept_licenses=True)
+    wrong = _write(tmp_path / "wrong.pt", blob(len(PINNED), 5))
+    with pytest.raises(WeightsError, match="sha256"):
+        import_model("t-pinned", wrong, accept_licenses=True)
+    assert (model_dir("t-pinned", env) / "pinned.pt").read_bytes() == PINNED
+
+
 def test_import_folders(env: Path, tmp_path: Path) -> None:
     bert = tmp_path / "bert"
     bert.mkdir()

@@ -120,11 +120,12 @@ def _place(item: Planned, dest: Path, spec: ModelSpec, link: bool) -> FileRecord
     if problem:
         raise WeightsError(_rejected(item, spec, problem))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = _link_or_copy(item.src, dest, link)
+    tmp, digest = _link_or_copy(item.src, dest, link)
     expected = None if item.spec.folder else item.spec.sha256
-    if expected and digest != expected:
-        dest.unlink(missing_ok=True)
+    if expected and digest != expected:  # checked before the rename: an installed file is never replaced by it
+        tmp.unlink(missing_ok=True)
         raise WeightsError(_rejected(item, spec, f"its sha256 is {digest}, the registry expects {expected}"))
+    os.replace(tmp, dest)
     origin = "registry" if expected else "computed"
     return FileRecord(digest, size, now_iso(), f"import:{item.src.resolve()}", origin)
 
@@ -133,8 +134,8 @@ def _rejected(item: Planned, spec: ModelSpec, why: str) -> str:
     return f"{item.src} is not the '{item.rel}' file of model '{spec.id}': {why}; it was not imported"
 
 
-def _link_or_copy(src: Path, dest: Path, link: bool) -> str:
-    """Place `src` at `dest` and return its sha256, reading the source once."""
+def _link_or_copy(src: Path, dest: Path, link: bool) -> tuple[Path, str]:
+    """Place `src` at a temporary name beside `dest`: (that path, its sha256), reading the source once."""
     tmp = dest.with_name(dest.name + ".import" + PART_SUFFIX)
     tmp.unlink(missing_ok=True)
     if link:
@@ -144,9 +145,7 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> str:
             if error.errno not in LINK_FAILURES:
                 raise
         else:
-            digest = _hash(src)
-            os.replace(tmp, dest)
-            return digest
+            return tmp, _hash(src)
     try:
         digest = _copy_hashing(src, tmp)
     except OSError as error:
@@ -154,8 +153,7 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> str:
         if error.errno == errno.ENOSPC:
             raise WeightsError(f"disk full while copying {src} to {dest.parent}; free some space") from None
         raise
-    os.replace(tmp, dest)
-    return digest
+    return tmp, digest
 
 
 def _hash(path: Path) -> str:
