@@ -91,6 +91,10 @@ def report_cases(args: argparse.Namespace, cases: list, on_model_step, on_case_s
     if args.narrative and args.model != "ct-clip-v2":
         raise CTFoundationError(f"--narrative needs --model ct-clip-v2 (CT-CHAT's image encoder), not {args.model}")
     thresholds = load_thresholds(args.thresholds)
+    try:  # before the model loads: an unusable --out fails at once
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CTFoundationError(f"--out {args.out}: cannot create the output folder ({error.strerror or error})") from None
     runtime = build_runtime(args, args.model != "ct-clip-lipro", on_model_step)
     sections = report_sections(args, runtime, on_model_step)
     return run_batch(runtime, cases, args.out, thresholds=thresholds, sections=sections, shard=args.shard,

@@ -655,3 +655,19 @@ def test_token_from_settings_file(env: Path, hub: FakeHub, run_cli, monkeypatch:
     assert f"Bearer {SECRET}" in {h.get("Authorization") for _, p, h in hub.requests_seen}
     assert run_cli("weights", "token", "--clear")[0] == 0
     assert "hf_token" not in json.loads(settings.read_text())
+
+
+def test_json_writes_are_shareable_and_unwritable_places_are_named(tmp_path: Path) -> None:
+    from CTFoundationLib.errors import CTFoundationError
+    from CTFoundationLib.weights.cache import write_json_atomic
+
+    write_json_atomic(tmp_path / "shared.json", {"a": 1})
+    write_json_atomic(tmp_path / "secret.json", {"token": "x"}, private=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "secret.json").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CTFoundationError, match=r"cannot write .*file/out.json"):
+        write_json_atomic(tmp_path / "file" / "out.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "secret.json", "shared.json"]

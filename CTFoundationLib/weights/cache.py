@@ -10,15 +10,16 @@ Layout under the cache root ($CTFOUNDATION_HOME, default ~/.cache/ctfoundation, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import WeightsError
+from ..errors import CTFoundationError, WeightsError
 from .registry import License
 
 MANIFEST = "manifest.json"
@@ -45,29 +46,37 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: Path, data: Any, private: bool = False) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    """Write JSON through a temporary file and rename, so readers never see half a file. The file gets the
+    usual permissions (umask), or owner-only ones when `private`; an unwritable place is a CTFoundationError."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        if private:
-            os.chmod(tmp, 0o600)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
             handle.write("\n")
         os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise CTFoundationError(f"cannot write {path} ({error.strerror or error}); check the folder and its permissions") from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def read_json(path: Path, default: Any) -> Any:
     """Parse a cache JSON file; `default` when absent. A damaged file is an error that names it."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as error:
         raise WeightsError(f"cache file {path} is damaged ({error}); delete it and run the command again") from None
+    if not isinstance(data, type(default)):
+        raise WeightsError(f"cache file {path} is damaged (not a JSON {type(default).__name__}); delete it and "
+                           "run the command again")
+    return data
 
 
 @dataclass
