@@ -307,9 +307,11 @@ def _place(anatomy: AnatomyMasks, info: AnatomyInfo, mask: np.ndarray, offset, a
 
 def from_label_map(path: Path, volume: CTVolume, scheme: str = "total",
                    label_names: dict[int, str] | None = None) -> AnatomyMasks:
-    """A label map (e.g. TotalSegmentator --ml output) -> segments; ids named by `label_names` or the scheme."""
+    """A label map (e.g. TotalSegmentator --ml output) -> segments; ids named by `label_names` or the scheme.
+    A binary file named after an anatomy (e.g. aorta_mask.nii.gz) is that one mask, not label 1 of the scheme."""
     data, affine = _load_mask_image(path)
-    names = label_names or totalsegmentator_classes(scheme)
+    named = lookup_anatomy(mask_name(path)) if label_names is None and data.max() <= 1 else None
+    names = {1: named.name} if named else label_names or totalsegmentator_classes(scheme)
     anatomy = AnatomyMasks.for_volume(volume, f"label map {path.name}")
     add_labels(anatomy, data, affine, names, str(path))
     _check_not_empty(anatomy, path)
@@ -327,6 +329,8 @@ def add_labels(anatomy: AnatomyMasks, labels: np.ndarray, affine: np.ndarray, na
 
 
 def nifti_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise AnatomyError(f"{folder}: no such folder of .nii/.nii.gz masks; check the path")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES))
 
 

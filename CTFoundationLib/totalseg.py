@@ -35,7 +35,7 @@ def run_totalsegmentator(volume: CTVolume, device: str = "cpu", progress: Callab
     image = nib.Nifti1Image(np.asarray(volume.hu, dtype=np.int16), volume.affine_ras)
     try:
         result = totalsegmentator(image, None, ml=True, task="total", fast=fast, quiet=True,
-                                  device="gpu" if device.startswith("cuda") else device)
+                                  device=totalsegmentator_device(device))
     except Exception as error:  # its failures (weights download, licence, memory) come in many types
         raise AnatomyError(
             f"TotalSegmentator failed on {volume.source or 'the CT'} ({type(error).__name__}: {error}); "
@@ -47,3 +47,10 @@ def run_totalsegmentator(volume: CTVolume, device: str = "cpu", progress: Callab
     anatomy = AnatomyMasks.for_volume(volume, "TotalSegmentator total" + (" (fast)" if fast else ""))
     add_labels(anatomy, labels, volume.affine_ras, totalsegmentator_classes("total"), "TotalSegmentator")
     return anatomy
+
+
+def totalsegmentator_device(device: str) -> str:
+    """Our device name as TotalSegmentator's: auto/cuda -> gpu (it falls back to CPU), cuda:1 -> gpu:1, cpu, mps."""
+    if device == "auto":
+        return "gpu"
+    return "gpu" + device[len("cuda"):] if device.startswith("cuda") else device

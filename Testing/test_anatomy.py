@@ -185,12 +185,26 @@ def test_build_anatomy_prefers_the_given_segmentation_and_reports_the_rest(ct_di
     volume = read_ct(ct_dir / PULMONARY / "ct.nii.gz")
     request = AnatomyRequest(segmentation=ct_dir / PULMONARY / "pulmonary_artery_mask.nii.gz", label_scheme="total_v1")
     given = build_anatomy(volume, request, ORGANS)
-    assert list(given.segments) == ["spleen"]  # a binary mask read as a label map: id 1 of the scheme
+    assert list(given.segments) == ["pulmonary_artery"]  # a binary mask named after its anatomy
     assert set(given.unavailable) >= {"fvlm:lung", "fvlm:heart", "region:lung"}
-    assert "region:abdomen" not in given.unavailable
     built = build_anatomy(ricord, AnatomyRequest(), ORGANS)  # no segmentation, no TotalSegmentator here
     assert set(built.segments) == set(fallback.segments)
     assert any("TotalSegmentator: not installed" in note for note in built.notes)
     assert "built-in HU-threshold" in built.unavailable["fvlm:heart"] and "fvlm:lung" not in built.unavailable
     assert set(REGIONS) - {"lung", "bone", "trachea and bronchie"} == {
         key.removeprefix("region:") for key in built.unavailable if key.startswith("region:")}
+
+
+def test_device_names_as_totalsegmentator_takes_them():
+    from CTFoundationLib.totalseg import totalsegmentator_device
+
+    assert [totalsegmentator_device(d) for d in ("auto", "cuda", "cuda:1", "cpu", "mps")] == \
+        ["gpu", "gpu", "gpu:1", "cpu", "mps"]
+
+
+def test_missing_radgenome_folder_is_named(tmp_path):
+    from CTFoundationLib.anatomy import nifti_files
+    from CTFoundationLib.errors import AnatomyError
+
+    with pytest.raises(AnatomyError, match="no such folder"):
+        nifti_files(tmp_path / "nowhere")
