@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +40,16 @@ def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
 
 
 def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or "path" not in rows[0]:
-        raise CTInputError(f"{path}: a case list needs a 'path' column (and optionally 'case_id')")
+    from .report_tables import read_csv_rows, require_columns
+
+    header, rows = read_csv_rows(path, CTInputError)
+    require_columns(header, ("path",), path, CTInputError)
     cases = []
     for number, row in enumerate(rows, start=2):
-        case_path = Path(row["path"])
+        text = (row["path"] or "").strip()
+        if not text:
+            raise CTInputError(f"{path}, line {number}: the 'path' cell is empty")
+        case_path = Path(text)
         case_path = case_path if case_path.is_absolute() else path.parent / case_path
         cases.append((row.get("case_id") or None, case_path))
     return cases

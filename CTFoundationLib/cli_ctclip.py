@@ -6,11 +6,12 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -29,6 +30,7 @@ from .weights.cache import write_json_atomic
 
 CTCLIP_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", DEMO_MODEL)
 TEXT_ENCODER = "cxr-bert"
+INDEX_SAVE_INTERVAL_S = 60.0  # `index` writes the index at most this often while it runs, and at the end
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,17 +210,23 @@ def run_index(args: argparse.Namespace) -> int:
         index = CaseIndex.open_or_create(
             args.index, model_id=runtime.model_id, checkpoint_sha256=runtime.checkpoint_sha256, dim=runtime.latent_dim
         )
+        added, last_save = 0, time.monotonic()
         for case in tqdm(cases, desc="index", unit="case", file=sys.stderr, disable=None):
-            fingerprint = source_fingerprint(case.path)
-            if index.contains(case.case_id, fingerprint):
-                continue
             try:
+                fingerprint = source_fingerprint(case.path)
+                if index.contains(case.case_id, fingerprint):
+                    continue
                 latent = case_latent(case.path, runtime)
             except CTFoundationError as error:
                 failures += 1
                 print(f"skipped {case.case_id}: {error}", file=sys.stderr)
                 continue
             index.add(case.case_id, latent.numpy(), CaseMetadata(str(case.path), fingerprint))
+            added += 1
+            if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:  # an interrupted run keeps most of its work
+                index.save()
+                last_save = time.monotonic()
+        if added:
             index.save()
     print(f"{args.index}: {len(index)} cases ({failures} could not be read)")
     return 1 if failures else 0
@@ -228,14 +236,19 @@ def case_latent(path: Path, runtime: CTCLIPRuntime) -> torch.Tensor:
     """(512,) image latent of a CT, or of an embedding file saved by `ctfoundation embed` with this checkpoint."""
     if path.suffix != EMBEDDING_SUFFIX:
         return runtime.encode_volume(read_ct(path))[0][0]
-    with safe_open(str(path), "pt") as stored:
-        sha256 = (stored.metadata() or {}).get("checkpoint_sha256")
-        if sha256 != runtime.checkpoint_sha256:
-            raise CTInputError(
-                f"{path}: embedded with checkpoint {str(sha256)[:12]}…, not {runtime.checkpoint_sha256[:12]}…; "
-                "re-embed it with this model"
-            )
-        return stored.get_tensor("image_latent")
+    try:
+        with safe_open(str(path), "pt") as stored:
+            sha256 = (stored.metadata() or {}).get("checkpoint_sha256")
+            if sha256 != runtime.checkpoint_sha256:
+                raise CTInputError(
+                    f"{path}: embedded with checkpoint {str(sha256)[:12]}…, not {runtime.checkpoint_sha256[:12]}…; "
+                    "re-embed it with this model"
+                )
+            if "image_latent" not in stored.keys():
+                raise CTInputError(f"{path}: holds no image_latent (a text embedding?); make it with `ctfoundation embed`")
+            return stored.get_tensor("image_latent")
+    except SafetensorError as error:
+        raise CTInputError(f"{path}: not a readable embedding file ({error})") from None
 
 
 def run_search(args: argparse.Namespace) -> int:

@@ -90,6 +90,22 @@ def test_index_and_search_by_image_and_text(ct_dir, tmp_path, small, capsys):
     assert (index / "index.json").stat().st_mtime_ns == stamp
 
 
+def test_unreadable_embeddings_and_empty_case_list_cells_are_named(ct_dir, tmp_path, small, capsys):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "junk.safetensors").write_bytes(b"not safetensors")
+    assert main(["embed-text", "Emphysema is present.", *small, "--out", str(cases / "text.safetensors")]) == 0
+    (cases / "ricord.nii.gz").symlink_to(ct_dir / RICORD_3MM)
+    assert main(["index", str(cases), "--index", str(tmp_path / "index"), *small]) == 1
+    captured = capsys.readouterr()
+    assert "junk.safetensors: not a readable embedding file" in captured.err
+    assert "holds no image_latent" in captured.err and "1 cases (2 could not be read)" in captured.out
+    listing = tmp_path / "list.csv"
+    listing.write_text("case_id,path\na,ricord.nii.gz\nb,\n")
+    assert main(["index", str(listing), "--index", str(tmp_path / "index2"), *small]) == 2
+    assert "list.csv, line 3: the 'path' cell is empty" in capsys.readouterr().err
+
+
 def test_embedding_from_another_checkpoint_is_refused(ct_dir, tmp_path, small, capsys):
     other, other_config, _ = make_small_ctclip(tmp_path / "other", seed=3)
     (tmp_path / "cases").mkdir()
