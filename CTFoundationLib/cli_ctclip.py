@@ -99,7 +99,8 @@ def read_model_config(path: Path | None) -> CTCLIPConfig | None:
         return None
     try:
         constructors = json.loads(path.read_text())
-        return CTCLIPConfig.from_reference_constructors(constructors.get("constructors", constructors))
+        section = constructors.get("constructors", constructors) if isinstance(constructors, dict) else constructors
+        return CTCLIPConfig.from_reference_constructors(section)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise CTFoundationError(
             f"--model-config {path}: not a usable CT-CLIP constructor JSON ({error}); it needs the sections "

@@ -73,7 +73,7 @@ def read_fvlm_config(path: Path | None) -> FVLMConfig | None:
     try:
         constructors = json.loads(path.read_text())
         return FVLMConfig.from_reference_constructors(constructors.get("constructors", constructors))
-    except (OSError, ValueError, TypeError, KeyError, StopIteration) as error:
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError) as error:
         raise CTFoundationError(
             f"--fvlm-config {path}: not a usable fVLM constructor JSON ({error}); it needs the sections "
             '"ViT", "BertConfig" and "BlipPretrain" as in a fixture config.json'
@@ -114,10 +114,12 @@ def write_grounded(args: argparse.Namespace, volume, progress=None) -> GroundedC
                              not args.no_totalsegmentator, args.device)
     with step_progress("ground") as bar:
         progress = progress or bar
+        thresholds = load_thresholds(args.thresholds)  # option files and models first: a bad one fails at once,
+        runtime = build_runtime(args, args.model != "ct-clip-lipro", progress)  # not after the anatomy
+        scoring = fvlm_scoring(args, progress)
         anatomy = build_anatomy(volume, request, ORGANS, progress)
-        ctclip = build_runtime(args, args.model != "ct-clip-lipro", progress).detect(
-            volume, load_thresholds(args.thresholds))
-        fvlm, fvlm_record = fvlm_scoring(args, progress).score(volume, anatomy)
+        ctclip = runtime.detect(volume, thresholds)
+        fvlm, fvlm_record = scoring.score(volume, anatomy)
         sentences = default_grounder().ground_report(text)
         case = ground_case(anatomy, ctclip, fvlm, sentences, {"ct-clip": ctclip.to_dict(), "fvlm": fvlm_record},
                            str(args.ct))

@@ -32,7 +32,7 @@ DETECTION_MODELS = ("ct-clip-v2", "ct-clip-vocabfine", "ct-clip-lipro", "ct-clip
 # In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
 DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
                 "write result")
-GROUND_STEPS = ("read CT", "anatomy", "load model", "preprocess", "encode image", "score", "fvlm: load model",
+GROUND_STEPS = ("read CT", "load model", "fvlm: load model", "anatomy", "preprocess", "encode image", "score",
                 "fvlm: preprocess", "fvlm: encode and score", "write result")
 BYTES_EVENT_INTERVAL_S = 0.25
 

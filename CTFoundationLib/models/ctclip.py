@@ -177,9 +177,14 @@ class CTCLIPConfig:
         This is the layout of a fixture's config.json "constructors" and the way to describe a fine-tuned
         variant; CTCLIP's encoder arguments and free-text notes are ignored.
         """
+        if not isinstance(constructors, Mapping):
+            raise ValueError(f"constructor arguments must be a JSON object, got {type(constructors).__name__}")
         missing = [name for name in ("CTViT", "BertConfig", "CTCLIP") if name not in constructors]
         if missing:
             raise ValueError(f"constructor arguments lack the section(s) {missing}")
+        not_objects = [name for name in ("CTViT", "BertConfig", "CTCLIP") if not isinstance(constructors[name], Mapping)]
+        if not_objects:
+            raise ValueError(f"constructor section(s) {not_objects} must be JSON objects")
         clip = constructors["CTCLIP"]
         unsupported = [flag for flag in _UNSUPPORTED_CTCLIP_FLAGS if clip.get(flag)]
         if unsupported:
