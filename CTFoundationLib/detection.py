@@ -30,7 +30,7 @@ from .models.ctclip import (
 from .preprocess import CTCLIP_V2, PreprocessSpec, preprocess
 from .results import DetectionResult, Finding  # noqa: F401  (re-exported: their historical home)
 from .volume import CTVolume
-from .weights.cache import cache_root, read_json, write_json_atomic
+from .weights.cache import cache_root, read_json, sha256_file, write_json_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 Progress = Callable[[str], None]
@@ -75,14 +75,11 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
     known = read_json(cache_file, {}) if cache_file else {}
     if key in known:
         return known[key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
+    digest = sha256_file(path)
     if cache_file:
-        known[key] = digest.hexdigest()
+        known[key] = digest
         write_json_atomic(cache_file, known)
-    return digest.hexdigest()
+    return digest
 
 
 def load_tokenizer(folder: Path):

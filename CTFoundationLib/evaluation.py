@@ -221,6 +221,8 @@ class CaseTable:
 def read_csv_table(path: Path) -> CaseTable:
     """A CSV with a case-id column (the first column that is not a finding) and finding columns."""
     header, rows = read_csv_rows(path, EvaluationError)
+    if not rows:
+        raise EvaluationError(f"{path} has a header but no cases")
     columns = finding_columns(header, path, EvaluationError)
     id_columns = [column for column in header if finding_for_column(column) is None]
     if not columns or not id_columns:

@@ -12,7 +12,6 @@ train.csv`, CC BY-NC-SA, so never shipped) and cached as one `.npz` of arrays (n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from .errors import ReportLabelError
 from .models.ctclip import CT_RATE_ABNORMALITIES
 from .report_tables import binary_matrix, finding_columns, read_csv_rows, require_columns, write_csv
-from .weights.cache import cache_root, now_iso
+from .weights.cache import cache_root, now_iso, sha256_file
 
 LABELLER_FORMAT = "ctfoundation-report-labeller-1"
 TEXT_COLUMN = "report_text"
@@ -234,10 +233,6 @@ def format_agreement(agreement: dict) -> str:
     return "\n".join(lines)
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def default_training_csv() -> Path:
     """CT-CLIP's hand-labelled reports in the shared data folder: $CTFOUNDATION_DATA, else ../shared/data."""
     root = os.environ.get("CTFOUNDATION_DATA")
@@ -252,16 +247,19 @@ def cached_labeller_path(home: Path | str | None = None) -> Path:
 def train_labeller(train_csv: Path, settings: LabellerSettings = LabellerSettings()) -> ReportLabeller:
     """A labeller trained on every report of a labelled CSV."""
     reports, labels = read_labelled_reports(train_csv)
-    provenance = {"training_csv": str(train_csv), "sha256": file_sha256(train_csv)}
+    provenance = {"training_csv": str(train_csv), "sha256": sha256_file(train_csv)}
     return ReportLabeller.fit(reports, labels, settings, provenance)
 
 
 def load_or_train(train_csv: Path | None = None, home: Path | str | None = None) -> ReportLabeller:
     """The cached labeller; trained (and cached) on first use, or again when `train_csv` is another file."""
+    if train_csv is not None and not train_csv.is_file():
+        raise ReportLabelError(f"--train-csv {train_csv}: no such file; give a CSV with report_text and the 18 "
+                               "finding columns")
     path = cached_labeller_path(home)
     if path.is_file():
         labeller = ReportLabeller.load(path)
-        if train_csv is None or labeller.provenance.get("sha256") == file_sha256(train_csv):
+        if train_csv is None or labeller.provenance.get("sha256") == sha256_file(train_csv):
             return labeller
     source = train_csv or default_training_csv()
     if not source.is_file():

@@ -11,6 +11,7 @@ Layout under the cache root ($CTFOUNDATION_HOME, default ~/.cache/ctfoundation, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -43,6 +44,15 @@ def model_dir(model_id: str, home: Path | str | None = None) -> Path:
 def now_iso() -> str:
     """Current UTC time, ISO 8601, to the second."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    hasher = hashlib.sha256()
+    with open(path, "rb", buffering=0) as handle:
+        while block := handle.read(chunk_bytes):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def write_json_atomic(path: Path, data: Any, private: bool = False) -> None:

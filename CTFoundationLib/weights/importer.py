@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import WeightsError
-from .cache import PART_SUFFIX, FileRecord, Manifest, now_iso
+from .cache import PART_SUFFIX, FileRecord, Manifest, now_iso, sha256_file
 from .download import CHUNK_BYTES, mib
 from .registry import FileSpec, ModelSpec
 
@@ -145,7 +145,7 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> tuple[Path, str]:
             if error.errno not in LINK_FAILURES:
                 raise
         else:
-            return tmp, _hash(src)
+            return tmp, sha256_file(src, CHUNK_BYTES)
     try:
         digest = _copy_hashing(src, tmp)
     except OSError as error:
@@ -154,14 +154,6 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> tuple[Path, str]:
             raise WeightsError(f"disk full while copying {src} to {dest.parent}; free some space") from None
         raise
     return tmp, digest
-
-
-def _hash(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(CHUNK_BYTES):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def _copy_hashing(src: Path, tmp: Path) -> str:

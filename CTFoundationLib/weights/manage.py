@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import WeightsError
-from .cache import CORRUPT_SUFFIX, PART_SUFFIX, Manifest, cache_root, model_dir, now_iso
+from .cache import CORRUPT_SUFFIX, PART_SUFFIX, Manifest, cache_root, model_dir, now_iso, sha256_file
 from .registry import FileSpec, ModelSpec, Registry, load_registry
 
 INSTALLED, PARTIAL, MISSING = "installed", "partial", "missing"
@@ -135,14 +134,6 @@ class VerifyResult:
     ok: list[str] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)  # set aside as .corrupt
     missing: list[str] = field(default_factory=list)
-
-
-def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(chunk_bytes):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def verify_model(spec: ModelSpec, home: Path | str | None = None) -> VerifyResult:
