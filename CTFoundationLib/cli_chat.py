@@ -144,10 +144,11 @@ def interactive(session: ChatSession, answer_type: str) -> None:
         elif line == "/reset":
             session.reset()
             print("(new conversation about the same CT)", file=sys.stderr)
-        elif line == "/report":
-            answer_streamed(session, "report", None)
         elif line:
-            answer_streamed(session, answer_type, line)
+            try:  # e.g. the context is full: say so and keep the prompt, so /reset can follow
+                answer_streamed(session, *(("report", None) if line == "/report" else (answer_type, line)))
+            except ChatError as error:
+                print(f"error: {error}", file=sys.stderr)
 
 
 def pick_answer_type(line: str, current: str) -> str:

@@ -192,7 +192,8 @@ class ChatPanel:
         """Apply the worker's events: status, streamed text, finished answers, errors."""
         if self.conversation is None:
             return
-        for event in self.conversation.worker.events():
+        events = self.conversation.worker.events()
+        for event in events:
             if event["type"] == "status":
                 self.updateButtons(event["status"], event["detail"])
             elif event["type"] == "token" and self.streaming is not None:
@@ -203,6 +204,8 @@ class ChatPanel:
             elif event["type"] == "error":
                 self.streaming = None
                 slicer.util.errorDisplay(event["message"])
+        if not events:  # redrawing resets the view's scroll position and selection: only on news
+            return
         turns = self.conversation.sessionFuture.result().transcript() if self.conversation.sessionFuture.done() \
             and self.conversation.sessionFuture.exception() is None else []
         self.showTranscript(turns)
