@@ -86,14 +86,21 @@ def to_working_grid(volume: CTVolume, mask: CTVolume | None) -> tuple[np.ndarray
 
 def load_bases(data_root: Path) -> list[tuple[BaseCT, np.ndarray, np.ndarray | None, np.ndarray]]:
     """Each base on the working grid; a clear error when the shared data is not there."""
+    check_bases(data_root)
     loaded = []
     for base in BASES:
-        path = data_root / base.ct
-        if not path.is_file():
-            raise TrainingError(f"demo data: {path} not found; give the shared data folder (--data, CTFOUNDATION_DATA)")
         mask = read_ct(data_root / base.artery_mask) if base.artery_mask else None
-        loaded.append((base, *to_working_grid(read_ct(path), mask)))
+        loaded.append((base, *to_working_grid(read_ct(data_root / base.ct), mask)))
     return loaded
+
+
+def check_bases(data_root: Path) -> None:
+    """A clear error when a base CT or mask of the shared data is not there (reads nothing)."""
+    for base in BASES:
+        for relative in filter(None, (base.ct, base.artery_mask)):
+            if not (data_root / relative).is_file():
+                raise TrainingError(
+                    f"demo data: {data_root / relative} not found; give the shared data folder (--data, CTFOUNDATION_DATA)")
 
 
 def repose(hu: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -186,7 +193,7 @@ def build_demo_data(
     marker = out / "complete.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == spec.key():
         return out
-    load_bases(Path(data_root))  # fail early, in this process, when the shared data is missing
+    check_bases(Path(data_root))  # fail early, in this process; the workers load the bases themselves
     workers = min(2, os.cpu_count() or 1)
     context = multiprocessing.get_context("spawn")  # forking a process that already runs torch threads can hang
     with ProcessPoolExecutor(workers, context, _load_worker_bases, (Path(data_root),)) as pool:
