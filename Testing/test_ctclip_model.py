@@ -222,7 +222,7 @@ def _bad_files(folder: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "garbage": (state | {"garbage.weight": torch.zeros(3)}, r"1 unexpected keys: garbage\.weight"),
         "wrong_shape": (state | {"temperature": torch.zeros(2)}, r"wrong shapes: temperature \(2,\)"),
         "lipro_bad": (lipro, r"missing keys: classifier\.bias.*unexpected keys: stray\.weight.*classifier\.weight"),
-        "not_a_state_dict": ([1, 2, 3], r"not a state dict"),
+        "not_a_state_dict": ([1, 2, 3], r"is a list, not a dictionary of weights"),
     }
     cases = {}
     for name, (content, pattern) in variants.items():
@@ -231,8 +231,8 @@ def _bad_files(folder: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     blob = (folder / "state_dict.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(blob[: len(blob) // 2])
     (tmp_path / "text.pt").write_text("this is not a checkpoint\n")
-    cases["truncated"] = (tmp_path / "truncated.pt", "cannot be read.*truncated")
-    cases["text_file"] = (tmp_path / "text.pt", "cannot be read.*not a checkpoint")
+    cases["truncated"] = (tmp_path / "truncated.pt", "cannot be read.*damaged, incomplete")
+    cases["text_file"] = (tmp_path / "text.pt", "cannot be read.*damaged, incomplete")
     cases["no_file"] = (tmp_path / "absent.pt", "not found")
     return cases
 

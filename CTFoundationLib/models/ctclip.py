@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
 from CTFoundationLib.errors import CheckpointError
+from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 
 # The 18 CT-RATE abnormalities, in the order of the reference's zero-shot and LiPro scripts.
 CT_RATE_ABNORMALITIES: tuple[str, ...] = (
@@ -599,23 +599,11 @@ def load_ctclip(
 
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
     """torch.load (weights only, memory-mapped when possible) -> flat dict of tensors, or CheckpointError."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found. Check the path, or download the weights again.")
+    what = "CT-CLIP checkpoint"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:200]
-        raise CheckpointError(
-            f"{path} cannot be read as a PyTorch checkpoint ({reason}). It is truncated (an interrupted "
-            f"download) or not a checkpoint at all. {_ADVICE}"
-        ) from None
-    is_state_dict = isinstance(state, Mapping) and all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in state.items()
-    )
-    if not is_state_dict:
-        kind = type(state).__name__
-        raise CheckpointError(f"{path} is a {kind}, not a state dict of tensors as CT-CLIP saves. {_ADVICE}")
-    return dict(state)
+        return as_state_dict(load_torch_file(path, what), path, what)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error} {_ADVICE}") from None
 
 
 def _split_layout(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str], bool]:
