@@ -62,7 +62,7 @@ def load_thresholds(source: Path | Mapping[str, float] | None, names: Sequence[s
     unknown = sorted(set(table) - set(names))
     if unknown:
         raise CTFoundationError(f"thresholds {source}: unknown findings {unknown}; use the names {list(names)}")
-    bad = {k: v for k, v in table.items() if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0}
+    bad = {k: v for k, v in table.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0}
     if bad:
         raise CTFoundationError(f"thresholds {source}: values must be probabilities in [0, 1], got {bad}")
     return {name: float(value) for name, value in table.items()}

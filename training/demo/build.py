@@ -148,7 +148,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     overrides = {
         "model": {"text_init": str(minilm), "tokenizer": str(minilm / "vocab.txt")},
         "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv")},
-        "train": {"output_dir": str(staging / "run"), **({"steps": steps} if steps else {})},
+        "train": {"output_dir": str(staging / "run"), **({"steps": steps} if steps is not None else {})},
         "export": {"checkpoint": str(staging / CHECKPOINT)},
     }
     config = load_config(CONFIG, overrides)
