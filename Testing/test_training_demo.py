@@ -7,6 +7,8 @@ The synthesis tests are fast; the end-to-end test builds the demo set, trains, e
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
 from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
-from training.demo.synth import DemoDataSpec, load_bases, make_case, repose
+from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case, repose
 
 SEED = 12345
 
@@ -64,12 +66,27 @@ def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
     assert (hu > 1900).sum() > 10 and anatomy.body[device.centre_ijk] and not lung[device.centre_ijk]
 
 
-def test_report_names_every_inserted_finding(bases):
-    _, inserted, (findings_text, impressions) = make_case(bases[1], SEED, prevalence=1.0)
-    assert [f.name for f in inserted] == list(DEMO_FINDINGS)
+def test_each_base_takes_its_own_findings_and_the_report_names_them(bases):
+    chest, crop = bases[0], bases[1]  # the full chest CT; the aorta crop (heart and vessels, cut lungs)
+    _, inserted, (findings_text, impressions) = make_case(chest, SEED, prevalence=1.0)
+    assert [f.name for f in inserted] == [n for n in DEMO_FINDINGS if n != "Arterial wall calcification"]
     for word in ("nodule", "effusion", "consolidation", "ground", "emphysema"):
         assert word in findings_text.lower()
-    assert impressions.count("•") == len(DEMO_FINDINGS)
+    assert impressions.count("•") == len(inserted)
+    _, inserted, _ = make_case(crop, SEED, prevalence=1.0)
+    assert [f.name for f in inserted] == ["Arterial wall calcification", "Medical material"]
+
+
+def test_cases_draw_their_base_by_its_weight():
+    drawn = np.bincount([base_index(seed) for seed in range(2000)], minlength=len(BASES)) / 2000
+    assert np.allclose(drawn, [base.weight for base in BASES], atol=0.03)
+
+
+def test_the_installed_command_finds_the_training_code(tmp_path):
+    """`ctfoundation train-demo` runs from anywhere, not only from the repository root."""
+    code = "from CTFoundationLib.cli_training import training_demo; print(training_demo().CONFIG.is_file())"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
 
 
 def test_negative_case_has_no_inserted_finding(bases):

@@ -38,13 +38,12 @@ from ..export import write_prompt_latents, write_thresholds
 from ..trainer import Trainer
 from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
-from .synth import DemoDataSpec, build_demo_data
+from .synth import BASES, DemoDataSpec, build_demo_data
 
 MODEL_ID = DEMO_MODEL
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CHECKPOINT = "ct_clip_demo.pt"
 PROMPT_LATENTS = "prompt_latents.safetensors"
-CALCIFICATION = "Arterial wall calcification"
 Say = Callable[[str], None]
 
 
@@ -82,28 +81,31 @@ def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRun
 
 
 def score_split(runtime: CTCLIPRuntime, data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities (N, 18), labels (N, 18), has-artery-mask (N,)) of a demo split, through the runtime."""
+    """(probabilities (N, 18), labels (N, 18), base CT name of each case (N,)) of a demo split, through the runtime."""
     from tqdm import tqdm
 
     dataset = split_dataset(data, split)
     with tqdm(total=len(dataset), desc=f"score {split}", unit="case", file=sys.stderr, disable=None) as bar:
         probabilities = score_dataset(runtime, dataset, bar.update)
     manifest = json.loads((data / f"{split}_findings.json").read_text())
-    with_artery = np.array([manifest[case.name]["base"] != "ricord" for case in dataset.cases])
-    return probabilities, labels_of(dataset), with_artery
+    bases = np.array([manifest[case.name]["base"] for case in dataset.cases])
+    return probabilities, labels_of(dataset), bases
 
 
 def demo_evaluations(
-    probabilities: np.ndarray, labels: np.ndarray, with_artery: np.ndarray, n_bootstrap: int = 1000
+    probabilities: np.ndarray, labels: np.ndarray, bases: np.ndarray, n_bootstrap: int = 1000
 ) -> list[tuple[str, Evaluation]]:
-    """CT-CLIP's evaluation of the inserted findings: calcification on the cases whose base CT has an artery mask
-    (it is inserted only there; the other base may hold real, unlabelled calcifications), the rest on all cases."""
-    others = [name for name in DEMO_FINDINGS if name != CALCIFICATION]
-    groups = (("all cases", others, np.ones(len(labels), bool)), ("cases with an artery mask", [CALCIFICATION], with_artery))
+    """CT-CLIP's evaluation of each inserted finding on the cases whose base CT can take it (`synth.BASES`): the
+    lung and pleural findings on the full chest CT, calcification on the crops with an artery mask, devices on
+    all; a base never given a finding may hold a real, unlabelled one (the RICORD patient is 85)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in DEMO_FINDINGS:
+        groups.setdefault(tuple(base.name for base in BASES if name in base.findings), []).append(name)
     evaluations = []
-    for title, names, rows in groups:
-        columns = [CT_RATE_ABNORMALITIES.index(name) for name in names]
-        chosen = np.ix_(rows, columns)
+    for eligible, names in groups.items():
+        rows = np.isin(bases, eligible)
+        title = "all cases" if len(eligible) == len(BASES) else f"cases on {' / '.join(eligible)}"
+        chosen = np.ix_(rows, [CT_RATE_ABNORMALITIES.index(name) for name in names])
         evaluations.append((title, evaluate(probabilities[chosen], labels[chosen], names, n_bootstrap, progress=False)))
     return evaluations
 

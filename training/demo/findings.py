@@ -2,7 +2,7 @@
 
 Each inserter changes `hu` in place and returns an `Inserted` record (CT-RATE finding name, centre voxel,
 size in mm, side and zone) that the report templates turn into sentences. Appearance, in HU:
-- Lung nodule: 1-3 solid spheres, 6-30 mm, 0..60 HU, soft edge, inside the lung;
+- Lung nodule: 1-3 solid spheres, 8-30 mm, 0..60 HU, soft edge, inside the lung;
 - Pleural effusion: fluid (5..25 HU) layering in the dependent (posterior) lung base, one or both sides,
   a crescent that thins upward (meniscus);
 - Consolidation: an irregular 30-70 mm patch of lung at 20..50 HU;
@@ -111,7 +111,7 @@ def irregular_patch(shape, centre, radius: float, rng: np.random.Generator) -> n
 
 def insert_nodules(hu, anatomy, rng) -> Inserted:
     count = int(rng.choice([1, 1, 2, 3]))
-    diameters = np.sort(rng.uniform(6.0, 30.0, size=count))[::-1]
+    diameters = np.sort(rng.uniform(8.0, 30.0, size=count))[::-1]
     centres = []
     for diameter in diameters:
         radius = diameter / 2 / SPACING_MM

@@ -1,10 +1,12 @@
 """Demo cases: real sample chest CTs, randomly re-posed, with inserted findings, written in the CT-RATE layout.
 
-Bases (from the shared data folder, never copied into the repository): the RICORD non-contrast chest CT
-and the two TotalSegmentator chest crops, whose aorta / pulmonary-artery masks place the calcifications
-(so calcification is inserted only in those two). Every case: a random affine pose (MONAI RandAffined:
-rotation up to 8 degrees, scale 0.9-1.1, shift up to 12 mm) on a 3 mm grid, each finding independently
-with probability `prevalence`, image noise, then a report from the templates. Output, for each split
+Bases (from the shared data folder, never copied into the repository): the RICORD non-contrast chest CT,
+the only one with whole lungs, takes the lung, pleural and device findings (60 % of the cases); the two
+TotalSegmentator chest crops (heart and great vessels, slivers of lung) take the arterial wall
+calcifications on their aorta / pulmonary-artery masks and devices (20 % each). Every case: a base drawn
+with those weights, a random affine pose (MONAI RandAffined: rotation up to 8 degrees, scale 0.9-1.1,
+shift up to 12 mm) on a 3 mm grid, each of the base's findings independently with probability
+`prevalence`, image noise, then a report from the templates. Output, for each split
 (train, valid, test): `<split>/<split>_<n>/<split>_<n>_a/<split>_<n>_a_1.nii.gz` (int16 HU, proper
 affine), `<split>_reports.csv`, `<split>_labels.csv` (18 CT-RATE columns) and `<split>_findings.json`
 (type, centre voxel/mm, size, side, zone of every inserted finding).
@@ -35,24 +37,39 @@ from CTFoundationLib.volume import CTVolume
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, find_anatomy
 from .reports import write_report
 
-GENERATOR_VERSION = 2  # bump when the cases change, so cached demo data is rebuilt
+GENERATOR_VERSION = 3  # bump when the cases change, so cached demo data is rebuilt
 AIR_HU = -1000.0
+
+
+LUNG_BASE_FINDINGS = tuple(name for name in DEMO_FINDINGS if name != "Arterial wall calcification")
+VESSEL_BASE_FINDINGS = ("Arterial wall calcification", "Medical material")
 
 
 @dataclass(frozen=True)
 class BaseCT:
+    """A base CT of the shared data, the findings it can take and its share of the cases."""
+
     name: str
     ct: str
+    findings: tuple[str, ...]
+    weight: float
     artery_mask: str | None = None
     artery_name: str = ""
 
 
 BASES = (
-    BaseCT("ricord", "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"),
-    BaseCT("totalseg-aorta", "ct/totalseg_chest_crop_aorta/ct.nii.gz", "ct/totalseg_chest_crop_aorta/aorta_mask.nii.gz", "aorta"),
-    BaseCT("totalseg-pulmonary", "ct/totalseg_chest_crop_pulmonary/ct.nii.gz",
+    BaseCT("ricord", "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz", LUNG_BASE_FINDINGS, 0.6),
+    BaseCT("totalseg-aorta", "ct/totalseg_chest_crop_aorta/ct.nii.gz", VESSEL_BASE_FINDINGS, 0.2,
+           "ct/totalseg_chest_crop_aorta/aorta_mask.nii.gz", "aorta"),
+    BaseCT("totalseg-pulmonary", "ct/totalseg_chest_crop_pulmonary/ct.nii.gz", VESSEL_BASE_FINDINGS, 0.2,
            "ct/totalseg_chest_crop_pulmonary/pulmonary_artery_mask.nii.gz", "main vascular structures"),
 )
+
+
+def base_index(seed: int) -> int:
+    """Which base a case seed draws (by the bases' weights)."""
+    weights = np.array([base.weight for base in BASES])
+    return int(np.random.default_rng([seed, 1]).choice(len(BASES), p=weights / weights.sum()))
 
 
 @dataclass(frozen=True)
@@ -128,7 +145,7 @@ def make_case(base_entry, seed: int, prevalence: float) -> tuple[np.ndarray, lis
     anatomy = find_anatomy(hu, mask, base.artery_name)
     inserted = []
     for name in DEMO_FINDINGS:
-        if name == "Arterial wall calcification" and (mask is None or mask.sum() < 50):
+        if name not in base.findings or (name == "Arterial wall calcification" and (mask is None or mask.sum() < 50)):
             continue
         if rng.random() < prevalence:
             inserted.append(INSERTERS[name](hu, anatomy, rng))
@@ -146,7 +163,7 @@ def _load_worker_bases(data_root: Path) -> None:
 
 def synthesise_case(out: Path, split: str, n: int, seed: int, prevalence: float) -> tuple[dict, dict, dict]:
     """Write case `n` of `split`; returns its reports row, labels row and manifest entry."""
-    base_entry = _BASES[seed % len(_BASES)]
+    base_entry = _BASES[base_index(seed)]
     hu, inserted, (findings_text, impressions) = make_case(base_entry, seed, prevalence)
     name = f"{split}_{n}_a_1.nii.gz"
     folder = out / split / f"{split}_{n}" / f"{split}_{n}_a"
