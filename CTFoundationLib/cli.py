@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from . import __version__
+from .allocator import reuse_freed_memory
 from .errors import CTFoundationError
 
 FEATURE_MODULES = (
@@ -39,6 +40,7 @@ def report_errors(run: Callable[[], int | None]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_freed_memory()
     return report_errors(lambda: args.run(args))
 
 

@@ -25,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from .allocator import reuse_freed_memory
 from .errors import CTFoundationError, CTInputError
 from .worker_process import format_event
 
@@ -237,6 +238,7 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
 
 def main(argv: list[str] | None = None) -> int:
     task, args = parse(sys.argv[1:] if argv is None else argv)
+    reuse_freed_memory()
     emit("started", task=task, pid=os.getpid())
     try:
         output = TASKS[task][1](args)

@@ -56,13 +56,15 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
-def measure(checkpoint: Path, dicom: Path, dtype: str) -> dict:
-    """Runs in the child process: the product path, then the reference-style pass."""
+def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = False) -> dict:
+    """Runs in the child process: the product path (allocator tuned as the CLI does), then the reference-style pass."""
+    from CTFoundationLib.allocator import reuse_freed_memory
     from CTFoundationLib.detection import CTCLIPRuntime
     from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
     from CTFoundationLib.reading import read_ct
 
-    figures = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops()}
+    figures = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops(),
+               "allocator_tuned": reuse_freed_memory() if not no_allocator else False}
     start = time.perf_counter()
     volume = read_ct(dicom)
     figures["read_s"] = time.perf_counter() - start
@@ -105,7 +107,8 @@ def _reference_prompt_pair_seconds(runtime, name: str) -> float:
 def report(figures: dict) -> None:
     per_finding = figures["encode_image_s"] + figures["reference_prompt_pair_512_s"]
     reference_total = figures["read_s"] + figures["preprocess_s"] + 18 * per_finding
-    print(f"threads {figures['threads']}, fp32 matmul {figures['matmul_gflops']:.1f} GFLOP/s")
+    print(f"threads {figures['threads']}, fp32 matmul {figures['matmul_gflops']:.1f} GFLOP/s, "
+          f"allocator tuned (CTFoundationLib.allocator): {figures['allocator_tuned']}")
     for key in ("read_s", "preprocess_s", "load_model_s", "encode_image_s", "encode_prompts_cold_s",
                 "encode_prompts_cached_s", "score_s", "total_s"):
         print(f"{key:28s} {figures[key]:8.3f}")
@@ -125,17 +128,18 @@ def main() -> None:
     parser.add_argument("--dicom", type=Path, default=DEFAULT_DICOM)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ctfoundation-bench"))
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--no-allocator-tuning", action="store_true", help="glibc's default mmap/trim thresholds")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     checkpoint = args.workdir / "ct_clip_v2_fullsize_random.pt"
     if args.child:
-        print(json.dumps(measure(checkpoint, args.dicom, args.dtype)))
+        print(json.dumps(measure(checkpoint, args.dicom, args.dtype, args.no_allocator_tuning)))
         return
     if not checkpoint.is_file():
         print(f"writing a full-size random checkpoint to {checkpoint} …", flush=True)
         make_full_size_checkpoint(checkpoint)
     child = [sys.executable, __file__, "--child", "--dicom", str(args.dicom), "--workdir", str(args.workdir),
-             "--dtype", args.dtype]
+             "--dtype", args.dtype, *(["--no-allocator-tuning"] if args.no_allocator_tuning else [])]
     output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
     report(json.loads(output.strip().splitlines()[-1]))
 
