@@ -92,7 +92,18 @@ def load_tokenizer(folder: Path):
             f"text encoder {folder}: no vocab.txt found. Give the CXR-BERT folder "
             "(`ctfoundation weights download cxr-bert`) or a vocab.txt file."
         )
-    return BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    with open(vocab, encoding="utf-8") as handle:
+        size = sum(1 for _ in handle)
+    # transformers 4 takes the file as `vocab_file`; transformers 5 ignores that silently (a 5-token vocabulary that
+    # makes every word [UNK]) and takes it as `vocab`: keep the one whose vocabulary is the file's
+    for argument in ("vocab_file", "vocab"):
+        try:
+            tokenizer = BertTokenizerFast(**{argument: str(vocab)}, do_lower_case=True)
+        except (TypeError, ValueError, OSError):
+            continue
+        if len(tokenizer) == size:
+            return tokenizer
+    raise CheckpointError(f"text encoder {vocab}: transformers could not build a WordPiece tokenizer of its {size} entries")
 
 
 class CTCLIPRuntime:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import fixture_folders, fixtures_root
 from safetensors.torch import load_file
-from transformers import BertTokenizer
 
+from CTFoundationLib.detection import load_tokenizer
 from CTFoundationLib.errors import CheckpointError
 from CTFoundationLib.models.ctclip import (
     CT_RATE_ABNORMALITIES,
@@ -134,8 +134,9 @@ def test_one_pass_equals_per_pathology_loop(folder: Path, tmp_path: Path) -> Non
     """Encode once + batched prompts == the reference loop (image re-encoded, 2 prompts padded to max length)."""
     cfg, model, tol = fixture_config(folder), fixture_model(folder), tolerances(folder)
     (tmp_path / "vocab.txt").write_text("\n".join(cfg["toy_vocab"]) + "\n")
-    tokenizer = BertTokenizer(vocab_file=str(tmp_path / "vocab.txt"), do_lower_case=True)
+    tokenizer = load_tokenizer(tmp_path / "vocab.txt")
     ids, mask = tokenize(tokenizer, zero_shot_prompts())
+    assert tokenizer.convert_tokens_to_ids("present") in ids[0].tolist()  # the toy vocabulary, not [UNK] only
     assert ids.shape[1] == int(mask.sum(dim=1).max()), "prompts must be padded only to the longest one"
     volume = inputs(folder)["image"]
     pad_to = model.config.bert_config().max_position_embeddings

@@ -105,6 +105,12 @@ def test_lipro_checkpoint_uses_its_head(tmp_path, ricord):
     assert [f.probability for f in result.findings] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_the_tokenizer_reads_the_whole_vocabulary(runtime):
+    """bert-base-uncased ids of a prompt (transformers 5 ignores `vocab_file=` and made every word [UNK])."""
+    assert runtime.tokenizer("Medical material is present.")["input_ids"] == [101, 2966, 3430, 2003, 2556, 1012, 102]
+    assert len(runtime.tokenizer) == 30522
+
+
 def test_text_needs_a_tokenizer(tmp_path, small_checkpoint):
     checkpoint, _, config = small_checkpoint
     runtime = CTCLIPRuntime(checkpoint, None, config=config, device="cpu", cache_dir=tmp_path)
