@@ -45,9 +45,10 @@ def prepare_demo_model() -> None:
     else:
         print(f"note: no official CT-CLIP weights are installed ({OFFICIAL_MODEL}); using {DEMO_MODEL}, trained on demo "
               "data, not for diagnosis", file=sys.stderr)
-    if not installed(DEMO_MODEL):
-        build = training_demo()
-        print(f"{DEMO_MODEL} is not built yet: training it now (once, a few minutes on CPU)", file=sys.stderr)
+    build = training_demo()
+    if build.installed_demo(None) is None:
+        print(f"{DEMO_MODEL} is not built yet (or was built by an older version): training it now (a few minutes on CPU)",
+              file=sys.stderr)
         build.train_demo(build.default_data_root(), say=lambda line: print(line, file=sys.stderr))
 
 

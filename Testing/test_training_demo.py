@@ -7,6 +7,7 @@ The synthesis tests are fast; the end-to-end test builds the demo set, trains, e
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -136,6 +137,17 @@ def test_installed_demo_model_files_and_thresholds(demo_home):
     saved = json.loads((folder / "training_record.json").read_text())
     assert saved["notice"].endswith("not for diagnosis") and saved["seed"] == record["seed"]
     assert saved["data"] == json.loads(json.dumps(DemoDataSpec().__dict__))
+
+
+@pytest.mark.slow
+def test_a_demo_model_built_by_an_older_version_is_rebuilt(demo_home, tmp_path):
+    home, _ = demo_home
+    shutil.copytree(home / "models", tmp_path / "models")
+    assert build.installed_demo(tmp_path) is not None
+    record_file = tmp_path / "models" / "ct-clip-demo" / "training_record.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
+    assert build.installed_demo(tmp_path) is None
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ from .findings import DEMO_FINDINGS
 from .synth import BASES, DemoDataSpec, build_demo_data
 
 MODEL_ID = DEMO_MODEL
+DEMO_VERSION = 2  # bump when a fix changes what train-demo builds (2: prompts tokenised with the whole vocabulary)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CHECKPOINT = "ct_clip_demo.pt"
 PROMPT_LATENTS = "prompt_latents.safetensors"
@@ -165,7 +166,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
     test = demo_evaluations(*score_split(runtime, data, "test"))
     record = {
-        "model": MODEL_ID, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
+        "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(), "config": str(CONFIG.name),
         "steps": result.steps, "batch_size": config.train.batch_size,
         "train_seconds": round(result.seconds, 1), "synthesis_seconds": round(synthesis_s, 1),
@@ -184,17 +185,20 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
 
 
 def installed_demo(home: Path | None) -> Path | None:
+    """The installed demo checkpoint; None when it is missing, incomplete or built by an older DEMO_VERSION."""
     try:
-        return resolve_weights(MODEL_ID, home=home)
-    except WeightsError:  # not built yet, or files missing: rebuild
+        checkpoint = resolve_weights(MODEL_ID, home=home)
+        record = json.loads((checkpoint.parent / "training_record.json").read_text())
+    except (WeightsError, OSError, ValueError):
         return None
+    return checkpoint if record.get("demo_version") == DEMO_VERSION else None
 
 
 def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> float:
     """Print the per-finding table and `demo zero-shot mean AUROC: <value>` on the held-out test split."""
     checkpoint = installed_demo(home)
     if checkpoint is None:
-        say(f"{MODEL_ID} is not built yet: training it now (once)")
+        say(f"{MODEL_ID} is not built yet (or was built by an older version): training it now")
         train_demo(data_root, home, say=say)
         checkpoint = resolve_weights(MODEL_ID, home=home)
     record = json.loads((checkpoint.parent / "training_record.json").read_text())
