@@ -4,8 +4,11 @@ Prints wall times (read + preprocess, model load, image encode, prompt encode co
 peak RSS, the image encode's achieved GFLOP/s against this machine's own fp32 matmul GFLOP/s, and
 the same run done reference-style (the image re-encoded for each of the 18 findings, each prompt pair
 padded to 512 tokens): one reference pass is timed and multiplied by 18, as stated in the output.
+With --reference-python/--reference-checkout, two passes of the reference's OWN code (CT-CLIP @ a2a155c, in its
+own venv, through reference_pass.py) are timed too, after the product run: 18 passes = the first + 17 x the second.
 
 Run: .venv/bin/python Testing/benchmarks/bench_ctclip.py [--dicom DIR] [--workdir DIR] [--dtype fp32|bf16]
+       [--reference-python PY --reference-checkout DIR]   (how to set them up: reference_pass.py's docstring)
 The full-size checkpoint (~2 GB, with the two unused `_extra` projections as in the official file) is
 written once to --workdir and reused. The measurement itself runs in a fresh process so peak RSS is the
 runtime's own.
@@ -27,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DICOM = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
 VOCAB = REPO.parent / "shared/data/vocab/bert-base-uncased_vocab.txt"
+INPUT_FILE = "ricord_input.pt"
 
 
 def make_full_size_checkpoint(path: Path) -> None:
@@ -71,6 +75,7 @@ def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = Fals
     cache = checkpoint.parent / f"runtime_cache_{time.time_ns()}"
     runtime = CTCLIPRuntime(checkpoint, VOCAB, device="cpu", dtype=dtype, cache_dir=cache)
     tensor = runtime.prepare(volume)
+    torch.save(tensor, checkpoint.parent / INPUT_FILE)  # the reference-code pass reads the same input
     figures["preprocess_s"] = runtime.timings_s["preprocess"]
     figures["load_model_s"] = runtime.timings_s["load_model"]
     start = time.perf_counter()
@@ -84,6 +89,7 @@ def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = Fals
     start = time.perf_counter()
     runtime.probabilities(latent)
     figures["score_s"] = time.perf_counter() - start
+    figures["p_present_" + CT_RATE_ABNORMALITIES[0]] = float(runtime.probabilities(latent)[0, 0])
     figures["total_s"] = sum(
         figures[k] for k in ("read_s", "preprocess_s", "encode_image_s", "encode_prompts_cached_s", "score_s")
     )
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ctfoundation-bench"))
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--no-allocator-tuning", action="store_true", help="glibc's default mmap/trim thresholds")
+    parser.add_argument("--reference-python", type=Path, help="a Python with the reference's dependencies")
+    parser.add_argument("--reference-checkout", type=Path, help="CT-CLIP checkout (transformer_maskgit/, CT_CLIP/)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     checkpoint = args.workdir / "ct_clip_v2_fullsize_random.pt"
@@ -141,7 +149,30 @@ def main() -> None:
     child = [sys.executable, __file__, "--child", "--dicom", str(args.dicom), "--workdir", str(args.workdir),
              "--dtype", args.dtype, *(["--no-allocator-tuning"] if args.no_allocator_tuning else [])]
     output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
-    report(json.loads(output.strip().splitlines()[-1]))
+    figures = json.loads(output.strip().splitlines()[-1])
+    report(figures)
+    if args.reference_python and args.reference_checkout:
+        report_reference_code(figures, reference_code_pass(args, checkpoint))
+
+
+def reference_code_pass(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """One pass of the reference's own CT-CLIP code on the product run's input, in its own interpreter."""
+    command = [str(args.reference_python), str(Path(__file__).with_name("reference_pass.py")),
+               "--checkout", str(args.reference_checkout), "--checkpoint", str(checkpoint),
+               "--volume", str(checkpoint.parent / INPUT_FILE), "--vocab", str(VOCAB), "--passes", "2"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def report_reference_code(figures: dict, reference: dict) -> None:
+    first, later = reference["passes_s"]
+    total = figures["read_s"] + figures["preprocess_s"] + first + 17 * later
+    name = next(key for key in figures if key.startswith("p_present_"))
+    print(f"reference code (transformers {reference['transformers']}, {reference['threads']} threads): a pass (prompt "
+          f"pair padded to 512 + image) {first:.2f} s first, {later:.2f} s next; first + 17 x next + read/preprocess "
+          f"= {total:.1f} s")
+    print(f"speed-up over the reference code (total, prompts cached): {total / figures['total_s']:.1f}x; "
+          f"P({name[len('p_present_'):]}) ours {figures[name]:.6f} vs reference {reference['probabilities'][0]:.6f}")
 
 
 if __name__ == "__main__":
