@@ -21,7 +21,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
 from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
-from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case, repose
+from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case
 
 SEED = 12345
 
@@ -41,7 +41,7 @@ def test_a_case_is_reproducible_from_its_seed(bases):
 
 def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
     base = bases[1]  # the aorta crop: it has an artery mask, so every finding can be inserted
-    before, mask = repose(base[1], base[2], SEED)
+    before, mask = base[1].copy(), base[2]
     anatomy = find_anatomy(before, mask, base[0].artery_name)
     lung = anatomy.lung
     changed = {}
@@ -51,7 +51,7 @@ def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
         assert record.name == name
         changed[name] = (hu, record)
     hu, nodule = changed["Lung nodule"]
-    assert lung[nodule.centre_ijk] and 0 <= hu[nodule.centre_ijk] <= 60 and 6 <= nodule.size_mm <= 30
+    assert lung[nodule.centre_ijk] and 0 <= hu[nodule.centre_ijk] <= 60 and 10 <= nodule.size_mm <= 25
     hu, effusion = changed["Pleural effusion"]
     fluid = np.argwhere(lung & (hu > 0) & (hu < 50) & (before < -500))
     assert len(fluid) > 100 and fluid[:, 1].mean() > np.argwhere(lung)[:, 1].mean()  # layering dependently (j: P)
@@ -111,15 +111,15 @@ def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypat
     assert main(["eval-demo", "--data", str(data_root())]) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if line.startswith("demo zero-shot mean AUROC: "))
-    # installed = trained; 0.01, not 1e-3: while the latents stay nearly collapsed (see the xfail below) the
-    # rankings hang on float rounding that differs between the in-memory and the reloaded model
+    # installed = trained; 0.01, not 1e-3: near-equal probabilities make the rankings hang on float rounding that
+    # differs between the in-memory and the reloaded model
     assert float(line.split(": ")[1]) == pytest.approx(record["test_mean_auroc"], abs=0.01)
     assert all(name in printed for name in DEMO_FINDINGS)
     assert record["loss_last"] < record["loss_first"]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 7): the demo model reaches a held-out mean AUROC of about 0.52, "
+@pytest.mark.xfail(strict=True, reason="open (issue 7): the demo model reaches a held-out mean AUROC of about 0.62, "
                    "not the 0.9 target; see README 'Demo model'. strict: remove this mark when it passes")
 def test_demo_model_reaches_the_auroc_target_on_held_out_cases(demo_home):
     _, record = demo_home

@@ -1,17 +1,18 @@
 """Inserting findings of known type and place into a chest CT (HU, 3 mm grid, voxel axes (i, j, k) = L, P, S).
 
 Each inserter changes `hu` in place and returns an `Inserted` record (CT-RATE finding name, centre voxel,
-size in mm, side and zone) that the report templates turn into sentences. Appearance, in HU:
-- Lung nodule: 1-3 solid spheres, 8-30 mm, 0..60 HU, soft edge, inside the lung;
+size in mm, side and zone) that the report templates turn into sentences. Each finding takes the distribution
+it typically has (so that it covers the same region of the chest from case to case, as it does in real CTs):
+- Lung nodules: 5-12 solid spheres, 10-25 mm, 0..60 HU, soft edge, scattered through both lungs (metastatic pattern);
 - Pleural effusion: fluid (5..25 HU) layering in the dependent (posterior) lung base, one or both sides,
   a crescent that thins upward (meniscus);
-- Consolidation: an irregular 30-70 mm patch of lung at 20..50 HU;
-- Lung opacity (ground glass): an irregular 40-90 mm patch of lung pulled 55-70 % toward -450 HU
-  (vessels stay visible);
+- Consolidation: lobar, most of one lower lobe at 20..50 HU, with air bronchograms (10-20 % of it stays air);
+- Lung opacity (ground glass): bilateral, patchy and peripheral (within 15-30 mm of the lung edge) in the
+  lower and middle zones, pulled 55-70 % toward -450 HU (vessels stay visible);
 - Emphysema: clustered low-attenuation holes (-990..-960 HU) and 1-2 subpleural bullae, upper zones or diffuse;
-- Arterial wall calcification: 4-9 dense plaques (1100..1800 HU) on the wall of an artery mask;
-- Medical material: a pacemaker (generator + lead), a port (chamber + catheter) or a central catheter,
-  metal-dense (2000..3000 HU) in soft tissue.
+- Arterial wall calcification: 10-20 dense plaques (1100..1800 HU) on the wall of an artery mask;
+- Medical material: a pacemaker (generator + lead) or a port (chamber + catheter) in the upper anterior chest
+  wall, its lead running medially and down toward the heart, or a central catheter; metal-dense (2000..3000 HU).
 """
 
 from __future__ import annotations
@@ -98,20 +99,9 @@ def sphere_weight(box: tuple[slice, ...], centre: tuple[int, int, int], radius: 
     return np.clip(radius + 0.5 - distance, 0.0, 1.0).astype(np.float32)
 
 
-def irregular_patch(shape, centre, radius: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean blob: smoothed noise thresholded inside a sphere of `radius` voxels around `centre`."""
-    box = local_box(shape, centre, radius * 1.3)
-    noise = ndimage.gaussian_filter(rng.standard_normal(tuple(s.stop - s.start for s in box)), 1.5)
-    noise /= noise.std() + 1e-6
-    taper = sphere_weight(box, centre, radius) * 2.0 - 1.0
-    patch = np.zeros(shape, bool)
-    patch[box] = noise * 0.6 + taper * 1.5 > 0.4
-    return patch
-
-
 def insert_nodules(hu, anatomy, rng) -> Inserted:
-    count = int(rng.choice([1, 1, 2, 3]))
-    diameters = np.sort(rng.uniform(8.0, 30.0, size=count))[::-1]
+    count = int(rng.integers(5, 13))
+    diameters = np.sort(rng.uniform(10.0, 25.0, size=count))[::-1]
     centres = []
     for diameter in diameters:
         radius = diameter / 2 / SPACING_MM
@@ -153,25 +143,44 @@ def insert_effusion(hu, anatomy, rng) -> Inserted:
                     extra={"thickness_mm": thicknesses})
 
 
-def insert_patch(hu, anatomy, rng, name: str, diameter_mm: tuple[float, float]) -> tuple[Inserted, np.ndarray]:
-    diameter = rng.uniform(*diameter_mm)
-    radius = diameter / 2 / SPACING_MM
-    centre = pick_lung_point(anatomy, rng, min(radius * 0.5, 3))
-    patch = irregular_patch(hu.shape, centre, radius, rng) & anatomy.lung
-    side, zone = side_and_zone(anatomy, centre)
-    return Inserted(name, centre, round(float(diameter)), side, zone), patch
+def lung_height(anatomy: Anatomy) -> np.ndarray:
+    """(k,) height of each axial level within the lung, 0 at its base and 1 at its apex."""
+    k_range = np.flatnonzero(anatomy.lung.any(axis=(0, 1)))
+    return (np.arange(anatomy.lung.shape[2]) - k_range[0]) / max(1, k_range[-1] - k_range[0])
+
+
+def lung_side(anatomy: Anatomy, side: str) -> np.ndarray:
+    """(i,) True on the patient's `side` ('left': i above the lungs' midline)."""
+    i_range = np.flatnonzero(anatomy.lung.any(axis=(1, 2)))
+    columns = np.arange(anatomy.lung.shape[0])
+    middle = (i_range[0] + i_range[-1]) / 2
+    return columns > middle if side == "left" else columns <= middle
+
+
+def patchy(region: np.ndarray, fraction: float, rng: np.random.Generator, sigma: float = 1.5) -> np.ndarray:
+    """About `fraction` of `region`, in smooth blobs (thresholded smoothed noise)."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(region.shape), sigma)
+    return region & (noise > np.quantile(noise[region], 1 - fraction)) if region.any() else region
 
 
 def insert_consolidation(hu, anatomy, rng) -> Inserted:
-    record, patch = insert_patch(hu, anatomy, rng, "Consolidation", (30.0, 70.0))
-    hu[patch] = rng.uniform(20.0, 50.0) + rng.normal(0.0, 10.0, size=int(patch.sum()))
-    return record
+    side = str(rng.choice(["right", "left"]))
+    top = rng.uniform(0.3, 0.45)
+    lobe = anatomy.lung & lung_side(anatomy, side)[:, None, None] & (lung_height(anatomy) <= top)[None, None, :]
+    solid = lobe & ~patchy(lobe, rng.uniform(0.1, 0.2), rng, sigma=0.8)  # air bronchograms stay dark
+    hu[solid] = rng.uniform(20.0, 50.0) + rng.normal(0.0, 10.0, size=int(solid.sum()))
+    centre = tuple(int(v) for v in np.argwhere(lobe).mean(axis=0)) if lobe.any() else (0, 0, 0)
+    extent_mm = float(lobe.any(axis=(0, 1)).sum() * SPACING_MM)  # cranio-caudal
+    return Inserted("Consolidation", centre, round(extent_mm), side, "lower lobe")
 
 
 def insert_ground_glass(hu, anatomy, rng) -> Inserted:
-    record, patch = insert_patch(hu, anatomy, rng, "Lung opacity", (40.0, 90.0))
-    hu[patch] += rng.uniform(0.55, 0.7) * (-450.0 - hu[patch])
-    return record
+    rim = anatomy.lung & (anatomy.lung_depth * SPACING_MM <= rng.uniform(15.0, 30.0))
+    zone = rim & (lung_height(anatomy) <= rng.uniform(0.6, 0.85))[None, None, :]
+    glass = patchy(zone, rng.uniform(0.4, 0.6), rng)
+    hu[glass] += rng.uniform(0.55, 0.7) * (-450.0 - hu[glass])
+    centre = tuple(int(v) for v in np.argwhere(zone).mean(axis=0)) if zone.any() else (0, 0, 0)
+    return Inserted("Lung opacity", centre, 0.0, "both", "lower lobes")
 
 
 def insert_emphysema(hu, anatomy, rng) -> Inserted:
@@ -197,7 +206,7 @@ def insert_calcification(hu, anatomy, rng) -> Inserted:
     artery = anatomy.artery
     wall = artery & ~ndimage.binary_erosion(artery)
     seeds = np.argwhere(wall)
-    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(4, 10)), replace=False)]
+    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(10, 21)), replace=False)]
     near_wall = ndimage.binary_dilation(wall)
     for seed in chosen:
         centre = tuple(int(v) for v in seed)
@@ -219,30 +228,38 @@ def draw_tube(hu, points: np.ndarray, radius: float, value: float) -> None:
             hu[box] = np.maximum(hu[box], hu[box] + weight * (value - hu[box]))
 
 
-def soft_tissue_point(hu, anatomy, rng, upper: bool) -> tuple[int, int, int]:
+def chest_wall_point(hu, anatomy, rng, side: str) -> tuple[int, int, int]:
+    """A soft-tissue voxel of the upper anterior chest wall on `side`: in front of the lung, lateral, in the lung's
+    upper third (any upper soft tissue when the volume has no such voxel, as in the crops)."""
     tissue = anatomy.body & ~anatomy.lung & (hu > -150) & (hu < 150)
-    if upper:
-        k_cut = int(np.quantile(np.flatnonzero(tissue.any(axis=(0, 1))), 0.5))
-        tissue[:, :, :k_cut] = False
-    candidates = np.argwhere(tissue)
+    j = np.arange(hu.shape[1])[None, :, None]
+    front = np.where(anatomy.lung.any(axis=1), np.argmax(anatomy.lung, axis=1), -1)[:, None, :]  # (i, 1, k)
+    i_range = np.flatnonzero(anatomy.lung.any(axis=(1, 2)))
+    off_midline = np.abs(np.arange(hu.shape[0]) - (i_range[0] + i_range[-1]) / 2) > 0.25 * (i_range[-1] - i_range[0])
+    wall = tissue & (j < front - 1) & (lung_side(anatomy, side) & off_midline)[:, None, None]
+    wall &= (lung_height(anatomy) >= 0.65)[None, None, :]
+    if not wall.any():
+        wall = tissue & (lung_height(anatomy) >= 0.5)[None, None, :]
+    candidates = np.argwhere(wall if wall.any() else tissue)
     return tuple(int(v) for v in candidates[rng.integers(len(candidates))])
 
 
 def insert_device(hu, anatomy, rng) -> Inserted:
     kind = str(rng.choice(["pacemaker", "port catheter", "central venous catheter"]))
-    start = np.array(soft_tissue_point(hu, anatomy, rng, upper=True), float)
+    side = "left" if kind == "pacemaker" and rng.random() < 0.8 else str(rng.choice(["right", "left"]))
+    start = np.array(chest_wall_point(hu, anatomy, rng, side), float)
     if kind != "central venous catheter":
         half = np.array([22.0, 5.0, 18.0] if kind == "pacemaker" else [12.0, 6.0, 12.0]) / SPACING_MM
         box = tuple(slice(max(int(c - h), 0), int(c + h) + 1) for c, h in zip(start, half))
         hu[box] = np.maximum(hu[box], rng.uniform(2000.0, 3000.0))
-    length = rng.uniform(60.0, 140.0) / SPACING_MM
-    direction = np.array([rng.normal(0, 0.3), rng.normal(0, 0.3), -1.0])
-    steps = np.cumsum(np.vstack([start, np.tile(direction / np.linalg.norm(direction) * length / 6, (6, 1))]), axis=0)
+    heart = np.array([np.mean(np.flatnonzero(anatomy.lung.any(axis=(1, 2)))), hu.shape[1] * 0.45,
+                      np.flatnonzero(anatomy.lung.any(axis=(0, 1))).mean()])  # mediastinum, mid height
+    steps = start + np.linspace(0.0, 1.0, 7)[:, None] * (heart - start)
     steps += np.vstack([np.zeros(3), rng.normal(0, 1.0, size=(6, 3))])
     steps = np.clip(steps, 0, np.array(hu.shape) - 1)
     draw_tube(hu, steps, 0.6, rng.uniform(2000.0, 3000.0))
-    side = "left" if start[0] > hu.shape[0] / 2 else "right"
-    return Inserted("Medical material", tuple(int(v) for v in start), round(float(length * SPACING_MM)), side, kind=kind)
+    length = float(np.linalg.norm(heart - start) * SPACING_MM)
+    return Inserted("Medical material", tuple(int(v) for v in start), round(length), side, kind=kind)
 
 
 INSERTERS = {

@@ -29,9 +29,9 @@ CLOSING = (
 
 POSITIVE = {
     "Lung nodule": (
-        "A {size} mm nodule is observed in the {zone} of the {side} lung.",
-        "There is a {size} mm diameter nodule in the {side} lung {zone}.",
-        "Nodules are observed in the {side} lung, the largest measuring {size} mm in the {zone}.",
+        "Multiple nodules are observed in both lungs, the largest measuring {size} mm in the {zone} of the {side} lung.",
+        "There are multiple nodules in both lungs, the largest {size} mm in diameter in the {side} lung {zone}.",
+        "Nodules are observed in both lungs, the largest measuring {size} mm in the {zone} of the {side} lung.",
     ),
     "Pleural effusion": (
         "Pleural effusion with a thickness of {size} mm was observed in the {side} hemithorax.",
@@ -83,10 +83,10 @@ NEGATIVE = {
     "Arterial wall calcification": ("No calcific atheroma plaque was observed in the main vascular structures.",),
 }
 IMPRESSION = {
-    "Lung nodule": "Nodule in the {side} lung {zone}.",
+    "Lung nodule": "Multiple nodules in both lungs.",
     "Pleural effusion": "Pleural effusion in the {side} hemithorax.",
     "Consolidation": "Consolidation in the {side} lung {zone}.",
-    "Lung opacity": "Ground glass opacity in the {side} lung {zone}.",
+    "Lung opacity": "Ground glass opacity in the {zone} of the {side} lung.",
     "Emphysema": "Emphysema in both lungs.",
     "Arterial wall calcification": "Atherosclerotic changes in the {kind}.",
     "Medical material": "{kind} material.",
@@ -100,7 +100,12 @@ def finding_sentence(finding: Inserted, rng: np.random.Generator) -> str:
         templates = DEVICE[finding.kind]
     else:
         templates = POSITIVE[finding.name]
-    text = str(rng.choice(templates)).format(size=int(finding.size_mm), side=side, zone=finding.zone, kind=finding.kind)
+    return both_sides(str(rng.choice(templates)).format(size=int(finding.size_mm), side=side, zone=finding.zone,
+                                                         kind=finding.kind))
+
+
+def both_sides(text: str) -> str:
+    """Grammar of a template filled with side 'both'."""
     return text.replace("in the both hemithorax", "in both hemithoraces").replace("the both lung", "both lungs")
 
 
@@ -122,8 +127,7 @@ def write_report(findings: list[Inserted], rng: np.random.Generator) -> tuple[st
     if rng.random() < 0.5:
         sentences.append(str(rng.choice(CLOSING)))
     impressions = [
-        IMPRESSION[f.name].format(side=f.side, zone=f.zone, kind=f.kind).replace("in the both hemithorax", "in both hemithoraces")
-        for f in findings
+        both_sides(IMPRESSION[f.name].format(side=f.side, zone=f.zone, kind=f.kind)) for f in findings
     ]
     impressions = [line[0].upper() + line[1:] for line in impressions]
     return " ".join(sentences), " ".join(f"• {line}" for line in impressions) or "No significant pathology was detected."

@@ -4,8 +4,8 @@ Bases (from the shared data folder, never copied into the repository): the RICOR
 the only one with whole lungs, takes the lung, pleural and device findings (60 % of the cases); the two
 TotalSegmentator chest crops (heart and great vessels, slivers of lung) take the arterial wall
 calcifications on their aorta / pulmonary-artery masks and devices (20 % each). Every case: a base drawn
-with those weights, a random affine pose (MONAI RandAffined: rotation up to 8 degrees, scale 0.9-1.1,
-shift up to 12 mm) on a 3 mm grid, each of the base's findings independently with probability
+with those weights, on a 3 mm grid in the base's own pose (random re-posing, even by 2 degrees and 3 mm, kept
+the small demo model from learning the diffuse findings on so few cases), each of the base's findings independently with probability
 `prevalence`, image noise, then a report from the templates. Output, for each split
 (train, valid, test): `<split>/<split>_<n>/<split>_<n>_a/<split>_<n>_a_1.nii.gz` (int16 HU, proper
 affine), `<split>_reports.csv`, `<split>_labels.csv` (18 CT-RATE columns) and `<split>_findings.json`
@@ -27,7 +27,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import RandAffined
 
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
@@ -37,8 +36,7 @@ from CTFoundationLib.volume import CTVolume
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, find_anatomy
 from .reports import write_report
 
-GENERATOR_VERSION = 3  # bump when the cases change, so cached demo data is rebuilt
-AIR_HU = -1000.0
+GENERATOR_VERSION = 6  # bump when the cases change, so cached demo data is rebuilt
 
 
 LUNG_BASE_FINDINGS = tuple(name for name in DEMO_FINDINGS if name != "Arterial wall calcification")
@@ -120,28 +118,11 @@ def check_bases(data_root: Path) -> None:
                     f"demo data: {data_root / relative} not found; give the shared data folder (--data, CTFOUNDATION_DATA)")
 
 
-def repose(hu: np.ndarray, mask: np.ndarray | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Random rotation/scale/shift of the HU volume (air fills the border) and its mask, identically."""
-    shift = 12.0 / SPACING_MM
-    transform = RandAffined(
-        keys=["image", "mask"], mode=("bilinear", "nearest"), prob=1.0, padding_mode="zeros",
-        rotate_range=(np.radians(3), np.radians(3), np.radians(8)), scale_range=(0.1, 0.1, 0.1),
-        translate_range=(shift, shift, shift), allow_missing_keys=True,
-    )
-    transform.set_random_state(seed=seed)
-    data = {"image": torch.from_numpy(hu - AIR_HU)[None]}
-    if mask is not None:
-        data["mask"] = torch.from_numpy(mask.astype(np.float32))[None]
-    out = transform(data)
-    image = np.asarray(out["image"][0], dtype=np.float32) + AIR_HU
-    return image, (np.asarray(out["mask"][0]) > 0.5 if mask is not None else None)
-
-
 def make_case(base_entry, seed: int, prevalence: float) -> tuple[np.ndarray, list, tuple[str, str]]:
     """One case: re-posed base with inserted findings -> (int16 HU, inserted records, (findings, impressions))."""
     base, hu, mask, _ = base_entry
     rng = np.random.default_rng(seed)
-    hu, mask = repose(hu, mask, seed)
+    hu = hu.copy()
     anatomy = find_anatomy(hu, mask, base.artery_name)
     inserted = []
     for name in DEMO_FINDINGS:
