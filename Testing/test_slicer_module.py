@@ -326,7 +326,7 @@ def test_batch_script_writes_what_the_cli_writes(ctf, scene, ct_dir, small, tmp_
             "warnings"}
     assert {k: batch["input"][k] for k in same} == {k: reference["input"][k] for k in same}
     assert [f["probability"] for f in batch["detection"]["findings"]] == pytest.approx(
-        [f["probability"] for f in reference["detection"]["findings"]], abs=1e-6)
+        [f["probability"] for f in reference["detection"]["findings"]], abs=2e-6)  # written rounded to 1e-6
 
     code = ctfoundation_batch.main([str(tmp_path / "missing.nii.gz"), str(ct), "--out", str(tmp_path / "many"),
                                     *options, "--weights", str(tmp_path / "no-such.pt")])
@@ -362,5 +362,5 @@ def test_batch_script_reports_like_the_cli(ctf, scene, ct_dir, small, tmp_path, 
                     for out in ("slicer", "cli"))
     assert ours["status"] == theirs["status"] == "ok"
     assert [f["probability"] for f in ours["detection"]["findings"]] == pytest.approx(
-        [f["probability"] for f in theirs["detection"]["findings"]], abs=1e-6)
+        [f["probability"] for f in theirs["detection"]["findings"]], abs=2e-6)  # written rounded to 1e-6
     assert (tmp_path / "slicer" / "index.html").is_file()

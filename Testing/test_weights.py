@@ -259,17 +259,20 @@ def test_ctrl_c_then_rerun_resumes(env: Path, hub: FakeHub) -> None:
     part = model_dir("t-clip", env) / "clip.pt.part"
     command = [sys.executable, "-m", "CTFoundationLib", "weights", "download", "t-clip", "--yes"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the bytes of the read under way when a connection dies are lost (urllib3), so "about half" is up to one
+    # network read short of it; they are fetched again on resume
+    lost_at_most = 64 * 1024
     deadline = time.monotonic() + 60
-    while not (part.is_file() and part.stat().st_size >= len(CLIP) // 2) and time.monotonic() < deadline:
+    while not (part.is_file() and part.stat().st_size >= len(CLIP) // 2 - lost_at_most) and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130 and "Traceback" not in stderr
-    assert part.stat().st_size == len(CLIP) // 2
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(CLIP) // 2 - lost_at_most <= part.stat().st_size <= len(CLIP) // 2
     hub.behave("models/clip.pt", None)
     get("t-clip", options=fast(retries=0))
     assert (model_dir("t-clip", env) / "clip.pt").read_bytes() == CLIP
-    assert hub.served["models/clip.pt"] == len(CLIP)  # the first half was not fetched again
+    assert hub.served["models/clip.pt"] - len(CLIP) <= lost_at_most  # the first half was not fetched again
 
 
 def test_resume_within_one_run_by_retrying(env: Path, hub: FakeHub) -> None:

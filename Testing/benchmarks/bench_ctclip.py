@@ -159,9 +159,18 @@ def reference_code_pass(args: argparse.Namespace, checkpoint: Path) -> dict:
     """One pass of the reference's own CT-CLIP code on the product run's input, in its own interpreter."""
     command = [str(args.reference_python), str(Path(__file__).with_name("reference_pass.py")),
                "--checkout", str(args.reference_checkout), "--checkpoint", str(checkpoint),
-               "--volume", str(checkpoint.parent / INPUT_FILE), "--vocab", str(VOCAB), "--passes", "2"]
+               "--volume", str(checkpoint.parent / INPUT_FILE), "--vocab", str(VOCAB), "--passes", "2",
+               "--constructors", str(write_constructors(checkpoint.parent / "constructors.json"))]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def write_constructors(path: Path) -> Path:
+    """The full-size reference constructor arguments as JSON, for the reference-code pass."""
+    from CTFoundationLib.models.ctclip import FULL_SIZE_CONSTRUCTORS
+
+    path.write_text(json.dumps(FULL_SIZE_CONSTRUCTORS))
+    return path
 
 
 def report_reference_code(figures: dict, reference: dict) -> None:

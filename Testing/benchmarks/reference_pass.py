@@ -11,7 +11,8 @@ vector-quantize-pytorch 1.1.2, beartype), never with the project's venv:
 
     /tmp/refvenv/bin/python Testing/benchmarks/reference_pass.py --checkout /tmp/refbench/CT-CLIP \
         --checkpoint /tmp/ctfoundation-bench/ct_clip_v2_fullsize_random.pt \
-        --volume /tmp/refbench/ricord_input.pt --vocab ../shared/data/vocab/bert-base-uncased_vocab.txt [--passes 1]
+        --volume /tmp/refbench/ricord_input.pt --vocab ../shared/data/vocab/bert-base-uncased_vocab.txt \
+        --constructors /tmp/ctfoundation-bench/constructors.json [--passes 1]
 
 --checkout holds the reference's transformer_maskgit/ and CT_CLIP/ folders; --volume is a torch.save'd
 (1, 1, 240, 480, 480) float32 tensor (CTCLIPRuntime.prepare output). Prints one JSON line on stdout:
@@ -41,34 +42,6 @@ from typing import Any
 
 import torch
 
-# Copied by value from CTFoundationLib.models.ctclip.FULL_SIZE_CONSTRUCTORS (this script runs in another
-# venv and must not import CTFoundationLib); they equal scripts/run_zero_shot.py's arguments.
-FULL_SIZE_CONSTRUCTORS: dict[str, dict[str, Any]] = {
-    "CTViT": {
-        "dim": 512,
-        "codebook_size": 8192,
-        "image_size": 480,
-        "patch_size": 20,
-        "temporal_patch_size": 10,
-        "spatial_depth": 4,
-        "temporal_depth": 4,
-        "dim_head": 32,
-        "heads": 8,
-    },
-    "BertConfig": {
-        "vocab_size": 30522,
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "max_position_embeddings": 512,
-        "type_vocab_size": 2,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-12,
-        "pad_token_id": 0,
-    },
-    "CTCLIP": {"dim_image": 294912, "dim_text": 768, "dim_latent": 512},
-}
 # The remaining CTCLIP arguments of scripts/run_zero_shot.py.
 CTCLIP_FLAGS: dict[str, bool] = {
     "extra_latent_projection": False,
@@ -80,18 +53,23 @@ PATHOLOGY = "Medical material"
 # Strict load, except for keys absent from a checkpoint whose values cannot reach the zero-shot logits
 # (the project's random bench checkpoint omits them): BERT pooler, first-frame / to_pixels decoder layers,
 # the zero-element null_kv, context_norm (cross-attention only), VQ training buffers (initted defaults to True).
-UNREAD_BY_ZERO_SHOT: tuple[str, ...] = (
+UNREAD_PREFIXES: tuple[str, ...] = (
     "text_transformer.pooler.",
     "visual_transformer.to_patch_emb_first_frame.",
     "visual_transformer.to_pixels",
     "visual_transformer.vq._codebook.initted",
     "visual_transformer.vq._codebook.cluster_size",
-) + tuple(
-    f"visual_transformer.enc_{stage}_transformer.layers.{layer}.1.{name}"
-    for stage in ("spatial", "temporal")
-    for layer in range(FULL_SIZE_CONSTRUCTORS["CTViT"][f"{stage}_depth"])
-    for name in ("null_kv", "context_norm.")
 )
+
+
+def unread_by_zero_shot(constructors: dict[str, dict[str, Any]]) -> tuple[str, ...]:
+    """Key prefixes a checkpoint may lack: UNREAD_PREFIXES and each layer's null_kv / context_norm."""
+    return UNREAD_PREFIXES + tuple(
+        f"visual_transformer.enc_{stage}_transformer.layers.{layer}.1.{name}"
+        for stage in ("spatial", "temporal")
+        for layer in range(constructors["CTViT"][f"{stage}_depth"])
+        for name in ("null_kv", "context_norm.")
+    )
 
 
 class _TorchCudaAsCpu:
@@ -126,18 +104,20 @@ def import_reference(checkout: Path, tokenizer: Any) -> tuple[type, type]:
     return ctvit_module.CTViT, ct_clip_module.CTCLIP
 
 
-def build_reference(checkout: Path, checkpoint: Path, tokenizer: Any) -> tuple[torch.nn.Module, list[str]]:
-    """Reference CTCLIP wired as scripts/run_zero_shot.py, checkpoint loaded (strict but for UNREAD_BY_ZERO_SHOT)."""
+def build_reference(
+    checkout: Path, checkpoint: Path, tokenizer: Any, constructors: dict[str, dict[str, Any]]
+) -> tuple[torch.nn.Module, list[str]]:
+    """Reference CTCLIP wired as scripts/run_zero_shot.py, checkpoint loaded (strict but for unread_by_zero_shot)."""
     from transformers import BertConfig, BertModel
 
     ctvit_class, ctclip_class = import_reference(checkout, tokenizer)
-    text_encoder = BertModel(BertConfig(**FULL_SIZE_CONSTRUCTORS["BertConfig"]))
+    text_encoder = BertModel(BertConfig(**constructors["BertConfig"]))
     text_encoder.resize_token_embeddings(len(tokenizer))
-    image_encoder = ctvit_class(**FULL_SIZE_CONSTRUCTORS["CTViT"])
+    image_encoder = ctvit_class(**constructors["CTViT"])
     model = ctclip_class(
         image_encoder=image_encoder,
         text_encoder=text_encoder,
-        **FULL_SIZE_CONSTRUCTORS["CTCLIP"],
+        **constructors["CTCLIP"],
         **CTCLIP_FLAGS,
     )
     state = torch.load(str(checkpoint), map_location="cpu", weights_only=True, mmap=True)
@@ -148,7 +128,7 @@ def build_reference(checkout: Path, checkpoint: Path, tokenizer: Any) -> tuple[t
         notes.append(f"dropped {key}: this transformers keeps it as a non-persistent buffer")
     result = model.load_state_dict(state, strict=False)
     missing = result.missing_keys
-    wrong = result.unexpected_keys + [name for name in missing if not name.startswith(UNREAD_BY_ZERO_SHOT)]
+    wrong = result.unexpected_keys + [name for name in missing if not name.startswith(unread_by_zero_shot(constructors))]
     if wrong:
         raise RuntimeError(f"checkpoint does not match the reference CTCLIP: {wrong[:10]} ({len(wrong)} keys)")
     if missing:
@@ -162,6 +142,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="full-size CT-CLIP v2 state dict (.pt)")
     parser.add_argument("--volume", type=Path, required=True, help="torch.save'd (1, 1, 240, 480, 480) input")
     parser.add_argument("--vocab", type=Path, required=True, help="BERT vocab.txt for the tokenizer")
+    parser.add_argument("--constructors", type=Path, required=True,
+                        help="JSON of the reference constructor arguments (bench_ctclip.py writes the full-size ones)")
     parser.add_argument("--passes", type=int, default=1, help="timed forward passes (default 1)")
     args = parser.parse_args()
 
@@ -169,7 +151,8 @@ def main() -> None:
     from transformers import BertTokenizer
 
     tokenizer = BertTokenizer(vocab_file=str(args.vocab), do_lower_case=True)
-    model, notes = build_reference(args.checkout.resolve(), args.checkpoint, tokenizer)
+    constructors = json.loads(args.constructors.read_text())
+    model, notes = build_reference(args.checkout.resolve(), args.checkpoint, tokenizer, constructors)
     device = torch.device("cpu")
     volume = torch.load(str(args.volume), map_location=device, weights_only=True).float()
     texts = [f"{PATHOLOGY} is present.", f"{PATHOLOGY} is not present."]
