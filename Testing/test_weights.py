@@ -258,7 +258,9 @@ def test_ctrl_c_then_rerun_resumes(env: Path, hub: FakeHub) -> None:
     hub.behave("models/clip.pt", "stall")
     part = model_dir("t-clip", env) / "clip.pt.part"
     command = [sys.executable, "-m", "CTFoundationLib", "weights", "download", "t-clip", "--yes"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as at a terminal, whatever an earlier test of this pytest process left its disposition at
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the bytes of the read under way when a connection dies are lost (urllib3), so "about half" is up to one
     # network read short of it; they are fetched again on resume
     lost_at_most = 64 * 1024
