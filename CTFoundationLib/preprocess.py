@@ -16,7 +16,7 @@ axis's own spacing (identical for the square pixels of real CTs, and right for t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -72,15 +72,7 @@ FVLM = PreprocessSpec(
 
 # The CT-CLIP demo model (trained here on synthetic-finding cases, see training/demo): CT-CLIP v2's axes, HU
 # window and padding at a coarse 3 mm isotropic grid, 96 x 112 x 112 (288 x 336 x 336 mm).
-CTCLIP_DEMO = PreprocessSpec(
-    name="ct-clip-demo",
-    axis_codes="SLP",
-    spacing_mm=(3.0, 3.0, 3.0),
-    hu_range=(-1000.0, 1000.0),
-    value_range=(-1.0, 1.0),
-    shape=(96, 112, 112),
-    pad_value=-1.0,
-)
+CTCLIP_DEMO = replace(CTCLIP_V2, name="ct-clip-demo", spacing_mm=(3.0, 3.0, 3.0), shape=(96, 112, 112))
 
 SPECS = {spec.name: spec for spec in (CTCLIP_V2, FVLM, CTCLIP_DEMO)}
 
