@@ -20,7 +20,7 @@ from CTFoundationLib.detection import load_thresholds
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
-from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
+from training.demo.findings import DEMO_FINDINGS, INSERTERS
 from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case
 
 SEED = 12345
@@ -41,9 +41,8 @@ def test_a_case_is_reproducible_from_its_seed(bases):
 
 def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
     base = bases[1]  # the aorta crop: it has an artery mask, so every finding can be inserted
-    before, mask = base[1].copy(), base[2]
-    anatomy = find_anatomy(before, mask, base[0].artery_name)
-    lung = anatomy.lung
+    before, anatomy = base.hu, base.anatomy
+    lung, mask = anatomy.lung, anatomy.artery
     changed = {}
     for name in DEMO_FINDINGS:
         hu = before.copy()

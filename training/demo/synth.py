@@ -33,7 +33,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
 from CTFoundationLib.volume import CTVolume
 
-from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, find_anatomy
+from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report
 
 GENERATOR_VERSION = 6  # bump when the cases change, so cached demo data is rebuilt
@@ -99,13 +99,25 @@ def to_working_grid(volume: CTVolume, mask: CTVolume | None) -> tuple[np.ndarray
     return hu.numpy(), grid_mask, affine
 
 
-def load_bases(data_root: Path) -> list[tuple[BaseCT, np.ndarray, np.ndarray | None, np.ndarray]]:
+@dataclass(frozen=True)
+class LoadedBase:
+    """A base on the working grid: HU (float32, LPS voxel order), its anatomy (found once: every case keeps the
+    base's pose) and the RAS affine."""
+
+    base: BaseCT
+    hu: np.ndarray
+    anatomy: Anatomy
+    affine: np.ndarray
+
+
+def load_bases(data_root: Path) -> list[LoadedBase]:
     """Each base on the working grid; a clear error when the shared data is not there."""
     check_bases(data_root)
     loaded = []
     for base in BASES:
         mask = read_ct(data_root / base.artery_mask) if base.artery_mask else None
-        loaded.append((base, *to_working_grid(read_ct(data_root / base.ct), mask)))
+        hu, grid_mask, affine = to_working_grid(read_ct(data_root / base.ct), mask)
+        loaded.append(LoadedBase(base, hu, find_anatomy(hu, grid_mask, base.artery_name), affine))
     return loaded
 
 
@@ -118,18 +130,16 @@ def check_bases(data_root: Path) -> None:
                     f"demo data: {data_root / relative} not found; give the shared data folder (--data, CTFOUNDATION_DATA)")
 
 
-def make_case(base_entry, seed: int, prevalence: float) -> tuple[np.ndarray, list, tuple[str, str]]:
-    """One case: re-posed base with inserted findings -> (int16 HU, inserted records, (findings, impressions))."""
-    base, hu, mask, _ = base_entry
+def make_case(loaded: LoadedBase, seed: int, prevalence: float) -> tuple[np.ndarray, list, tuple[str, str]]:
+    """One case: the base with inserted findings -> (int16 HU, inserted records, (findings, impressions))."""
     rng = np.random.default_rng(seed)
-    hu = hu.copy()
-    anatomy = find_anatomy(hu, mask, base.artery_name)
+    hu, artery = loaded.hu.copy(), loaded.anatomy.artery
     inserted = []
     for name in DEMO_FINDINGS:
-        if name not in base.findings or (name == "Arterial wall calcification" and (mask is None or mask.sum() < 50)):
+        if name not in loaded.base.findings or (name == "Arterial wall calcification" and (artery is None or artery.sum() < 50)):
             continue
         if rng.random() < prevalence:
-            inserted.append(INSERTERS[name](hu, anatomy, rng))
+            inserted.append(INSERTERS[name](hu, loaded.anatomy, rng))
     hu += rng.normal(0.0, rng.uniform(5.0, 20.0), size=hu.shape).astype(np.float32)
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return hu, inserted, write_report(inserted, rng)
@@ -144,12 +154,12 @@ def _load_worker_bases(data_root: Path) -> None:
 
 def synthesise_case(out: Path, split: str, n: int, seed: int, prevalence: float) -> tuple[dict, dict, dict]:
     """Write case `n` of `split`; returns its reports row, labels row and manifest entry."""
-    base_entry = _BASES[base_index(seed)]
-    hu, inserted, (findings_text, impressions) = make_case(base_entry, seed, prevalence)
+    loaded = _BASES[base_index(seed)]
+    hu, inserted, (findings_text, impressions) = make_case(loaded, seed, prevalence)
     name = f"{split}_{n}_a_1.nii.gz"
     folder = out / split / f"{split}_{n}" / f"{split}_{n}_a"
     folder.mkdir(parents=True, exist_ok=True)
-    affine = base_entry[3]
+    affine = loaded.affine
     nib.save(nib.Nifti1Image(hu, affine), str(folder / name))
     present = {f.name for f in inserted}
     findings = [
@@ -159,7 +169,7 @@ def synthesise_case(out: Path, split: str, n: int, seed: int, prevalence: float)
     return (
         {"VolumeName": name, "Findings_EN": findings_text, "Impressions_EN": impressions},
         {"VolumeName": name, **{k: int(k in present) for k in CT_RATE_ABNORMALITIES}},
-        {"name": name, "base": base_entry[0].name, "seed": seed, "findings": findings},
+        {"name": name, "base": loaded.base.name, "seed": seed, "findings": findings},
     )
 
 
