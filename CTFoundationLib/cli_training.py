@@ -7,6 +7,7 @@ the full-scale CT-RATE recipes run as `python -m training.run CONFIG` (see train
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .errors import CTFoundationError, WeightsError
 from .weights import resolve_weights
 
 DEMO_MODEL = "ct-clip-demo"
+DEMO_VERSION = 2  # bump when a fix changes what train-demo builds (2: prompts tokenised with the whole vocabulary)
 OFFICIAL_MODEL = "ct-clip-v2"
 
 
@@ -27,6 +29,17 @@ def training_demo():
             "from the repository"
         ) from None
     return build
+
+
+def installed_demo(home: Path | None = None) -> Path | None:
+    """The installed demo checkpoint; None when it is missing, incomplete or built by an older DEMO_VERSION
+    (reads only its training record: running an installed demo needs no training code)."""
+    try:
+        checkpoint = resolve_weights(DEMO_MODEL, home=home)
+        record = json.loads((checkpoint.parent / "training_record.json").read_text())
+    except (WeightsError, OSError, ValueError):
+        return None
+    return checkpoint if record.get("demo_version") == DEMO_VERSION else None
 
 
 def installed(model_id: str) -> bool:
@@ -45,8 +58,8 @@ def prepare_demo_model() -> None:
     else:
         print(f"note: no official CT-CLIP weights are installed ({OFFICIAL_MODEL}); using {DEMO_MODEL}, trained on demo "
               "data, not for diagnosis", file=sys.stderr)
-    build = training_demo()
-    if build.installed_demo(None) is None:
+    if installed_demo() is None:
+        build = training_demo()
         print(f"{DEMO_MODEL} is not built yet (or was built by an older version): training it now (a few minutes on CPU)",
               file=sys.stderr)
         build.train_demo(build.default_data_root(), say=lambda line: print(line, file=sys.stderr))

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import data_root
+from CTFoundationLib import cli_training
 from CTFoundationLib.cli import main
 from CTFoundationLib.detection import load_thresholds
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
 from training.demo.findings import DEMO_FINDINGS, INSERTERS
+from training.demo.reports import NEGATIVE
 from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case
 
 SEED = 12345
@@ -72,6 +74,7 @@ def test_each_base_takes_its_own_findings_and_the_report_names_them(bases):
     assert [f.name for f in inserted] == [n for n in DEMO_FINDINGS if n != "Arterial wall calcification"]
     for word in ("nodule", "effusion", "consolidation", "ground", "emphysema"):
         assert word in findings_text.lower()
+    assert not [s for f in inserted for s in NEGATIVE.get(f.name, ()) if s in findings_text]  # none called absent
     assert impressions.count("•") == len(inserted)
     _, inserted, _ = make_case(crop, SEED, prevalence=1.0)
     assert [f.name for f in inserted] == ["Arterial wall calcification", "Medical material"]
@@ -139,14 +142,22 @@ def test_installed_demo_model_files_and_thresholds(demo_home):
 
 
 @pytest.mark.slow
-def test_a_demo_model_built_by_an_older_version_is_rebuilt(demo_home, tmp_path):
+def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_rebuilt(demo_home, tmp_path, monkeypatch):
     home, _ = demo_home
     shutil.copytree(home / "models", tmp_path / "models")
-    assert build.installed_demo(tmp_path) is not None
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path))
+
+    def no_training_code():
+        raise AssertionError("the training code was imported")
+
+    monkeypatch.setattr(cli_training, "training_demo", no_training_code)
+    cli_training.prepare_demo_model()  # current and installed: nothing to train
     record_file = tmp_path / "models" / "ct-clip-demo" / "training_record.json"
     record = json.loads(record_file.read_text())
-    record_file.write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
-    assert build.installed_demo(tmp_path) is None
+    record_file.write_text(json.dumps({**record, "demo_version": cli_training.DEMO_VERSION - 1}))
+    assert cli_training.installed_demo() is None
+    with pytest.raises(AssertionError, match="training code was imported"):
+        cli_training.prepare_demo_model()
 
 
 @pytest.mark.slow
@@ -160,6 +171,9 @@ def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsy
     assert "1 case: 1 reported" in captured.out
     result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
     assert "ct-clip-demo" in json.dumps(result)
+    shipped = load_thresholds(resolve_weights("ct-clip-demo", home=home).parent / "thresholds.json")
+    used = {f["name"]: f["threshold"] for f in result["detection"]["findings"] if f["threshold"] is not None}
+    assert used == pytest.approx(shipped)  # the report applies the thresholds the model ships with
     assert main(["detect", str(ct), "--model", "ct-clip-demo"]) == 0
     table = capsys.readouterr().out
     assert "ct-clip-demo" in table and all(name in table for name in CT_RATE_ABNORMALITIES)

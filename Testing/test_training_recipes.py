@@ -135,7 +135,7 @@ def test_contrastive_loss_matches_the_reference_formula():
 
 def test_codebook_ema_straight_through_and_update():
     codebook = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)[None].clone()
-    quantizer = CodebookEMA(3, decay=0.5, dead_code_threshold=0.0)
+    quantizer = CodebookEMA(3, decay=0.5)
     tokens = torch.tensor([[2.0, 0.2], [0.1, 3.0]], requires_grad=True)
     codes = quantizer(tokens, codebook)
     assert torch.equal(codes.detach(), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # cosine nearest rows
@@ -148,7 +148,7 @@ def test_codebook_ema_straight_through_and_update():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    clip = build_clip(tiny_constructors(), seed=3)
+    clip = build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors()), seed=3)
     volumes = torch.randn(2, 1, 16, 32, 32)
     ids, mask = torch.randint(1000, 2000, (2, 7)), torch.ones(2, 7, dtype=torch.long)
 
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         contrastive_loss(texts, images, scale).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    plain = gradients(TrainableCTCLIP(build_clip(tiny_constructors(), seed=3)))
+    plain = gradients(TrainableCTCLIP(build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors()), seed=3)))
     enable_gradient_checkpointing(clip)
     checkpointed = gradients(TrainableCTCLIP(clip))
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
@@ -188,6 +188,21 @@ def test_config_values_are_typed_and_overrides_checked(tmp_path):
         load_config(tmp_path / "empty.yaml", parse_overrides(["train.log_every=0"]))
     with pytest.raises(TrainingError, match="expected SECTION.KEY=VALUE"):
         parse_overrides(["train.steps"])
+    with pytest.raises(TrainingError, match=r"--set train.steps=\[1: the value is not valid YAML"):
+        parse_overrides(["train.steps=[1"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.constructors={CTViT: {}}", "not usable CT-CLIP constructor arguments"),
+    ("train.pos_weight=Auto", "train.pos_weight must be auto or 18 numbers"),
+    ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
+    ("data.preprocess=ct-clip-v3", "data.preprocess must be one of"),
+    ("data.stored_values=raw", "data.root needs data.metadata_csv"),
+])
+def test_bad_settings_are_refused_when_the_config_is_read(tmp_path, setting, message):
+    (tmp_path / "c.yaml").write_text("data:\n  root: split\n")
+    with pytest.raises(TrainingError, match=message):
+        load_config(tmp_path / "c.yaml", parse_overrides([setting]))
 
 
 def test_names_follow_ct_clip_order(tmp_path):

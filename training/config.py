@@ -15,7 +15,10 @@ from typing import Any
 import yaml
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import FULL_SIZE_CONSTRUCTORS
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, FULL_SIZE_CONSTRUCTORS, CTCLIPConfig
+from CTFoundationLib.preprocess import SPECS
+
+from .ctrate import STORED_VALUES
 
 RECIPES = ("contrastive", "vocabfine", "lipro")
 
@@ -39,12 +42,24 @@ class ModelSection:
             return json.loads(json.dumps(FULL_SIZE_CONSTRUCTORS))
         if isinstance(self.constructors, dict):
             return self.constructors
+        if not isinstance(self.constructors, (str, Path)):
+            raise TrainingError(f"model.constructors: full_size, a JSON file or a mapping, not {self.constructors!r}")
         path = Path(self.constructors)
         try:
             loaded = json.loads(path.read_text())
         except (OSError, ValueError) as error:
             raise TrainingError(f"model.constructors {path}: not a readable JSON file ({error})") from None
+        if not isinstance(loaded, dict):
+            raise TrainingError(f"model.constructors {path}: the file holds no mapping of constructor arguments")
         return loaded.get("constructors", loaded)
+
+    def clip_config(self) -> CTCLIPConfig:
+        """The CTCLIPConfig of `constructors`; a TrainingError saying what does not fit."""
+        arguments = self.constructor_arguments()
+        try:
+            return CTCLIPConfig.from_reference_constructors(arguments)
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise TrainingError(f"model.constructors: not usable CT-CLIP constructor arguments ({error})") from None
 
 
 @dataclass
@@ -125,9 +140,37 @@ class TrainingConfig:
         if min(train.batch_size, train.steps, train.log_every, train.save_every) < 1:
             raise TrainingError(
                 f"{self.source}: train.batch_size, steps, log_every and save_every must be positive")
+        if train.keep_checkpoints < 1:
+            raise TrainingError(f"{self.source}: train.keep_checkpoints must be at least 1")
         if train.recipe != "contrastive" and self.model.init_checkpoint is None:
             raise TrainingError(f"{self.source}: {train.recipe} fine-tunes a trained model: set model.init_checkpoint")
+        if not _is_pos_weight(train.pos_weight):
+            raise TrainingError(f"{self.source}: train.pos_weight must be auto or {len(CT_RATE_ABNORMALITIES)} numbers "
+                                f"(CT-RATE's finding order), got {train.pos_weight!r}")
+        self._check_data()
+        self.model.clip_config()
         return self
+
+    def _check_data(self) -> None:
+        data = self.data
+        if data.preprocess not in SPECS:
+            raise TrainingError(f"{self.source}: data.preprocess must be one of {sorted(SPECS)}, got {data.preprocess!r}")
+        if data.stored_values not in STORED_VALUES:
+            raise TrainingError(f"{self.source}: data.stored_values must be one of {STORED_VALUES}, got {data.stored_values!r}")
+        if data.stored_values == "raw":
+            for root, metadata in (("root", "metadata_csv"), ("validation_root", "validation_metadata_csv")):
+                if getattr(data, root) is not None and getattr(data, metadata) is None:
+                    raise TrainingError(f"{self.source}: data.stored_values is raw, so data.{root} needs "
+                                        f"data.{metadata} (rescale and spacing of each volume)")
+
+
+def _is_pos_weight(value: Any) -> bool:
+    if value == "auto":
+        return True
+    try:
+        return len(value) == len(CT_RATE_ABNORMALITIES) and all(float(w) >= 0 for w in value)
+    except (TypeError, ValueError):
+        return False
 
 
 _NUMBERS = {"int": int, "float": float}
@@ -163,7 +206,7 @@ def _section(cls: type, raw: Any, name: str, base: Path, source: Path | None):
     values = {}
     for key, value in raw.items():
         kind = str(fields[key].type)
-        if value is not None and "Path" in kind and not (key == "constructors"):
+        if value is not None and "Path" in kind:
             path = Path(str(value)).expanduser()
             value = path if path.is_absolute() else base / path
         elif value is not None:

@@ -4,15 +4,13 @@ The library's `encode_image` / `encode_text` are inference-only; here the same s
 CTViT's vector quantiser trains as vector-quantize-pytorch 1.1.2 (the reference's) does in train mode:
 cosine-similarity code choice, straight-through gradient, codebook moved by an exponential moving average
 (decay 0.8) of the unit-normalised tokens assigned to each code. CTViT builds its quantiser with the library's
-default `threshold_ema_dead_code=0`, so no code is restarted; `dead_code_threshold` > 0 restarts codes whose
-EMA use falls below it with random tokens of the batch (off by default). The contrastive loss is the reference's symmetric InfoNCE with the
-learned temperature (logit scale = exp(temperature)).
+default `threshold_ema_dead_code=0`, so no code is restarted. The contrastive loss is the reference's symmetric
+InfoNCE with the learned temperature (logit scale = exp(temperature)).
 """
 
 from __future__ import annotations
 
 import functools
-import zipfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 from CTFoundationLib.models.ctclip import CTCLIP, LIPRO_PREFIX, CTCLIPConfig
 
 CLUSTER_SIZE_KEY = "visual_transformer.vq._codebook.cluster_size"
@@ -28,15 +27,15 @@ CODE_CHUNK = 4096  # tokens scored against the codebook at a time (bounds the (t
 
 
 class CodebookEMA(nn.Module):
-    """Train-mode quantiser for a CTViT codebook: straight-through codes, EMA codebook, optional dead-code restarts.
+    """Train-mode quantiser for a CTViT codebook: straight-through codes, EMA codebook (no dead-code restarts).
 
     The codebook is the (1, codes, dim) `embed` buffer of the model's quantiser, passed at each call and
     updated in place; this module keeps the EMA use count of each code.
     """
 
-    def __init__(self, codebook_size: int, decay: float = 0.8, dead_code_threshold: float = 0.0) -> None:
+    def __init__(self, codebook_size: int, decay: float = 0.8) -> None:
         super().__init__()
-        self.decay, self.dead_code_threshold = decay, dead_code_threshold
+        self.decay = decay
         self.register_buffer("cluster_size", torch.zeros(1, codebook_size))
 
     def forward(self, tokens: Tensor, codebook: Tensor) -> Tensor:
@@ -59,10 +58,6 @@ class CodebookEMA(nn.Module):
         sums = torch.zeros_like(embed).index_add_(0, indices, flat)
         means = F.normalize(sums / bins.clamp(min=1)[:, None], dim=-1)
         embed.lerp_(torch.where((bins == 0)[:, None], embed, means), 1 - self.decay)
-        dead = self.cluster_size[0] < self.dead_code_threshold
-        if dead.any():
-            picks = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=flat.device)
-            embed[dead] = flat[picks]
 
 
 class TrainableCTCLIP(nn.Module):
@@ -111,13 +106,9 @@ def enable_gradient_checkpointing(clip: CTCLIP) -> None:
 
 
 def build_clip(
-    constructors: dict, text_init: Path | None = None, seed: int = 0, temperature_init: float | None = None
+    config: CTCLIPConfig, text_init: Path | None = None, seed: int = 0, temperature_init: float | None = None
 ) -> CTCLIP:
-    """A fresh CTCLIP of these reference constructor sizes; the text tower from a local BERT folder if given."""
-    try:
-        config = CTCLIPConfig.from_reference_constructors(constructors)
-    except (ValueError, TypeError, KeyError) as error:
-        raise TrainingError(f"model.constructors: not usable CT-CLIP constructor arguments ({error})") from None
+    """A fresh CTCLIP of this config; the text tower from a local BERT folder if given."""
     torch.manual_seed(seed)
     clip = CTCLIP(config)
     init_codebook(clip)
@@ -166,5 +157,5 @@ def load_text_tower(clip: CTCLIP, folder: Path) -> None:
 
 def read_cluster_size(checkpoint_path: Path) -> Tensor | None:
     """The codebook use counts stored in an official-layout checkpoint (None when absent)."""
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(checkpoint_path))
+    state = as_state_dict(load_torch_file(checkpoint_path, "init checkpoint"), checkpoint_path, "init checkpoint")
     return state.get(CLUSTER_SIZE_KEY, state.get(LIPRO_PREFIX + CLUSTER_SIZE_KEY))

@@ -21,7 +21,6 @@ from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.cli import report_errors
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.evaluation import format_evaluation
-from CTFoundationLib.models.ctclip import CTCLIPConfig
 from CTFoundationLib.preprocess import SPECS
 
 from .config import TrainingConfig, load_config
@@ -39,7 +38,10 @@ def parse_overrides(items: list[str]) -> dict[str, dict]:
         section, dot, name = key.partition(".")
         if not (equals and dot and section and name):
             raise TrainingError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. train.steps=10")
-        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+        try:
+            overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError as error:
+            raise TrainingError(f"--set {item}: the value is not valid YAML ({error})") from None
     return overrides
 
 
@@ -54,13 +56,14 @@ def validation_dataset(config: TrainingConfig) -> CTRateDataset | None:
 
 def export_thresholds(config: TrainingConfig, checkpoint: Path) -> None:
     """Score the validation split with the exported file and write thresholds + prompt latents beside it."""
+    if not config.export.thresholds:
+        return
     dataset = validation_dataset(config)
-    if dataset is None or not config.export.thresholds:
+    if dataset is None:
         print("no labelled validation split configured: thresholds not chosen", file=sys.stderr)
         return
     runtime = CTCLIPRuntime(
-        checkpoint, config.model.tokenizer, config=CTCLIPConfig.from_reference_constructors(
-            config.model.constructor_arguments()), spec=SPECS[config.data.preprocess],
+        checkpoint, config.model.tokenizer, config=config.model.clip_config(), spec=SPECS[config.data.preprocess],
     )
     probabilities = score_dataset(runtime, dataset)
     labels = labels_of(dataset)

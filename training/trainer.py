@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from CTFoundationLib.detection import load_tokenizer
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip
+from CTFoundationLib.models.ctclip import load_ctclip
 from CTFoundationLib.preprocess import SPECS
 
 from .config import TrainingConfig
@@ -60,12 +60,11 @@ def training_dataset(config: TrainingConfig) -> CTRateDataset:
 
 def initial_model(config: TrainingConfig) -> TrainableCTCLIP:
     """A fresh model (contrastive) or the init checkpoint with its codebook use counts (fine-tuning)."""
-    constructors = config.model.constructor_arguments()
-    if config.model.init_checkpoint is None:
-        model = config.model
-        return TrainableCTCLIP(build_clip(constructors, model.text_init, config.train.seed, model.temperature_init))
-    path = config.model.init_checkpoint
-    clip = load_ctclip(path, CTCLIPConfig.from_reference_constructors(constructors))
+    model = config.model
+    if model.init_checkpoint is None:
+        return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed, model.temperature_init))
+    path = model.init_checkpoint
+    clip = load_ctclip(path, model.clip_config())
     for parameter in clip.parameters():
         parameter.requires_grad_(True)
     return TrainableCTCLIP(clip, read_cluster_size(path))

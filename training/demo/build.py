@@ -23,9 +23,9 @@ import torch
 
 from CTFoundationLib import __version__
 from CTFoundationLib.cli_ctclip import read_model_config
-from CTFoundationLib.cli_training import DEMO_MODEL
+from CTFoundationLib.cli_training import DEMO_MODEL, DEMO_VERSION, installed_demo
 from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import TrainingError, WeightsError
+from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.evaluation import Evaluation, FindingResult, evaluate, format_evaluation
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.preprocess import CTCLIP_DEMO
@@ -41,7 +41,6 @@ from .findings import DEMO_FINDINGS
 from .synth import BASES, DemoDataSpec, build_demo_data
 
 MODEL_ID = DEMO_MODEL
-DEMO_VERSION = 2  # bump when a fix changes what train-demo builds (2: prompts tokenised with the whole vocabulary)
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 CHECKPOINT = "ct_clip_demo.pt"
 PROMPT_LATENTS = "prompt_latents.safetensors"
@@ -162,7 +161,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     runtime = demo_runtime(result.checkpoint, staging, home)
     valid = demo_evaluations(*score_split(runtime, data, "valid"))
     thresholds = {f.name: f.threshold for f in finding_results(valid)}
-    write_thresholds(staging / "thresholds.json", thresholds, "demo valid", valid[0][1].n_cases)
+    write_thresholds(staging / "thresholds.json", thresholds, "demo valid", spec.valid)
     write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
     test = demo_evaluations(*score_split(runtime, data, "test"))
     record = {
@@ -182,16 +181,6 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     say(f"trained in {record['train_seconds']} s ({result.steps} steps), loss {record['loss_first']} -> {record['loss_last']}")
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
     return record
-
-
-def installed_demo(home: Path | None) -> Path | None:
-    """The installed demo checkpoint; None when it is missing, incomplete or built by an older DEMO_VERSION."""
-    try:
-        checkpoint = resolve_weights(MODEL_ID, home=home)
-        record = json.loads((checkpoint.parent / "training_record.json").read_text())
-    except (WeightsError, OSError, ValueError):
-        return None
-    return checkpoint if record.get("demo_version") == DEMO_VERSION else None
 
 
 def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> float:

@@ -95,12 +95,11 @@ NEGATIVE_MENTION_PROBABILITY = 0.7
 
 
 def finding_sentence(finding: Inserted, rng: np.random.Generator) -> str:
-    side = "both" if finding.side == "both" else finding.side
     if finding.name == "Medical material":
         templates = DEVICE[finding.kind]
     else:
         templates = POSITIVE[finding.name]
-    return both_sides(str(rng.choice(templates)).format(size=int(finding.size_mm), side=side, zone=finding.zone,
+    return both_sides(str(rng.choice(templates)).format(size=int(finding.size_mm), side=finding.side, zone=finding.zone,
                                                          kind=finding.kind))
 
 

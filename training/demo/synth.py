@@ -14,7 +14,6 @@ affine), `<split>_reports.csv`, `<split>_labels.csv` (18 CT-RATE columns) and `<
 
 from __future__ import annotations
 
-import csv
 import json
 import multiprocessing
 import os
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
+from CTFoundationLib.report_tables import write_csv
 from CTFoundationLib.volume import CTVolume
+from CTFoundationLib.weights.cache import write_json_atomic
 
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report
@@ -181,17 +182,9 @@ def write_split(out: Path, split: str, count: int, spec: DemoDataSpec, pool: Exe
     for job in jobs:
         rows.append(job.result())
         progress(1)
-    write_csv(out / f"{split}_reports.csv", [r[0] for r in rows])
-    write_csv(out / f"{split}_labels.csv", [r[1] for r in rows])
-    manifest = {r[2].pop("name"): r[2] for r in rows}
-    (out / f"{split}_findings.json").write_text(json.dumps(manifest, indent=1))
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    for kind, table in (("reports", [r[0] for r in rows]), ("labels", [r[1] for r in rows])):
+        write_csv(out / f"{split}_{kind}.csv", list(table[0]), table, TrainingError)
+    write_json_atomic(out / f"{split}_findings.json", {r[2].pop("name"): r[2] for r in rows})
 
 
 def build_demo_data(
@@ -207,5 +200,5 @@ def build_demo_data(
     with ProcessPoolExecutor(workers, context, _load_worker_bases, (Path(data_root),)) as pool:
         for split in ("train", "valid", "test"):
             write_split(out, split, getattr(spec, split), spec, pool, progress)
-    marker.write_text(json.dumps({"key": spec.key(), "spec": asdict(spec), "bases": [b.name for b in BASES]}))
+    write_json_atomic(marker, {"key": spec.key(), "spec": asdict(spec), "bases": [b.name for b in BASES]})
     return out
