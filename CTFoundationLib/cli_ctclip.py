@@ -79,19 +79,13 @@ def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable
         dtype=args.dtype,
         spec=SPECS[runtime_spec.preprocess or "ct-clip-v2"],
         progress=progress,
+        thresholds=None if args.weights else load_thresholds(model_file(args.model, runtime_spec.thresholds)),
     )
 
 
 def model_file(model_id: str, name: str | None) -> Path | None:
     """A file of an installed model named by its registry `runtime` section (None when not named)."""
     return resolve_weights(model_id).parent / name if name else None
-
-
-def default_thresholds(args: argparse.Namespace) -> Path | None:
-    """--thresholds, else the thresholds file the model ships with (if any)."""
-    if args.thresholds or args.weights:
-        return args.thresholds
-    return model_file(args.model, load_registry().get(args.model).runtime.thresholds)
 
 
 def read_model_config(path: Path | None) -> CTCLIPConfig | None:
@@ -134,7 +128,7 @@ def register(subparsers) -> None:
 def run_detect(args: argparse.Namespace) -> int:
     volume = read_input(args)
     summary = summarize(volume)
-    thresholds = load_thresholds(default_thresholds(args))
+    thresholds = load_thresholds(args.thresholds)
     with step_progress("ct-clip") as progress:
         runtime = build_runtime(args, args.model != "ct-clip-lipro", progress)
         result = runtime.detect(volume, thresholds)

@@ -112,6 +112,7 @@ class CTCLIPRuntime:
     checkpoint: CT-CLIP_v2.pt / CT_VocabFine_v2.pt / CT_LiPro_v2.pt or a file in the same layout.
     tokenizer_source: CXR-BERT folder or vocab.txt (needed for zero-shot and text; not for LiPro).
     config: model sizes for non-standard checkpoints (default: full-size v2).
+    thresholds: the model's own per-finding thresholds, used when `detect` is given none.
     cache_dir: where prompt latents and checkpoint hashes are kept (default: $CTFOUNDATION_HOME/runtime).
     """
 
@@ -126,10 +127,12 @@ class CTCLIPRuntime:
         cache_dir: Path | None = None,
         spec: PreprocessSpec = CTCLIP_V2,
         progress: Progress | None = None,
+        thresholds: Mapping[str, float] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise CTFoundationError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
         self.model_id, self.spec, self.dtype = model_id, spec, dtype
+        self.thresholds = dict(thresholds or {})
         self.checkpoint = Path(checkpoint)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.device = select_device(device)
@@ -204,7 +207,7 @@ class CTCLIPRuntime:
         latent, _ = self.encode_volume(volume)
         with self._timed("score"):
             probabilities = self.probabilities(latent)[0].tolist()
-        thresholds = thresholds or {}
+        thresholds = thresholds or self.thresholds
         findings = [
             Finding(name, round(p, 6), thresholds.get(name), (p >= thresholds[name]) if name in thresholds else None)
             for name, p in zip(CT_RATE_ABNORMALITIES, probabilities)
