@@ -335,7 +335,8 @@ def nifti_files(folder: Path) -> list[Path]:
 
 
 def mask_name(path: Path) -> str:
-    return next(path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.lower().endswith(s))
+    """The file name without its image suffix (.nii.gz, .nii, or whatever follows the first dot)."""
+    return next((path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.lower().endswith(s)), path.name.split(".")[0])
 
 
 def from_mask_folder(folder: Path, volume: CTVolume) -> AnatomyMasks:

@@ -77,10 +77,17 @@ def build_runtime(args: argparse.Namespace, needs_text: bool, progress: Callable
         config=config,
         device=args.device,
         dtype=args.dtype,
-        spec=SPECS[runtime_spec.preprocess or "ct-clip-v2"],
+        spec=input_spec(args.model, runtime_spec.preprocess or "ct-clip-v2"),
         progress=progress,
         thresholds=None if args.weights else load_thresholds(model_file(args.model, runtime_spec.thresholds)),
     )
+
+
+def input_spec(model_id: str, name: str):
+    """The registry's preprocess name of a model as its PreprocessSpec."""
+    if name not in SPECS:
+        raise CTFoundationError(f"model {model_id}: the registry names preprocess '{name}'; known: {sorted(SPECS)}")
+    return SPECS[name]
 
 
 def model_file(model_id: str, name: str | None) -> Path | None:

@@ -93,7 +93,7 @@ def load_tokenizer(folder: Path):
             "(`ctfoundation weights download cxr-bert`) or a vocab.txt file."
         )
     with open(vocab, encoding="utf-8") as handle:
-        size = sum(1 for _ in handle)
+        size = len({line.rstrip("\r\n") for line in handle})  # distinct tokens: a repeated line adds none
     # transformers 4 takes the file as `vocab_file`; transformers 5 ignores that silently (a 5-token vocabulary that
     # makes every word [UNK]) and takes it as `vocab`: keep the one whose vocabulary is the file's
     for argument in ("vocab_file", "vocab"):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from CTFoundationLib.detection import CTCLIPRuntime, load_thresholds
+from CTFoundationLib.detection import CTCLIPRuntime, load_thresholds, load_tokenizer
 from CTFoundationLib.errors import CheckpointError, CTFoundationError
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
@@ -109,6 +109,13 @@ def test_the_tokenizer_reads_the_whole_vocabulary(runtime):
     """bert-base-uncased ids of a prompt (transformers 5 ignores `vocab_file=` and made every word [UNK])."""
     assert runtime.tokenizer("Medical material is present.")["input_ids"] == [101, 2966, 3430, 2003, 2556, 1012, 102]
     assert len(runtime.tokenizer) == 30522
+
+
+def test_a_vocabulary_with_a_repeated_line_still_loads(tmp_path):
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "lung", "nodule", "lung", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    # a repeated token keeps its last line, as BERT's own vocabulary reader does
+    assert load_tokenizer(tmp_path / "vocab.txt")("lung nodule.")["input_ids"] == [2, 7, 6, 8, 3]
 
 
 def test_text_needs_a_tokenizer(tmp_path, small_checkpoint):

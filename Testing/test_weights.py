@@ -41,6 +41,7 @@ from CTFoundationLib.weights import (  # noqa: E402
     verify_model,
 )
 from CTFoundationLib.weights import download as download_module  # noqa: E402
+from CTFoundationLib.weights import registry as registry_module  # noqa: E402
 from CTFoundationLib.weights.registry import BUILTIN_REGISTRY, SCHEMA_PATH  # noqa: E402
 
 SECRET = "hf_TESTsecretTOKEN_0123456789"
@@ -217,6 +218,14 @@ def test_broken_override_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
         load_registry()
     override.write_text("{not json")
     with pytest.raises(WeightsError, match="bad.json"):
+        load_registry()
+    data = site_registry_data()
+    data["models"]["t-chat"]["runtime"] = {"tokeniser": "vocab.txt"}
+    override.write_text(json.dumps(data))
+    with pytest.raises(WeightsError, match="tokeniser"):  # the schema (jsonschema installed) ...
+        load_registry()
+    monkeypatch.setattr(registry_module, "_schema_check", lambda data, path: None)
+    with pytest.raises(WeightsError, match=r"'runtime' takes the keys \[.*'tokenizer'"):  # ... or the loader
         load_registry()
 
 

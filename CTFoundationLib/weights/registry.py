@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +252,15 @@ def _model(key: str, raw: dict[str, Any], licenses: dict[str, License], origin: 
         resources=dict(raw.get("resources", {})),
         entry=raw.get("entry"),
         notes=raw.get("notes", ""),
-        runtime=RuntimeSpec(**raw.get("runtime", {})),
+        runtime=_runtime(raw.get("runtime", {}), where),
     )
+
+
+def _runtime(raw: Any, where: str) -> RuntimeSpec:
+    known = {f.name for f in fields(RuntimeSpec)}
+    if not isinstance(raw, dict) or set(raw) - known:
+        raise WeightsError(f"{where}: 'runtime' takes the keys {sorted(known)}, got {raw!r}")
+    return RuntimeSpec(**raw)
 
 
 def _file(raw: dict[str, Any], where: str) -> FileSpec:
