@@ -187,10 +187,17 @@ def test_import_checks_and_places_a_file(hub_env, tmp_path) -> None:
     assert placed.read_bytes() == CHECKPOINT and placed.parent == home / "models" / "t-clip"
 
 
-def test_the_compute_processes_keep_freed_memory_for_reuse():
-    """On Linux/glibc (CI) the allocator settings take effect; elsewhere they are skipped, never an error."""
-    import sys
-
+def test_the_compute_processes_keep_freed_memory_for_reuse(monkeypatch, capsys):
+    """The CLI and the Slicer worker (never Slicer) set the allocator up; off glibc the setting is skipped."""
+    from CTFoundationLib import worker as worker_module
     from CTFoundationLib.allocator import reuse_freed_memory
 
-    assert reuse_freed_memory() is sys.platform.startswith("linux")
+    calls = []
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append("cli"))
+    monkeypatch.setattr(worker_module, "reuse_freed_memory", lambda: calls.append("worker"))
+    assert cli.main(["weights", "list"]) == 0
+    assert worker_module.main(["devices"]) == 0
+    assert calls == ["cli", "worker"]
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert reuse_freed_memory() is False

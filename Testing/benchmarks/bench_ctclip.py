@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DICOM = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
 VOCAB = REPO.parent / "shared/data/vocab/bert-base-uncased_vocab.txt"
@@ -60,11 +62,10 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
-def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = False) -> dict:
+def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = False, save_input: bool = False) -> dict:
     """Runs in the child process: the product path (allocator tuned as the CLI does), then the reference-style pass."""
     from CTFoundationLib.allocator import reuse_freed_memory
     from CTFoundationLib.detection import CTCLIPRuntime
-    from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
     from CTFoundationLib.reading import read_ct
 
     figures = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops(),
@@ -75,7 +76,8 @@ def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = Fals
     cache = checkpoint.parent / f"runtime_cache_{time.time_ns()}"
     runtime = CTCLIPRuntime(checkpoint, VOCAB, device="cpu", dtype=dtype, cache_dir=cache)
     tensor = runtime.prepare(volume)
-    torch.save(tensor, checkpoint.parent / INPUT_FILE)  # the reference-code pass reads the same input
+    if save_input:  # the reference-code pass reads the same input
+        torch.save(tensor, checkpoint.parent / INPUT_FILE)
     figures["preprocess_s"] = runtime.timings_s["preprocess"]
     figures["load_model_s"] = runtime.timings_s["load_model"]
     start = time.perf_counter()
@@ -87,9 +89,9 @@ def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = Fals
     cached.prompt_latents()
     figures["encode_prompts_cached_s"] = cached.timings_s["encode_prompts_cached"]
     start = time.perf_counter()
-    runtime.probabilities(latent)
+    probabilities = runtime.probabilities(latent)
     figures["score_s"] = time.perf_counter() - start
-    figures["p_present_" + CT_RATE_ABNORMALITIES[0]] = float(runtime.probabilities(latent)[0, 0])
+    figures["p_present"] = float(probabilities[0, 0])  # of CT_RATE_ABNORMALITIES[0], the reference pass's finding
     figures["total_s"] = sum(
         figures[k] for k in ("read_s", "preprocess_s", "encode_image_s", "encode_prompts_cached_s", "score_s")
     )
@@ -138,20 +140,25 @@ def main() -> None:
     parser.add_argument("--reference-python", type=Path, help="a Python with the reference's dependencies")
     parser.add_argument("--reference-checkout", type=Path, help="CT-CLIP checkout (transformer_maskgit/, CT_CLIP/)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-input", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    reference = bool(args.reference_python or args.reference_checkout)
+    if reference and not (args.reference_python and args.reference_checkout):
+        parser.error("--reference-python and --reference-checkout go together")
     checkpoint = args.workdir / "ct_clip_v2_fullsize_random.pt"
     if args.child:
-        print(json.dumps(measure(checkpoint, args.dicom, args.dtype, args.no_allocator_tuning)))
+        print(json.dumps(measure(checkpoint, args.dicom, args.dtype, args.no_allocator_tuning, args.save_input)))
         return
     if not checkpoint.is_file():
         print(f"writing a full-size random checkpoint to {checkpoint} …", flush=True)
         make_full_size_checkpoint(checkpoint)
     child = [sys.executable, __file__, "--child", "--dicom", str(args.dicom), "--workdir", str(args.workdir),
-             "--dtype", args.dtype, *(["--no-allocator-tuning"] if args.no_allocator_tuning else [])]
+             "--dtype", args.dtype, *(["--no-allocator-tuning"] if args.no_allocator_tuning else []),
+             *(["--save-input"] if reference else [])]
     output = subprocess.run(child, check=True, capture_output=True, text=True).stdout
     figures = json.loads(output.strip().splitlines()[-1])
     report(figures)
-    if args.reference_python and args.reference_checkout:
+    if reference:
         report_reference_code(figures, reference_code_pass(args, checkpoint))
 
 
@@ -160,7 +167,8 @@ def reference_code_pass(args: argparse.Namespace, checkpoint: Path) -> dict:
     command = [str(args.reference_python), str(Path(__file__).with_name("reference_pass.py")),
                "--checkout", str(args.reference_checkout), "--checkpoint", str(checkpoint),
                "--volume", str(checkpoint.parent / INPUT_FILE), "--vocab", str(VOCAB), "--passes", "2",
-               "--constructors", str(write_constructors(checkpoint.parent / "constructors.json"))]
+               "--constructors", str(write_constructors(checkpoint.parent / "constructors.json")),
+               "--pathology", CT_RATE_ABNORMALITIES[0]]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -176,12 +184,11 @@ def write_constructors(path: Path) -> Path:
 def report_reference_code(figures: dict, reference: dict) -> None:
     first, later = reference["passes_s"]
     total = figures["read_s"] + figures["preprocess_s"] + first + 17 * later
-    name = next(key for key in figures if key.startswith("p_present_"))
     print(f"reference code (transformers {reference['transformers']}, {reference['threads']} threads): a pass (prompt "
           f"pair padded to 512 + image) {first:.2f} s first, {later:.2f} s next; first + 17 x next + read/preprocess "
           f"= {total:.1f} s")
     print(f"speed-up over the reference code (total, prompts cached): {total / figures['total_s']:.1f}x; "
-          f"P({name[len('p_present_'):]}) ours {figures[name]:.6f} vs reference {reference['probabilities'][0]:.6f}")
+          f"P({reference['pathology']}) ours {figures['p_present']:.6f} vs reference {reference['probabilities'][0]:.6f}")
 
 
 if __name__ == "__main__":

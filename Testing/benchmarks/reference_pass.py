@@ -49,7 +49,6 @@ CTCLIP_FLAGS: dict[str, bool] = {
     "downsample_image_embeds": False,
     "use_all_token_embeds": False,
 }
-PATHOLOGY = "Medical material"
 # Strict load, except for keys absent from a checkpoint whose values cannot reach the zero-shot logits
 # (the project's random bench checkpoint omits them): BERT pooler, first-frame / to_pixels decoder layers,
 # the zero-element null_kv, context_norm (cross-attention only), VQ training buffers (initted defaults to True).
@@ -145,6 +144,7 @@ def main() -> None:
     parser.add_argument("--constructors", type=Path, required=True,
                         help="JSON of the reference constructor arguments (bench_ctclip.py writes the full-size ones)")
     parser.add_argument("--passes", type=int, default=1, help="timed forward passes (default 1)")
+    parser.add_argument("--pathology", default="Medical material", help="the finding whose prompt pair is scored")
     args = parser.parse_args()
 
     import transformers
@@ -155,7 +155,7 @@ def main() -> None:
     model, notes = build_reference(args.checkout.resolve(), args.checkpoint, tokenizer, constructors)
     device = torch.device("cpu")
     volume = torch.load(str(args.volume), map_location=device, weights_only=True).float()
-    texts = [f"{PATHOLOGY} is present.", f"{PATHOLOGY} is not present."]
+    texts = [f"{args.pathology} is present.", f"{args.pathology} is not present."]
     times: list[float] = []
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         text_tokens = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=512).to(
@@ -167,6 +167,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
         probabilities = torch.nn.Softmax(dim=0)(logits)
     result = {
+        "pathology": args.pathology,
         "reference_pass_s": round(sum(times) / len(times), 3),
         "passes_s": [round(t, 3) for t in times],
         "torch": torch.__version__,
