@@ -268,6 +268,7 @@ class CTChatModel:
         precision: auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16, or 8bit / 4bit (bitsandbytes, CUDA).
         """
         progress = progress or (lambda step: None)
+        require_chat_packages(Path(llm), lora is not None)
         from ..detection import select_device
 
         device_ = select_device(device)
@@ -492,6 +493,17 @@ def llm_source(path: Path) -> tuple[Path, dict]:
         f"base LLM {path}: not a Hugging Face model folder (config.json and weights) nor a .gguf file. "
         "Give the folder of the base model CT-CHAT was trained on, e.g. Meta-Llama-3.1-8B-Instruct."
     )
+
+
+def require_chat_packages(llm: Path, with_lora: bool) -> None:
+    """A DependencyError naming what `pip install 'ctfoundation[chat]'` would add, before any loading."""
+    from ..dependencies import missing_requirements
+
+    wanted = ["transformers>=4.56", "accelerate>=0.26", *(["peft>=0.13"] if with_lora else []),
+              *(["gguf>=0.10"] if llm.suffix.lower() == ".gguf" else [])]
+    missing = missing_requirements(wanted)
+    if missing:
+        raise DependencyError(f"CT-CHAT needs {', '.join(missing)}: pip install 'ctfoundation[chat]'")
 
 
 def load_llm_tokenizer(path: Path):
