@@ -182,8 +182,9 @@ class ChatRuntime:
     """CT-CHAT with its CT-CLIP image encoder: makes sessions about CT volumes; keeps both models loaded."""
 
     def __init__(self, model: CTChatModel, encoder: CTCLIPRuntime, cache_dir: Path | None = None,
-                 progress: Progress | None = None) -> None:
-        self.model, self.encoder = model, encoder
+                 progress: Progress | None = None, cache_tokens: bool = True) -> None:
+        """cache_tokens: keep each CT's token grid on disk (interactive chat); False for one pass per CT (batch)."""
+        self.model, self.encoder, self.cache_tokens = model, encoder, cache_tokens
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.progress = progress or (lambda step: None)
 
@@ -212,7 +213,11 @@ class ChatRuntime:
     def image_embeddings(self, volume: CTVolume) -> torch.Tensor:
         """(1, 256, H) embeddings of a CT: CT-CLIP token grid (cached on disk) through the projector."""
         self.progress("encode CT")
-        return self.model.image_embeddings(cached_token_grid(self.encoder, volume, self.cache_dir))
+        if self.cache_tokens:
+            tokens = cached_token_grid(self.encoder, volume, self.cache_dir)
+        else:
+            tokens = self.encoder.encode_volume(volume, return_tokens=True)[1]
+        return self.model.image_embeddings(tokens)
 
     def session(self, volume: CTVolume | None, grounder: SentenceGrounder | None = None,
                 settings: GenerationSettings = GenerationSettings()) -> ChatSession:

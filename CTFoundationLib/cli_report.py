@@ -116,7 +116,8 @@ def narrative(args: argparse.Namespace, encoder: CTCLIPRuntime, progress: Callab
     """The CT-CHAT report section; CT-CHAT reads the detection model's CT-CLIP v2 token grid."""
     settings = generation_settings(args)
     model = load_chat_model(args.narrative, progress=progress, **chat_model_options(args))
-    return narrative_section(ChatRuntime(model, encoder, progress=progress), args.narrative, settings)
+    encoder.keep_tokens = True  # detection's image pass also gives CT-CHAT its token grid: one pass per CT
+    return narrative_section(ChatRuntime(model, encoder, progress=progress, cache_tokens=False), args.narrative, settings)
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

@@ -143,6 +143,8 @@ class CTCLIPRuntime:
             self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
         self.tokenizer = load_tokenizer(Path(tokenizer_source)) if tokenizer_source else None
         self._prompt_latents: torch.Tensor | None = None
+        self.keep_tokens = False  # True: keep the last volume's token grid, for a second reader of the same CT
+        self._kept: tuple[CTVolume, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -166,11 +168,19 @@ class CTCLIPRuntime:
             return torch.from_numpy(preprocess(volume, self.spec))[None]
 
     def encode_volume(self, volume: CTVolume, return_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One image pass: L2-normalised latent (1, 512) and, on request, the quantised token grid (1, 24, 24, 24, 512)."""
+        """One image pass: L2-normalised latent (1, 512) and, on request, the quantised token grid (1, 24, 24, 24, 512).
+
+        With `keep_tokens`, a second call for the same volume object reuses the pass (e.g. detection, then CT-CHAT).
+        """
+        if self._kept is not None and self._kept[0] is volume:
+            return self._kept[1], (self._kept[2] if return_tokens else None)
         tensor = self.prepare(volume)
         with self._timed("encode_image"):
-            latent, tokens = self.model.encode_image(tensor, return_tokens=return_tokens)
-        return latent.float().cpu(), (tokens.float().cpu() if tokens is not None else None)
+            latent, tokens = self.model.encode_image(tensor, return_tokens=return_tokens or self.keep_tokens)
+        latent, tokens = latent.float().cpu(), (tokens.float().cpu() if tokens is not None else None)
+        if self.keep_tokens:
+            self._kept = (volume, latent, tokens)
+        return latent, (tokens if return_tokens else None)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Free texts -> L2-normalised latents (K, 512); each text tokenised without padding to 512."""

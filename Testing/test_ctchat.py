@@ -300,12 +300,16 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
     monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
     checkpoint, constructors, _ = make_small_ctclip(tmp_path / "ctclip")
     out = tmp_path / "reports"
+    passes, prepare = [], CTCLIPRuntime.prepare
+    monkeypatch.setattr(CTCLIPRuntime, "prepare", lambda self, volume: passes.append(volume) or prepare(self, volume))
     code = main([
         "report", str(ct_dir / RICORD_3MM), "--out", str(out), "--weights", str(checkpoint), "--model-config",
         str(constructors), "--text-encoder", str(bert_vocab()), "--device", "cpu", "--narrative", "--llm",
         str(tiny_llm), "--lora", str(adapter[0]), "--template", "chatml_direct", "--max-new-tokens", "12",
     ])
     assert code == 0, capsys.readouterr().err
+    assert len(passes) == 1  # detection's CT-CLIP pass also gave CT-CHAT its tokens
+    assert not (tmp_path / "home" / "runtime" / "ctchat_tokens").exists()  # no per-case token files in a batch
     [folder] = [path for path in out.iterdir() if path.is_dir()]
     result = json.loads((folder / "result.json").read_text())
     narrative = result["sections"]["narrative"]
