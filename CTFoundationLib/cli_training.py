@@ -15,7 +15,7 @@ from .errors import CTFoundationError, WeightsError
 from .weights import resolve_weights
 
 DEMO_MODEL = "ct-clip-demo"
-DEMO_VERSION = 2  # bump when a fix changes what train-demo builds (2: prompts tokenised with the whole vocabulary)
+DEMO_VERSION = 3  # bump when a change alters what train-demo builds (2: prompts tokenised with the whole vocabulary; 3: demo set v7)
 OFFICIAL_MODEL = "ct-clip-v2"
 
 

@@ -13,38 +13,56 @@ import sys
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from conftest import data_root
 from CTFoundationLib import cli_training
 from CTFoundationLib.cli import main
 from CTFoundationLib.detection import load_thresholds
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.reading import read_ct
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
-from training.demo.findings import DEMO_FINDINGS, INSERTERS
+from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
 from training.demo.reports import NEGATIVE
-from training.demo.synth import BASES, DemoDataSpec, base_index, load_bases, make_case
+from training.demo.synth import DemoDataSpec, load_base, make_case, to_working_grid
 
 SEED = 12345
 
 
 @pytest.fixture(scope="module")
-def bases():
-    return load_bases(data_root())
+def base():
+    return load_base(data_root())
 
 
-def test_a_case_is_reproducible_from_its_seed(bases):
-    first, second = (make_case(bases[1], SEED, 0.5) for _ in range(2))
+def test_a_case_is_reproducible_from_its_seed(base):
+    first, second = (make_case(base, SEED, 0.5) for _ in range(2))
     assert np.array_equal(first[0], second[0]) and first[2] == second[2]
     assert [f.name for f in first[1]] == [f.name for f in second[1]]
-    other = make_case(bases[1], SEED + 1, 0.5)
+    other = make_case(base, SEED + 1, 0.5)
     assert not np.array_equal(first[0], other[0])
 
 
-def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
-    base = bases[1]  # the aorta crop: it has an artery mask, so every finding can be inserted
+def test_the_descending_aorta_is_found_beside_the_spine(base):
+    """A tube of unenhanced blood left of the midline in the posterior half, touching the left lung, one disc per
+    axial level over 20-65 % of the lung height; none in a contrast-enhanced CT (not guessed)."""
+    aorta, lung, hu = base.anatomy.aorta, base.anatomy.lung, base.hu
+    levels = np.flatnonzero(aorta.any(axis=(0, 1)))
+    lung_levels = np.flatnonzero(lung.any(axis=(0, 1)))
+    assert np.all(np.diff(levels) == 1) and len(levels) >= 0.4 * len(lung_levels)
+    assert 35 < aorta.sum() * 27 / 1000 < 90  # ml: a 20-30 mm tube over 10-15 cm
+    assert 0 < np.median(hu[aorta]) < 60
+    centre = np.argwhere(aorta).mean(axis=0)
+    lung_i = np.flatnonzero(lung.any(axis=(1, 2)))
+    assert centre[0] > (lung_i[0] + lung_i[-1]) / 2 and centre[1] > hu.shape[1] / 2  # patient's left, posterior
+    assert (ndimage.binary_dilation(aorta, iterations=3) & lung).any()
+    enhanced, _ = to_working_grid(read_ct(data_root() / "ct/totalseg_chest_crop_aorta/ct.nii.gz"))
+    assert find_anatomy(enhanced).aorta is None
+
+
+def test_each_inserted_finding_is_where_and_what_its_record_says(base):
     before, anatomy = base.hu, base.anatomy
-    lung, mask = anatomy.lung, anatomy.artery
+    lung, aorta = anatomy.lung, anatomy.aorta
     changed = {}
     for name in DEMO_FINDINGS:
         hu = before.copy()
@@ -52,7 +70,8 @@ def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
         assert record.name == name
         changed[name] = (hu, record)
     hu, nodule = changed["Lung nodule"]
-    assert lung[nodule.centre_ijk] and 0 <= hu[nodule.centre_ijk] <= 60 and 10 <= nodule.size_mm <= 25
+    assert lung[nodule.centre_ijk] and 0 <= hu[nodule.centre_ijk] <= 60 and 12 <= nodule.size_mm <= 30
+    assert nodule.extra["count"] >= 8 and ((hu - before)[lung] > 500).sum() > 8 * 20  # >= 8 nodules of >= 12 mm
     hu, effusion = changed["Pleural effusion"]
     fluid = np.argwhere(lung & (hu > 0) & (hu < 50) & (before < -500))
     assert len(fluid) > 100 and fluid[:, 1].mean() > np.argwhere(lung)[:, 1].mean()  # layering dependently (j: P)
@@ -62,27 +81,21 @@ def test_each_inserted_finding_is_where_and_what_its_record_says(bases):
         assert patch.sum() > 50 and low < np.median(hu[patch]) < high
     hu, _ = changed["Emphysema"]
     assert (hu[lung] < -950).mean() > (before[lung] < -950).mean() + 0.1  # low-attenuation regions
-    hu, _ = changed["Arterial wall calcification"]
-    assert ((hu > 1000) & ~(before > 1000)).sum() >= 4 and (hu[mask] > 1000).sum() >= 4
+    hu, calcification = changed["Arterial wall calcification"]
+    new = (hu > 1000) & ~(before > 1000)
+    assert new.sum() >= 50 and (new & ~aorta).sum() == 0 and calcification.kind == "aorta"
     hu, device = changed["Medical material"]
     assert (hu > 1900).sum() > 10 and anatomy.body[device.centre_ijk] and not lung[device.centre_ijk]
 
 
-def test_each_base_takes_its_own_findings_and_the_report_names_them(bases):
-    chest, crop = bases[0], bases[1]  # the full chest CT; the aorta crop (heart and vessels, cut lungs)
-    _, inserted, (findings_text, impressions) = make_case(chest, SEED, prevalence=1.0)
-    assert [f.name for f in inserted] == [n for n in DEMO_FINDINGS if n != "Arterial wall calcification"]
-    for word in ("nodule", "effusion", "consolidation", "ground", "emphysema"):
+def test_the_base_takes_every_finding_and_the_report_names_them(base):
+    _, inserted, (findings_text, impressions) = make_case(base, SEED, prevalence=1.0)
+    assert [f.name for f in inserted] == list(DEMO_FINDINGS)
+    for word in ("nodule", "effusion", "consolidation", "ground", "emphysema", "aort"):
         assert word in findings_text.lower()
+    assert any(word in findings_text.lower() for word in ("pacemaker", "port catheter", "central venous catheter"))
     assert not [s for f in inserted for s in NEGATIVE.get(f.name, ()) if s in findings_text]  # none called absent
     assert impressions.count("•") == len(inserted)
-    _, inserted, _ = make_case(crop, SEED, prevalence=1.0)
-    assert [f.name for f in inserted] == ["Arterial wall calcification", "Medical material"]
-
-
-def test_cases_draw_their_base_by_its_weight():
-    drawn = np.bincount([base_index(seed) for seed in range(2000)], minlength=len(BASES)) / 2000
-    assert np.allclose(drawn, [base.weight for base in BASES], atol=0.03)
 
 
 def test_the_installed_command_finds_the_training_code(tmp_path):
@@ -92,8 +105,8 @@ def test_the_installed_command_finds_the_training_code(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
 
 
-def test_negative_case_has_no_inserted_finding(bases):
-    hu, inserted, (findings_text, impressions) = make_case(bases[0], SEED, prevalence=0.0)
+def test_negative_case_has_no_inserted_finding(base):
+    hu, inserted, (findings_text, impressions) = make_case(base, SEED, prevalence=0.0)
     assert inserted == [] and impressions == "No significant pathology was detected."
     assert hu.dtype == np.int16 and hu.max() < 2000  # no device drawn
 
@@ -121,7 +134,7 @@ def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open (issue 7): the demo model reaches a held-out mean AUROC of about 0.62, "
+@pytest.mark.xfail(strict=True, reason="open (issue 7): the demo model reaches a held-out mean AUROC of about 0.6, "
                    "not the 0.9 target; see README 'Demo model'. strict: remove this mark when it passes")
 def test_demo_model_reaches_the_auroc_target_on_held_out_cases(demo_home):
     _, record = demo_home

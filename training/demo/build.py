@@ -26,7 +26,7 @@ from CTFoundationLib.cli_ctclip import read_model_config
 from CTFoundationLib.cli_training import DEMO_MODEL, DEMO_VERSION, installed_demo
 from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.evaluation import Evaluation, FindingResult, evaluate, format_evaluation
+from CTFoundationLib.evaluation import Evaluation, evaluate, format_evaluation
 from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.weights import import_model, resolve_weights
@@ -38,7 +38,7 @@ from ..export import write_prompt_latents, write_thresholds
 from ..trainer import Trainer
 from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
-from .synth import BASES, DemoDataSpec, build_demo_data
+from .synth import DemoDataSpec, build_demo_data
 
 MODEL_ID = DEMO_MODEL
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -80,56 +80,34 @@ def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRun
     )
 
 
-def score_split(runtime: CTCLIPRuntime, data: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(probabilities (N, 18), labels (N, 18), base CT name of each case (N,)) of a demo split, through the runtime."""
+def score_split(runtime: CTCLIPRuntime, data: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (N, 18), labels (N, 18)) of a demo split, through the runtime."""
     from tqdm import tqdm
 
     dataset = split_dataset(data, split)
     with tqdm(total=len(dataset), desc=f"score {split}", unit="case", file=sys.stderr, disable=None) as bar:
         probabilities = score_dataset(runtime, dataset, bar.update)
-    manifest = json.loads((data / f"{split}_findings.json").read_text())
-    bases = np.array([manifest[case.name]["base"] for case in dataset.cases])
-    return probabilities, labels_of(dataset), bases
+    return probabilities, labels_of(dataset)
 
 
-def demo_evaluations(
-    probabilities: np.ndarray, labels: np.ndarray, bases: np.ndarray, n_bootstrap: int = 1000
-) -> list[tuple[str, Evaluation]]:
-    """CT-CLIP's evaluation of each inserted finding on the cases whose base CT can take it (`synth.BASES`): the
-    lung and pleural findings on the full chest CT, calcification on the crops with an artery mask, devices on
-    all; a base never given a finding may hold a real, unlabelled one (the RICORD patient is 85)."""
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name in DEMO_FINDINGS:
-        groups.setdefault(tuple(base.name for base in BASES if name in base.findings), []).append(name)
-    evaluations = []
-    for eligible, names in groups.items():
-        rows = np.isin(bases, eligible)
-        title = "all cases" if len(eligible) == len(BASES) else f"cases on {' / '.join(eligible)}"
-        chosen = np.ix_(rows, [CT_RATE_ABNORMALITIES.index(name) for name in names])
-        evaluations.append((title, evaluate(probabilities[chosen], labels[chosen], names, n_bootstrap, progress=False)))
-    return evaluations
+def demo_evaluation(probabilities: np.ndarray, labels: np.ndarray, n_bootstrap: int = 1000) -> Evaluation:
+    """CT-CLIP's evaluation of the inserted findings; (N, 18) inputs."""
+    columns = [CT_RATE_ABNORMALITIES.index(name) for name in DEMO_FINDINGS]
+    return evaluate(probabilities[:, columns], labels[:, columns], list(DEMO_FINDINGS), n_bootstrap, progress=False)
 
 
-def finding_results(evaluations: list[tuple[str, Evaluation]]) -> list[FindingResult]:
-    return [finding for _, evaluation in evaluations for finding in evaluation.findings]
-
-
-def mean_auroc(evaluations: list[tuple[str, Evaluation]]) -> float:
+def mean_auroc(evaluation: Evaluation) -> float:
     """Mean over the inserted findings of their AUROC."""
-    return float(np.mean([finding.metrics["auroc"].value for finding in finding_results(evaluations)]))
+    return float(np.mean([finding.metrics["auroc"].value for finding in evaluation.findings]))
 
 
-def auroc_record(evaluations: list[tuple[str, Evaluation]]) -> dict[str, dict]:
+def auroc_record(evaluation: Evaluation) -> dict[str, dict]:
     """finding -> AUROC with its bootstrap interval and the number of positives, for the training record."""
     return {
         f.name: {"auroc": round(f.metrics["auroc"].value, 4), "ci95": [round(f.metrics["auroc"].lower, 4),
                  round(f.metrics["auroc"].upper, 4)], "positives": f.positives}
-        for f in finding_results(evaluations)
+        for f in evaluation.findings
     }
-
-
-def format_demo_table(evaluations: list[tuple[str, Evaluation]]) -> str:
-    return "\n".join(f"{title} ({evaluation.n_cases}):\n{format_evaluation(evaluation)}" for title, evaluation in evaluations)
 
 
 def loss_ends(losses: list[float]) -> dict[str, float]:
@@ -159,11 +137,11 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     (staging / "constructors.json").write_text(json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
     shutil.copyfile(minilm / "vocab.txt", staging / "vocab.txt")
     runtime = demo_runtime(result.checkpoint, staging, home)
-    valid = demo_evaluations(*score_split(runtime, data, "valid"))
-    thresholds = {f.name: f.threshold for f in finding_results(valid)}
+    valid = demo_evaluation(*score_split(runtime, data, "valid"))
+    thresholds = {f.name: f.threshold for f in valid.findings}
     write_thresholds(staging / "thresholds.json", thresholds, "demo valid", spec.valid)
     write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
-    test = demo_evaluations(*score_split(runtime, data, "test"))
+    test = demo_evaluation(*score_split(runtime, data, "test"))
     record = {
         "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(), "config": str(CONFIG.name),
@@ -194,10 +172,10 @@ def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> fl
     spec = DemoDataSpec(**record["data"])
     data = demo_data(Path(data_root), home, spec, say)
     runtime = demo_runtime(checkpoint, checkpoint.parent, home)
-    evaluations = demo_evaluations(*score_split(runtime, data, "test"))
+    evaluation = demo_evaluation(*score_split(runtime, data, "test"))
     say(f"{MODEL_ID} zero-shot on the {spec.test} held-out demo cases, inserted findings (CT-CLIP's protocol):")
-    say(format_demo_table(evaluations))
-    value = mean_auroc(evaluations)
+    say(format_evaluation(evaluation))
+    value = mean_auroc(evaluation)
     say(f"demo zero-shot mean AUROC: {value:.3f}")
     return value
 

@@ -3,16 +3,18 @@
 Each inserter changes `hu` in place and returns an `Inserted` record (CT-RATE finding name, centre voxel,
 size in mm, side and zone) that the report templates turn into sentences. Each finding takes the distribution
 it typically has (so that it covers the same region of the chest from case to case, as it does in real CTs):
-- Lung nodules: 5-12 solid spheres, 10-25 mm, 0..60 HU, soft edge, scattered through both lungs (metastatic pattern);
+- Lung nodules: 8-16 solid spheres, 12-30 mm, 0..60 HU, soft edge, scattered through both lungs (metastatic pattern);
 - Pleural effusion: fluid (5..25 HU) layering in the dependent (posterior) lung base, one or both sides,
   a crescent that thins upward (meniscus);
 - Consolidation: lobar, most of one lower lobe at 20..50 HU, with air bronchograms (10-20 % of it stays air);
 - Lung opacity (ground glass): bilateral, patchy and peripheral (within 15-30 mm of the lung edge) in the
   lower and middle zones, pulled 55-70 % toward -450 HU (vessels stay visible);
 - Emphysema: clustered low-attenuation holes (-990..-960 HU) and 1-2 subpleural bullae, upper zones or diffuse;
-- Arterial wall calcification: 10-20 dense plaques (1100..1800 HU) on the wall of an artery mask;
+- Arterial wall calcification: 8-16 dense curvilinear plates (1100..1800 HU, 10-20 mm across) on the wall of the
+  descending aorta (found by `find_descending_aorta`);
 - Medical material: a pacemaker (generator + lead) or a port (chamber + catheter) in the upper anterior chest
-  wall, its lead running medially and down toward the heart, or a central catheter; metal-dense (2000..3000 HU).
+  wall, its lead running medially and down toward the heart, or (15 %) a central catheter alone; metal-dense
+  (2000..3000 HU), leads and catheters 6 mm thick on the 3 mm grid.
 """
 
 from __future__ import annotations
@@ -41,17 +43,18 @@ class Inserted:
 
 @dataclass
 class Anatomy:
-    """Masks of one working volume: lung (inside the body), its distance to the lung edge (voxels), body."""
+    """Masks of one working volume: lung (inside the body), its distance to the lung edge (voxels), body, and the
+    descending aorta (None when not found)."""
 
     lung: np.ndarray
     lung_depth: np.ndarray
     body: np.ndarray
-    artery: np.ndarray | None
-    artery_name: str = ""
+    aorta: np.ndarray | None
 
 
-def find_anatomy(hu: np.ndarray, artery: np.ndarray | None, artery_name: str = "") -> Anatomy:
-    """Lung = air components that are not outside air (mean HU above OUTSIDE_AIR_HU or not touching the border)."""
+def find_anatomy(hu: np.ndarray) -> Anatomy:
+    """Lung = air components that are not outside air (mean HU above OUTSIDE_AIR_HU or not touching the border);
+    aorta: `find_descending_aorta`."""
     air = hu < -500
     labels, count = ndimage.label(air)
     index = np.arange(1, count + 1)
@@ -65,7 +68,51 @@ def find_anatomy(hu: np.ndarray, artery: np.ndarray | None, artery_name: str = "
     lung = np.isin(labels, index[keep])
     lung = ndimage.binary_opening(lung, iterations=1)
     body = ~np.isin(labels, index[outside])
-    return Anatomy(lung, ndimage.distance_transform_edt(lung), body, artery, artery_name)
+    return Anatomy(lung, ndimage.distance_transform_edt(lung), body, find_descending_aorta(hu, lung))
+
+
+AORTA_RADIUS_MM = 12.0
+BLOOD_HU = (0.0, 90.0)  # unenhanced blood
+
+
+def find_descending_aorta(hu: np.ndarray, lung: np.ndarray) -> np.ndarray | None:
+    """Mask of the descending thoracic aorta of an unenhanced chest CT, from 20 % to 65 % of the lung height.
+
+    The aorta lies left of the midline in the posterior half, a disc of blood attenuation touching the left
+    lung: found at mid height as the best such disc (blood fraction plus lung contact), then tracked slice by
+    slice up and down (one voxel of movement at most); the mask is the tracked discs within soft tissue.
+    """
+    i_range, k_range = np.flatnonzero(lung.any(axis=(1, 2))), np.flatnonzero(lung.any(axis=(0, 1)))
+    if len(i_range) == 0:
+        return None
+    radius = AORTA_RADIUS_MM / SPACING_MM
+    r = int(np.ceil(radius))
+    offsets = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (offsets ** 2).sum(axis=0) <= radius ** 2
+    ring = ndimage.binary_dilation(disc, iterations=2) & ~ndimage.binary_dilation(disc)
+    blood = ((hu > BLOOD_HU[0]) & (hu < BLOOD_HU[1])).astype(np.float32)
+    score = ndimage.convolve(blood, disc[:, :, None] / disc.sum(), mode="constant")
+    score += 0.5 * np.minimum(ndimage.convolve(lung.astype(np.float32), ring[:, :, None] / ring.sum(), mode="constant"), 0.3)
+    middle = int(round((i_range[0] + i_range[-1]) / 2))
+    window = np.zeros(hu.shape[:2], bool)
+    window[middle + 2:middle + 16, hu.shape[1] // 2:] = True
+    low, high = (int(k_range[0] + f * (k_range[-1] - k_range[0])) for f in (0.2, 0.65))
+    start = (low + high) // 2
+    centres = {start: np.unravel_index(np.argmax(np.where(window, score[:, :, start], -1)), window.shape)}
+    for levels in (range(start + 1, high + 1), range(start - 1, low - 1, -1)):
+        previous = centres[start]
+        for k in levels:
+            near = np.zeros_like(window)
+            near[max(previous[0] - 1, 0):previous[0] + 2, max(previous[1] - 1, 0):previous[1] + 2] = True
+            previous = np.unravel_index(np.argmax(np.where(near & window, score[:, :, k], -1)), window.shape)
+            centres[k] = previous
+    if min(score[i, j, k] for k, (i, j) in centres.items()) < 0.8:
+        return None
+    aorta = np.zeros(hu.shape, bool)
+    for k, (i, j) in centres.items():
+        if r <= i < hu.shape[0] - r and r <= j < hu.shape[1] - r:
+            aorta[i - r:i + r + 1, j - r:j + r + 1, k] = disc
+    return aorta & (hu > -100) & (hu < 200)
 
 
 def side_and_zone(anatomy: Anatomy, centre: tuple[int, int, int]) -> tuple[str, str]:
@@ -100,8 +147,8 @@ def sphere_weight(box: tuple[slice, ...], centre: tuple[int, int, int], radius: 
 
 
 def insert_nodules(hu, anatomy, rng) -> Inserted:
-    count = int(rng.integers(5, 13))
-    diameters = np.sort(rng.uniform(10.0, 25.0, size=count))[::-1]
+    count = int(rng.integers(8, 17))
+    diameters = np.sort(rng.uniform(12.0, 30.0, size=count))[::-1]
     centres = []
     for diameter in diameters:
         radius = diameter / 2 / SPACING_MM
@@ -203,19 +250,18 @@ def insert_emphysema(hu, anatomy, rng) -> Inserted:
 
 
 def insert_calcification(hu, anatomy, rng) -> Inserted:
-    artery = anatomy.artery
-    wall = artery & ~ndimage.binary_erosion(artery)
+    """Extensive calcification: 8-16 curvilinear plates, each the aortic wall within 5-10 mm of a wall voxel."""
+    wall = anatomy.aorta & ~ndimage.binary_erosion(anatomy.aorta)
     seeds = np.argwhere(wall)
-    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(10, 21)), replace=False)]
-    near_wall = ndimage.binary_dilation(wall)
+    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(8, 17)), replace=False)]
     for seed in chosen:
         centre = tuple(int(v) for v in seed)
-        radius = rng.uniform(0.8, 1.8)
+        radius = rng.uniform(5.0, 10.0) / SPACING_MM
         box = local_box(hu.shape, centre, radius)
-        plaque = (sphere_weight(box, centre, radius) > 0.5) & near_wall[box]
-        hu[box][plaque] = np.maximum(hu[box][plaque], rng.uniform(1100.0, 1800.0))
+        plate = (sphere_weight(box, centre, radius) > 0.5) & wall[box]
+        hu[box][plate] = np.maximum(hu[box][plate], rng.uniform(1100.0, 1800.0))
     centre = tuple(int(v) for v in chosen.mean(axis=0))
-    return Inserted("Arterial wall calcification", centre, 0.0, kind=anatomy.artery_name)
+    return Inserted("Arterial wall calcification", centre, 0.0, kind="aorta")
 
 
 def draw_tube(hu, points: np.ndarray, radius: float, value: float) -> None:
@@ -230,7 +276,7 @@ def draw_tube(hu, points: np.ndarray, radius: float, value: float) -> None:
 
 def chest_wall_point(hu, anatomy, rng, side: str) -> tuple[int, int, int]:
     """A soft-tissue voxel of the upper anterior chest wall on `side`: in front of the lung, lateral, in the lung's
-    upper third (any upper soft tissue when the volume has no such voxel, as in the crops)."""
+    upper third (any upper soft tissue when the volume has no such voxel)."""
     tissue = anatomy.body & ~anatomy.lung & (hu > -150) & (hu < 150)
     j = np.arange(hu.shape[1])[None, :, None]
     front = np.where(anatomy.lung.any(axis=1), np.argmax(anatomy.lung, axis=1), -1)[:, None, :]  # (i, 1, k)
@@ -245,7 +291,7 @@ def chest_wall_point(hu, anatomy, rng, side: str) -> tuple[int, int, int]:
 
 
 def insert_device(hu, anatomy, rng) -> Inserted:
-    kind = str(rng.choice(["pacemaker", "port catheter", "central venous catheter"]))
+    kind = str(rng.choice(["pacemaker", "port catheter", "central venous catheter"], p=[0.45, 0.4, 0.15]))
     side = "left" if kind == "pacemaker" and rng.random() < 0.8 else str(rng.choice(["right", "left"]))
     start = np.array(chest_wall_point(hu, anatomy, rng, side), float)
     if kind != "central venous catheter":
@@ -257,7 +303,7 @@ def insert_device(hu, anatomy, rng) -> Inserted:
     steps = start + np.linspace(0.0, 1.0, 7)[:, None] * (heart - start)
     steps += np.vstack([np.zeros(3), rng.normal(0, 1.0, size=(6, 3))])
     steps = np.clip(steps, 0, np.array(hu.shape) - 1)
-    draw_tube(hu, steps, 0.6, rng.uniform(2000.0, 3000.0))
+    draw_tube(hu, steps, 1.0, rng.uniform(2000.0, 3000.0))
     length = float(np.linalg.norm(heart - start) * SPACING_MM)
     return Inserted("Medical material", tuple(int(v) for v in start), round(length), side, kind=kind)
 
