@@ -23,7 +23,7 @@ from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
 from CTFoundationLib.reading import read_ct
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
-from training.demo.findings import DEMO_FINDINGS, INSERTERS, find_anatomy
+from training.demo.findings import DEMO_FINDINGS, IN_PLANE, INSERTERS, find_anatomy
 from training.demo.reports import NEGATIVE
 from training.demo.synth import DemoDataSpec, load_base, make_case, to_working_grid
 
@@ -84,6 +84,7 @@ def test_each_inserted_finding_is_where_and_what_its_record_says(base):
     hu, calcification = changed["Arterial wall calcification"]
     new = (hu > 1000) & ~(before > 1000)
     assert new.sum() >= 50 and (new & ~aorta).sum() == 0 and calcification.kind == "aorta"
+    assert not (new & ndimage.binary_erosion(aorta, IN_PLANE)).any()  # on the wall, never inside the lumen
     hu, device = changed["Medical material"]
     assert (hu > 1900).sum() > 10 and anatomy.body[device.centre_ijk] and not lung[device.centre_ijk]
 

@@ -72,7 +72,10 @@ def find_anatomy(hu: np.ndarray) -> Anatomy:
 
 
 AORTA_RADIUS_MM = 12.0
+AORTA_LEFT_OF_MIDLINE_MM = (6.0, 48.0)  # range searched for the aorta's centre
 BLOOD_HU = (0.0, 90.0)  # unenhanced blood
+MIN_AORTA_SCORE = 0.8  # blood fraction of the disc (+ up to 0.15 for lung contact) at every tracked level
+IN_PLANE = ndimage.generate_binary_structure(2, 1)[:, :, None]  # 4-connectivity within an axial slice (i, j)
 
 
 def find_descending_aorta(hu: np.ndarray, lung: np.ndarray) -> np.ndarray | None:
@@ -95,7 +98,8 @@ def find_descending_aorta(hu: np.ndarray, lung: np.ndarray) -> np.ndarray | None
     score += 0.5 * np.minimum(ndimage.convolve(lung.astype(np.float32), ring[:, :, None] / ring.sum(), mode="constant"), 0.3)
     middle = int(round((i_range[0] + i_range[-1]) / 2))
     window = np.zeros(hu.shape[:2], bool)
-    window[middle + 2:middle + 16, hu.shape[1] // 2:] = True
+    near_mm, far_mm = AORTA_LEFT_OF_MIDLINE_MM
+    window[middle + round(near_mm / SPACING_MM):middle + round(far_mm / SPACING_MM), hu.shape[1] // 2:] = True
     low, high = (int(k_range[0] + f * (k_range[-1] - k_range[0])) for f in (0.2, 0.65))
     start = (low + high) // 2
     centres = {start: np.unravel_index(np.argmax(np.where(window, score[:, :, start], -1)), window.shape)}
@@ -106,7 +110,7 @@ def find_descending_aorta(hu: np.ndarray, lung: np.ndarray) -> np.ndarray | None
             near[max(previous[0] - 1, 0):previous[0] + 2, max(previous[1] - 1, 0):previous[1] + 2] = True
             previous = np.unravel_index(np.argmax(np.where(near & window, score[:, :, k], -1)), window.shape)
             centres[k] = previous
-    if min(score[i, j, k] for k, (i, j) in centres.items()) < 0.8:
+    if min(score[i, j, k] for k, (i, j) in centres.items()) < MIN_AORTA_SCORE:
         return None
     aorta = np.zeros(hu.shape, bool)
     for k, (i, j) in centres.items():
@@ -251,7 +255,7 @@ def insert_emphysema(hu, anatomy, rng) -> Inserted:
 
 def insert_calcification(hu, anatomy, rng) -> Inserted:
     """Extensive calcification: 8-16 curvilinear plates, each the aortic wall within 5-10 mm of a wall voxel."""
-    wall = anatomy.aorta & ~ndimage.binary_erosion(anatomy.aorta)
+    wall = anatomy.aorta & ~ndimage.binary_erosion(anatomy.aorta, IN_PLANE)  # the circumference at each level
     seeds = np.argwhere(wall)
     chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(8, 17)), replace=False)]
     for seed in chosen:

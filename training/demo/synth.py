@@ -36,7 +36,7 @@ from CTFoundationLib.weights.cache import write_json_atomic
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report
 
-GENERATOR_VERSION = 7  # bump when the cases change, so cached demo data is rebuilt
+GENERATOR_VERSION = 8  # bump when the cases change, so cached demo data is rebuilt
 
 
 BASE_CT = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
