@@ -15,7 +15,8 @@ from .errors import CTFoundationError, WeightsError
 from .weights import resolve_weights
 
 DEMO_MODEL = "ct-clip-demo"
-DEMO_VERSION = 3  # bump when a change alters what train-demo builds (2: prompts tokenised with the whole vocabulary; 3: demo set v7)
+DEMO_VERSION = 4  # bump when a change alters what train-demo builds (2: prompts tokenised with the whole vocabulary;
+# 3: demo set v7; 4: contrastive + VocabFine on demo set v9)
 OFFICIAL_MODEL = "ct-clip-v2"
 
 
@@ -81,7 +82,8 @@ def register(subparsers) -> None:
         "train-demo", help="synthesise demo cases, train, export and install the ct-clip-demo model (a few minutes)"
     )
     data_argument(train)
-    train.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
+    for recipe in ("contrastive", "vocabfine"):
+        train.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its demo config's)")
     train.set_defaults(run=run_train_demo)
     evaluate = subparsers.add_parser(
         "eval-demo", help="zero-shot AUROC of ct-clip-demo on the held-out demo cases (trains it first if needed)"
@@ -92,7 +94,8 @@ def register(subparsers) -> None:
 
 def run_train_demo(args: argparse.Namespace) -> int:
     build = training_demo()
-    record = build.train_demo(data_root(args), steps=args.steps)
+    steps = {recipe: count for recipe in build.STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
+    record = build.train_demo(data_root(args), steps=steps)
     print(f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model")
     return 0
 

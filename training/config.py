@@ -66,8 +66,7 @@ class ModelSection:
 class DataSection:
     """A CT-RATE split: root (the split folder), reports_csv, labels_csv (VocabFine, LiPro, validation),
     metadata_csv + stored_values "raw" for first-release volumes; validation_* the same for the validation
-    split that thresholds are chosen on. text_sentences: train on that many randomly chosen sentences of each
-    report (in order) per step, a text augmentation; None = the whole Findings text (the reference)."""
+    split that thresholds are chosen on. The training text is each report's whole Findings (the reference's)."""
 
     root: Path | None = None
     reports_csv: Path | None = None
@@ -81,7 +80,6 @@ class DataSection:
     preprocess: str = "ct-clip-v2"
     num_workers: int = 4
     cache_images: bool = False
-    text_sentences: int | None = None
 
 
 @dataclass

@@ -11,7 +11,6 @@ Images go through the library's own `preprocess` with the model's `PreprocessSpe
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +129,7 @@ class CTRateDataset(Dataset):
     """Items {"image": (1, *spec.shape) float32, "text": str, "labels": (18,) float32, "name": str}.
 
     stored_values: "hu" (headers hold HU and spacing) or "raw" (needs `metadata`). cache_images keeps each
-    preprocessed image in memory (small demo sets; use with num_workers=0). text_sentences: see `sample_sentences`.
+    preprocessed image in memory (small demo sets; use with num_workers=0).
     """
 
     def __init__(
@@ -140,7 +139,6 @@ class CTRateDataset(Dataset):
         stored_values: str = "hu",
         metadata: dict[str, VolumeMetadata] | None = None,
         cache_images: bool = False,
-        text_sentences: int | None = None,
     ) -> None:
         if stored_values not in STORED_VALUES:
             raise TrainingError(f"data.stored_values must be one of {STORED_VALUES}, got {stored_values!r}")
@@ -148,7 +146,6 @@ class CTRateDataset(Dataset):
             raise TrainingError("data.stored_values is 'raw' but no data.metadata_csv was given (rescale and spacing)")
         self.cases, self.spec, self.stored_values, self.metadata = cases, spec, stored_values, metadata
         self._cache: dict[int, torch.Tensor] | None = {} if cache_images else None
-        self.text_sentences = text_sentences
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -172,14 +169,5 @@ class CTRateDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         labels = case.labels if case.labels is not None else np.zeros(len(CT_RATE_ABNORMALITIES), np.float32)
-        text = sample_sentences(case.text, self.text_sentences) if self.text_sentences else case.text
-        return {"image": self.image(index), "text": text, "labels": torch.from_numpy(labels), "name": case.name}
+        return {"image": self.image(index), "text": case.text, "labels": torch.from_numpy(labels), "name": case.name}
 
-
-def sample_sentences(text: str, count: int) -> str:
-    """`count` sentences of `text` chosen at random (Python's seeded RNG), kept in their original order."""
-    sentences = re.split(r"(?<=\.)\s+", text)
-    if len(sentences) <= count:
-        return text
-    chosen = sorted(random.sample(range(len(sentences)), count))
-    return " ".join(sentences[i] for i in chosen)

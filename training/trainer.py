@@ -55,7 +55,7 @@ def training_dataset(config: TrainingConfig) -> CTRateDataset:
     metadata = read_metadata(data.metadata_csv) if data.metadata_csv else None
     if data.preprocess not in SPECS:
         raise TrainingError(f"{config.source}: data.preprocess must be one of {sorted(SPECS)}")
-    return CTRateDataset(cases, SPECS[data.preprocess], data.stored_values, metadata, data.cache_images, data.text_sentences)
+    return CTRateDataset(cases, SPECS[data.preprocess], data.stored_values, metadata, data.cache_images)
 
 
 def initial_model(config: TrainingConfig) -> TrainableCTCLIP:

@@ -1,7 +1,8 @@
 """`ctfoundation train-demo` / `eval-demo`: build the demo data, train the demo CT-CLIP, export and register it.
 
-Steps: synthesise the demo cases (cached under $CTFOUNDATION_HOME/demo_data/<key>), train with
-training/configs/demo.yaml (the contrastive recipe), export in the official layout, choose thresholds on
+Steps: synthesise the demo cases (cached under $CTFOUNDATION_HOME/demo_data/<key>), train in two stages as CT-CLIP
+does (training/configs/demo.yaml: contrastive pre-training; demo_vocabfine.yaml: VocabFine from the stage-1
+model), export in the official layout, choose thresholds on
 the `valid` split with CT-CLIP's protocol, score the held-out `test` split, and import the files into the
 weights cache as model `ct-clip-demo` (so `ctfoundation detect CT --model ct-clip-demo` finds it).
 """
@@ -32,16 +33,17 @@ from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.weights import import_model, resolve_weights
 from CTFoundationLib.weights.cache import cache_root, write_json_atomic
 
-from ..config import load_config
+from ..config import TrainingConfig, load_config
 from ..ctrate import CTRateDataset, load_cases
 from ..export import write_prompt_latents, write_thresholds
-from ..trainer import Trainer
+from ..trainer import Trainer, TrainingResult
 from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
 from .synth import DemoDataSpec, build_demo_data
 
 MODEL_ID = DEMO_MODEL
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = {"contrastive": CONFIGS / "demo.yaml", "vocabfine": CONFIGS / "demo_vocabfine.yaml"}  # in training order
 CHECKPOINT = "ct_clip_demo.pt"
 PROMPT_LATENTS = "prompt_latents.safetensors"
 Say = Callable[[str], None]
@@ -68,9 +70,9 @@ def demo_data(data_root: Path, home: Path | None, spec: DemoDataSpec, say: Say) 
         return build_demo_data(data_root, out, spec, bar.update)
 
 
-def split_dataset(data: Path, split: str) -> CTRateDataset:
+def split_dataset(data: Path, split: str, cache_images: bool = False) -> CTRateDataset:
     cases = load_cases(data / split, data / f"{split}_reports.csv", data / f"{split}_labels.csv")
-    return CTRateDataset(cases, CTCLIP_DEMO)
+    return CTRateDataset(cases, CTCLIP_DEMO, cache_images=cache_images)
 
 
 def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRuntime:
@@ -110,33 +112,53 @@ def auroc_record(evaluation: Evaluation) -> dict[str, dict]:
     }
 
 
-def loss_ends(losses: list[float]) -> dict[str, float]:
-    """Mean loss of the first and of the last (up to) 10 steps, never overlapping."""
-    k = max(1, min(10, len(losses) // 2))
-    return {"loss_first": round(float(np.mean(losses[:k])), 4), "loss_last": round(float(np.mean(losses[-k:])), 4)}
+def train_stage(recipe: str, data: Path, staging: Path, dataset: CTRateDataset, init: Path | None,
+                steps: int | None, say: Say) -> tuple[TrainingConfig, TrainingResult]:
+    """One training stage from its config in STAGES; the model goes to staging/<recipe>.pt."""
+    minilm = minilm_folder()
+    overrides = {
+        "model": {"tokenizer": str(minilm / "vocab.txt"),
+                  **({"init_checkpoint": str(init)} if init else {"text_init": str(minilm)})},
+        "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv"),
+                 "labels_csv": str(data / "train_labels.csv")},
+        "train": {"output_dir": str(staging / f"run_{recipe}"), **({"steps": steps} if steps is not None else {})},
+        "export": {"checkpoint": str(staging / f"{recipe}.pt")},
+    }
+    config = load_config(STAGES[recipe], overrides)
+    say(f"training {MODEL_ID}, {recipe}: {config.train.steps} steps of {config.train.batch_size} cases on "
+        f"{platform.processor() or 'CPU'}")
+    result = Trainer(config, dataset).train()
+    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, loss {stage_record(result)['loss_first']} -> "
+        f"{stage_record(result)['loss_last']}")
+    return config, result
+
+
+def stage_record(result: TrainingResult) -> dict:
+    """Steps, seconds and the mean loss of the first and of the last (up to) 10 steps, never overlapping."""
+    k = max(1, min(10, len(result.losses) // 2))
+    return {"steps": result.steps, "train_seconds": round(result.seconds, 1),
+            "loss_first": round(float(np.mean(result.losses[:k])), 4),
+            "loss_last": round(float(np.mean(result.losses[-k:])), 4)}
 
 
 def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = DemoDataSpec(),
-               steps: int | None = None, say: Say = print) -> dict:
-    """Build, train, export, choose thresholds, evaluate and install the demo model; returns its record."""
+               steps: dict[str, int] | None = None, say: Say = print) -> dict:
+    """Build, train (the STAGES in order; `steps` overrides a stage's count), export, choose thresholds, evaluate
+    and install the demo model; returns its record."""
     started = time.perf_counter()
     data = demo_data(Path(data_root), home, spec, say)
     synthesis_s = time.perf_counter() - started
     staging = cache_root(home) / "build" / MODEL_ID
     shutil.rmtree(staging, ignore_errors=True)
-    minilm = minilm_folder()
-    overrides = {
-        "model": {"text_init": str(minilm), "tokenizer": str(minilm / "vocab.txt")},
-        "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv")},
-        "train": {"output_dir": str(staging / "run"), **({"steps": steps} if steps is not None else {})},
-        "export": {"checkpoint": str(staging / CHECKPOINT)},
-    }
-    config = load_config(CONFIG, overrides)
-    say(f"training {MODEL_ID}: {config.train.steps} steps of {config.train.batch_size} cases on {platform.processor() or 'CPU'}")
-    result = Trainer(config).train()
+    dataset = split_dataset(data, "train", cache_images=True)  # both stages read each image once
+    checkpoint, stages = None, {}
+    for recipe in STAGES:
+        config, result = train_stage(recipe, data, staging, dataset, checkpoint, (steps or {}).get(recipe), say)
+        checkpoint, stages[recipe] = result.checkpoint, stage_record(result)
+    shutil.move(checkpoint, staging / CHECKPOINT)
     (staging / "constructors.json").write_text(json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
-    shutil.copyfile(minilm / "vocab.txt", staging / "vocab.txt")
-    runtime = demo_runtime(result.checkpoint, staging, home)
+    shutil.copyfile(minilm_folder() / "vocab.txt", staging / "vocab.txt")
+    runtime = demo_runtime(staging / CHECKPOINT, staging, home)
     valid = demo_evaluation(*score_split(runtime, data, "valid"))
     thresholds = {f.name: f.threshold for f in valid.findings}
     write_thresholds(staging / "thresholds.json", thresholds, "demo valid", spec.valid)
@@ -144,19 +166,19 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     test = demo_evaluation(*score_split(runtime, data, "test"))
     record = {
         "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
-        "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(), "config": str(CONFIG.name),
-        "steps": result.steps, "batch_size": config.train.batch_size,
-        "train_seconds": round(result.seconds, 1), "synthesis_seconds": round(synthesis_s, 1),
+        "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(),
+        "configs": {recipe: path.name for recipe, path in STAGES.items()}, "batch_size": config.train.batch_size,
+        "stages": stages, "synthesis_seconds": round(synthesis_s, 1),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        **loss_ends(result.losses),
         "valid": auroc_record(valid), "test": auroc_record(test), "test_mean_auroc": round(mean_auroc(test), 4),
         "thresholds": thresholds,
         "notice": "trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis",
     }
     write_json_atomic(staging / "training_record.json", record)
+    for recipe in STAGES:
+        shutil.rmtree(staging / f"run_{recipe}", ignore_errors=True)
+        (staging / f"{recipe}.pt").unlink(missing_ok=True)
     import_model(MODEL_ID, staging, home=home, accept_licenses=True)
-    shutil.rmtree(staging / "run", ignore_errors=True)
-    say(f"trained in {record['train_seconds']} s ({result.steps} steps), loss {record['loss_first']} -> {record['loss_last']}")
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
     return record
 

@@ -3,15 +3,16 @@
 Each inserter changes `hu` in place and returns an `Inserted` record (CT-RATE finding name, centre voxel,
 size in mm, side and zone) that the report templates turn into sentences. Each finding takes the distribution
 it typically has (so that it covers the same region of the chest from case to case, as it does in real CTs):
-- Lung nodules: 8-16 solid spheres, 12-30 mm, 0..60 HU, soft edge, scattered through both lungs (metastatic pattern);
+- Lung nodules: 12-24 solid spheres, 12-30 mm, 0..60 HU, soft edge, scattered through both lungs (metastatic pattern);
 - Pleural effusion: fluid (5..25 HU) layering in the dependent (posterior) lung base, one or both sides,
   a crescent that thins upward (meniscus);
 - Consolidation: lobar, most of one lower lobe at 20..50 HU, with air bronchograms (10-20 % of it stays air);
 - Lung opacity (ground glass): bilateral, patchy and peripheral (within 15-30 mm of the lung edge) in the
   lower and middle zones, pulled 55-70 % toward -450 HU (vessels stay visible);
-- Emphysema: clustered low-attenuation holes (-990..-960 HU) and 1-2 subpleural bullae, upper zones or diffuse;
-- Arterial wall calcification: 8-16 dense curvilinear plates (1100..1800 HU, 10-20 mm across) on the wall of the
-  descending aorta (found by `find_descending_aorta`);
+- Emphysema: clustered low-attenuation holes (-1000..-980 HU, vessels gone) over 45-60 % of the zone and 2-4
+  bullae of 20-40 mm, upper zones or diffuse;
+- Arterial wall calcification: 16-32 dense curvilinear plates (1100..1800 HU, 12-24 mm across, two 3 mm voxels
+  thick) on the wall of the descending aorta (found by `find_descending_aorta`);
 - Medical material: a pacemaker (generator + lead) or a port (chamber + catheter) in the upper anterior chest
   wall, its lead running medially and down toward the heart, or (15 %) a central catheter alone; metal-dense
   (2000..3000 HU), leads and catheters 6 mm thick on the 3 mm grid.
@@ -151,7 +152,7 @@ def sphere_weight(box: tuple[slice, ...], centre: tuple[int, int, int], radius: 
 
 
 def insert_nodules(hu, anatomy, rng) -> Inserted:
-    count = int(rng.integers(8, 17))
+    count = int(rng.integers(12, 25))
     diameters = np.sort(rng.uniform(12.0, 30.0, size=count))[::-1]
     centres = []
     for diameter in diameters:
@@ -240,11 +241,11 @@ def insert_emphysema(hu, anatomy, rng) -> Inserted:
     diffuse = bool(rng.random() < 0.4)
     floor = k_range[0] if diffuse else k_range[0] + 0.45 * (k_range[-1] - k_range[0])
     zone = lung & (np.arange(lung.shape[2]) >= floor)[None, None, :]
-    holes = ndimage.gaussian_filter(rng.standard_normal(lung.shape), 1.0)
-    holes = zone & (holes > np.quantile(holes[zone], 1 - rng.uniform(0.3, 0.45)))
-    hu[holes] = rng.uniform(-990.0, -960.0, size=int(holes.sum()))
-    for _ in range(int(rng.integers(1, 3))):
-        radius = rng.uniform(10.0, 25.0) / SPACING_MM
+    holes = ndimage.gaussian_filter(rng.standard_normal(lung.shape), 1.5)
+    holes = zone & (holes > np.quantile(holes[zone], 1 - rng.uniform(0.45, 0.6)))
+    hu[holes] = rng.uniform(-1000.0, -980.0, size=int(holes.sum()))
+    for _ in range(int(rng.integers(2, 5))):
+        radius = rng.uniform(10.0, 20.0) / SPACING_MM
         centre = pick_lung_point(anatomy, rng, 1.0)
         box = local_box(hu.shape, centre, radius)
         bulla = (sphere_weight(box, centre, radius) > 0.5) & lung[box]
@@ -254,13 +255,15 @@ def insert_emphysema(hu, anatomy, rng) -> Inserted:
 
 
 def insert_calcification(hu, anatomy, rng) -> Inserted:
-    """Extensive calcification: 8-16 curvilinear plates, each the aortic wall within 5-10 mm of a wall voxel."""
-    wall = anatomy.aorta & ~ndimage.binary_erosion(anatomy.aorta, IN_PLANE)  # the circumference at each level
+    """Extensive calcification: 16-32 curvilinear plates, each the aortic wall within 6-12 mm of a wall voxel; the
+    wall is the aorta's edge ring and the ring just outside it (a dense plate blooms over two 3 mm voxels)."""
+    aorta = anatomy.aorta
+    wall = ndimage.binary_dilation(aorta, IN_PLANE) & ~ndimage.binary_erosion(aorta, IN_PLANE)
     seeds = np.argwhere(wall)
-    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(8, 17)), replace=False)]
+    chosen = seeds[rng.choice(len(seeds), size=int(rng.integers(16, 33)), replace=False)]
     for seed in chosen:
         centre = tuple(int(v) for v in seed)
-        radius = rng.uniform(5.0, 10.0) / SPACING_MM
+        radius = rng.uniform(6.0, 12.0) / SPACING_MM
         box = local_box(hu.shape, centre, radius)
         plate = (sphere_weight(box, centre, radius) > 0.5) & wall[box]
         hu[box][plate] = np.maximum(hu[box][plate], rng.uniform(1100.0, 1800.0))

@@ -36,7 +36,7 @@ from CTFoundationLib.weights.cache import write_json_atomic
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report
 
-GENERATOR_VERSION = 8  # bump when the cases change, so cached demo data is rebuilt
+GENERATOR_VERSION = 9  # bump when the cases change, so cached demo data is rebuilt
 
 
 BASE_CT = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -46,7 +46,7 @@ BASE_CT = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 class DemoDataSpec:
     """How many cases per split, the seed, and how often each finding is inserted."""
 
-    train: int = 200
+    train: int = 400
     valid: int = 40
     test: int = 60
     seed: int = 7
