@@ -113,8 +113,8 @@ def auroc_record(evaluation: Evaluation) -> dict[str, dict]:
 
 
 def train_stage(recipe: str, data: Path, staging: Path, dataset: CTRateDataset, init: Path | None,
-                steps: int | None, say: Say) -> tuple[TrainingConfig, TrainingResult]:
-    """One training stage from its config in STAGES; the model goes to staging/<recipe>.pt."""
+                steps: int | None, say: Say) -> tuple[TrainingConfig, Path, dict]:
+    """One training stage from its config in STAGES -> (config, its checkpoint staging/<recipe>.pt, its record)."""
     minilm = minilm_folder()
     overrides = {
         "model": {"tokenizer": str(minilm / "vocab.txt"),
@@ -128,9 +128,9 @@ def train_stage(recipe: str, data: Path, staging: Path, dataset: CTRateDataset, 
     say(f"training {MODEL_ID}, {recipe}: {config.train.steps} steps of {config.train.batch_size} cases on "
         f"{platform.processor() or 'CPU'}")
     result = Trainer(config, dataset).train()
-    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, loss {stage_record(result)['loss_first']} -> "
-        f"{stage_record(result)['loss_last']}")
-    return config, result
+    record = stage_record(result)
+    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, loss {record['loss_first']} -> {record['loss_last']}")
+    return config, result.checkpoint, record
 
 
 def stage_record(result: TrainingResult) -> dict:
@@ -153,8 +153,8 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     dataset = split_dataset(data, "train", cache_images=True)  # both stages read each image once
     checkpoint, stages = None, {}
     for recipe in STAGES:
-        config, result = train_stage(recipe, data, staging, dataset, checkpoint, (steps or {}).get(recipe), say)
-        checkpoint, stages[recipe] = result.checkpoint, stage_record(result)
+        config, checkpoint, stages[recipe] = train_stage(recipe, data, staging, dataset, checkpoint,
+                                                         (steps or {}).get(recipe), say)
     shutil.move(checkpoint, staging / CHECKPOINT)
     (staging / "constructors.json").write_text(json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
     shutil.copyfile(minilm_folder() / "vocab.txt", staging / "vocab.txt")
