@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-models lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,15 +20,22 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Batch report of the sample chest CT with the demo CT-CLIP (trained here on first use, a few minutes; it is
-# trained on demo data, not for diagnosis). With official weights installed: make demo DEMO_MODEL=ct-clip-v2
+# Batch report of the sample chest CT with the demo CT-CLIP (built here first when missing, about 10 minutes; it
+# is trained on demo data, not for diagnosis). With official weights installed: make demo DEMO_MODEL=ct-clip-v2
 DEMO_MODEL ?= ct-clip-demo
 demo: venv
+	$(if $(filter ct-clip-demo,$(DEMO_MODEL)),$(MAKE) demo-models)
 	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m CTFoundationLib report \
 		$(SHARED)/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom --out $(DEMO_OUT) --model $(DEMO_MODEL)
 
-test: venv
-	$(VENV)/bin/ruff check --select F --no-cache --exclude $(VENV) .
+# The demo models, trained on this machine from the shared sample CTs (skipped when a current build is installed).
+demo-models: venv
+	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --if-missing
+
+lint: venv
+	$(VENV)/bin/ruff check --no-cache .
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

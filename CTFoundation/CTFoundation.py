@@ -2,7 +2,7 @@
 
 A thin layer over the pure-Python library CTFoundationLib: it turns MRML volume nodes into library
 `CTVolume`s and results into MRML (a table node, attributes on the volume), drives the panel, and runs
-every model or download job in a background process (`PythonSlicer -m CTFoundationLib.worker ...`) that
+every model or download job in a background process (`PythonSlicer -m CTFoundationLib.host.worker ...`) that
 a QTimer polls, so the application never freezes. Python packages are installed only when first needed,
 after asking. Scripting: `CTFoundationLogic().detect(volumeNode, model="ct-clip-v2", device="auto")`.
 """
@@ -25,9 +25,8 @@ from typing import Annotated
 import ctk
 import numpy as np
 import qt
-import vtk
-
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
@@ -56,10 +55,10 @@ for _folder in (packageRoot(), Path(__file__).resolve().parent):  # CTFoundation
         sys.path.insert(0, str(_folder))
 
 # Only light library modules here (no torch, nibabel): the module must load before its dependencies are installed.
-from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
-from CTFoundationLib.worker import DETECTION_MODELS  # noqa: E402
-from CTFoundationLib.worker_process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationChat import ChatPanel  # noqa: E402
+from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
+from CTFoundationLib.host.process import WorkerProcess, python_command  # noqa: E402
+from CTFoundationLib.weights import load_registry  # noqa: E402
 from CTFoundationMRML import anatomy  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
@@ -123,7 +122,7 @@ class CTFoundationParameterNode:
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
-    model: Annotated[str, Choice(list(DETECTION_MODELS))] = DETECTION_MODELS[0]
+    model: Annotated[str, Choice(load_registry().ids("ct-clip"))] = "ct-clip-v2"
     device: str = "auto"
     dtype: Annotated[str, Choice(["fp32", "bf16"])] = "fp32"
     weightsFile: str = ""
@@ -159,7 +158,7 @@ def ijkToRasArray(volumeNode: vtkMRMLScalarVolumeNode) -> np.ndarray:
 
 def ctVolumeFromNode(volumeNode: vtkMRMLScalarVolumeNode):
     """The node's voxels (a (k, j, i) view, no copy) and geometry as a library CTVolume in HU."""
-    from CTFoundationLib.volume import CTVolume
+    from CTFoundationLib.io.volume import CTVolume
 
     if volumeNode is None or volumeNode.GetImageData() is None:
         raise CTInputError("no CT volume selected, or the selected volume holds no image data")
@@ -235,6 +234,13 @@ def isInteractive() -> bool:
     return not (slicer.app.commandOptions().noMainWindow or slicer.app.testingEnabled())
 
 
+def writeRequest(workDir: Path, request: dict) -> str:
+    """Write a worker task's request (plain options) as JSON in its work folder; returns its path."""
+    path = workDir / "request.json"
+    path.write_text(json.dumps(request), encoding="utf-8")
+    return str(path)
+
+
 def optionalPath(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
@@ -297,7 +303,7 @@ class DetectionOutcome:
     report: the full JSON (input summary + detection), exactly what `ctfoundation detect --out` writes.
     """
 
-    result: object  # CTFoundationLib.results.DetectionResult
+    result: object  # CTFoundationLib.inference.results.DetectionResult
     report: dict
     tableNode: vtkMRMLTableNode
     volumeNode: vtkMRMLScalarVolumeNode
@@ -426,7 +432,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
     def inputWarnings(self, volumeNode: vtkMRMLScalarVolumeNode) -> list:
         """The library's sanity checks (not a chest, thick slices, contrast, HU problems) on the node."""
-        from CTFoundationLib.sanity import check_ct
+        from CTFoundationLib.io.sanity import check_ct
 
         return check_ct(ctVolumeFromNode(volumeNode))
 
@@ -520,8 +526,9 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         """
 
         def arguments(workDir: Path) -> list[str]:
-            return ["detect", *self._modelArguments(volumeNode, model, device, workDir),
-                    "--out", str(workDir / "result.json")]
+            request = {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
+                       "out": str(workDir / "result.json")}
+            return ["detect", writeRequest(workDir, request)]
 
         return self._runInBackground(
             "detect", arguments, lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
@@ -559,28 +566,27 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             raise finished["error"]
         return finished["outcome"]
 
-    def _modelArguments(self, volumeNode, model: str | None, device: str | None, workDir: Path) -> list[str]:
-        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); the CT and model options."""
+    @staticmethod
+    def _volumeRequest(volumeNode, workDir: Path) -> dict:
+        """Write the CT for the worker (uncompressed NIfTI + source/metadata JSON); the request's CT entries."""
         import nibabel
 
         volume = ctVolumeFromNode(volumeNode)
         nibabel.save(nibabel.Nifti1Image(volume.hu, volume.affine_ras), str(workDir / "volume.nii"))
         info = {"source": volume.source, "metadata": volume.metadata}
         (workDir / "volume.json").write_text(json.dumps(info), encoding="utf-8")
-        return [str(workDir / "volume.nii"), "--volume-info", str(workDir / "volume.json"),
-                *self._modelOptions(model, device)]
+        return {"ct": str(workDir / "volume.nii"), "volume_info": str(workDir / "volume.json")}
 
-    def _modelOptions(self, model: str | None, device: str | None) -> list[str]:
-        """The worker's model options: model / device as given, else the parameter node's, and its files."""
+    def _modelOptions(self, model: str | None, device: str | None) -> dict:
+        """The request's model entries: model / device as given, else the parameter node's, and its files."""
         parameters = self.getParameterNode()
-        arguments = ["--model", model or parameters.model, "--device", device or parameters.device,
-                     "--dtype", parameters.dtype]
-        options = {"--weights": parameters.weightsFile, "--model-config": parameters.modelConfigFile,
-                   "--text-encoder": parameters.textEncoder, "--thresholds": parameters.thresholdsFile}
-        for option, text in options.items():
-            if optionalPath(text):
-                arguments += [option, str(optionalPath(text))]
-        return arguments
+        files = {key: str(optionalPath(text)) if optionalPath(text) else None for key, text in (
+            ("weights", parameters.weightsFile), ("model_config", parameters.modelConfigFile),
+            ("text_encoder", parameters.textEncoder))}
+        thresholds = optionalPath(parameters.thresholdsFile)
+        return {"ctclip": {"model_id": model or parameters.model, "device": device or parameters.device,
+                           "dtype": parameters.dtype, **files},
+                "thresholds": str(thresholds) if thresholds else None}
 
     @staticmethod
     def _reportStep(event: dict, progress) -> None:
@@ -589,7 +595,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
     def _detectionOutcome(self, task: BackgroundTask, volumeNode, resultPath: Path) -> DetectionOutcome:
         """Read the worker's JSON and put it into MRML (main thread)."""
-        from CTFoundationLib.results import DetectionResult
+        from CTFoundationLib.inference.results import DetectionResult
 
         task.process.outcome()  # raises WorkerError with the reason when it failed or was cancelled
         report = json.loads(resultPath.read_text(encoding="utf-8"))
@@ -615,16 +621,13 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         """
 
         def arguments(workDir: Path) -> list[str]:
-            commandLine = ["ground", *self._modelArguments(volumeNode, model, device, workDir),
-                           "--out", str(workDir / "out")]
+            request = {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
+                       "out": str(workDir / "out"), "report": report or ""}
             if segmentationNode is not None:
                 masks = anatomy.exportSegmentMasks(segmentationNode, volumeNode, ijkToRasArray(volumeNode),
                                                    workDir / "segmentation")
-                commandLine += ["--segmentation", str(masks)]
-            if report:
-                (workDir / "report.txt").write_text(report, encoding="utf-8")
-                commandLine += ["--report", str(workDir / "report.txt")]
-            return commandLine
+                request["anatomy"] = {"segmentation": str(masks)}
+            return ["ground", writeRequest(workDir, request)]
 
         return self._runInBackground(
             "ground", arguments, lambda task, workDir: self._groundingOutcome(task, volumeNode, workDir / "out"),
@@ -652,8 +655,9 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         outFolder = Path(outFolder)
 
         def arguments(workDir: Path) -> list[str]:
-            return ["report", *[str(Path(p)) for p in inputs], "--out", str(outFolder),
-                    *self._modelOptions(model, device), *(["--anatomy"] if anatomy else [])]
+            request = {"inputs": [str(Path(p)) for p in inputs], "out": str(outFolder),
+                       **self._modelOptions(model, device), "anatomy": anatomy}
+            return ["report", writeRequest(workDir, request)]
 
         return self._runInBackground(
             "report", arguments, lambda task, workDir: self._reportOutcome(task, outFolder),
@@ -696,9 +700,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
     def chatWorker(self, model: str, modelOptions: dict):
         """The ChatWorker holding this model (started on first use; a failed one is replaced)."""
-        from CTFoundationLib.chat import ChatRuntime
-        from CTFoundationLib.chat_worker import ChatWorker
-        from CTFoundationLib.cli_ctclip import read_model_config
+        from CTFoundationLib.host.chat_thread import ChatWorker
+        from CTFoundationLib.inference.chat import ChatRuntime
 
         key = json.dumps([model, modelOptions], sort_keys=True, default=str)
         worker = self._chatWorkers.get(key)
@@ -706,9 +709,9 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             parameters = self.getParameterNode()
             ownCTCLIP = parameters.model == "ct-clip-v2"
             ctclip = optionalPath(parameters.weightsFile) if ownCTCLIP else None
-            config = read_model_config(optionalPath(parameters.modelConfigFile)) if ownCTCLIP else None
+            config = optionalPath(parameters.modelConfigFile) if ownCTCLIP else None
             device, home = parameters.device, self.weightsHome()
-            worker = ChatWorker(lambda progress: ChatRuntime.from_weights(
+            worker = ChatWorker(lambda progress: ChatRuntime.from_registry(
                 model, ctclip=ctclip, ctclip_config=config, device=device, home=home, progress=progress,
                 **modelOptions))
             self._chatWorkers[key] = worker
@@ -1152,7 +1155,7 @@ class CTFoundationTest(ScriptedLoadableModuleTest):
         logic = CTFoundationLogic()
         if logic.missingDependencies():
             logic.installDependencies(askConfirmation=False)
-        from CTFoundationLib.models.small_ctclip import make_small_ctclip, write_prompt_vocab
+        from CTFoundationTesting.small_ctclip import make_small_ctclip, write_prompt_vocab
 
         folder = Path(tempfile.mkdtemp(prefix="CTFoundationTest-"))
         checkpoint, constructors, _config = make_small_ctclip(folder)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .errors import DependencyError
+from CTFoundationLib.errors import DependencyError
 
 PROTECTED_PACKAGES = ("numpy", "SimpleITK", "requests")
 

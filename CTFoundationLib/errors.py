@@ -1,5 +1,10 @@
 """Errors the library raises on bad input. Each message says what is wrong, where, and what to do."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class CTFoundationError(Exception):
     """Base class: the CLI prints these as one clear line instead of a traceback."""
@@ -51,3 +56,15 @@ class ContextLengthError(ChatError):
 
 class TrainingError(CTFoundationError):
     """A training config, dataset or run that cannot be used (what is wrong, which file, what to do)."""
+
+
+def report_errors(run: Callable[[], int | None]) -> int:
+    """Exit code of a command body: its own, 2 with one `error:` line on a CTFoundationError, 130 on Ctrl-C."""
+    try:
+        return int(run() or 0)
+    except CTFoundationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

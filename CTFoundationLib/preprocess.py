@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volume import CTVolume
+from CTFoundationLib.io.volume import CTVolume
 
 
 @dataclass(frozen=True)

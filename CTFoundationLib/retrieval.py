@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import RetrievalError
+from CTFoundationLib.errors import RetrievalError
 
 INDEX_FORMAT = "ctfoundation-case-index"
 INDEX_VERSION = 1

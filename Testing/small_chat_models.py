@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from CTFoundationLib.models.ctchat_projector import AttnPoolProjector, ProjectorConfig
+from CTFoundationLib.models.ctchat.projector import AttnPoolProjector, ProjectorConfig
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # CT-CHAT's: every LLM Linear

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import torch
-
 from conftest import data_root
+
 from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
-from CTFoundationLib.models.small_ctclip import make_small_ctclip  # noqa: F401  (used by the tests)
+from CTFoundationTesting.small_ctclip import make_small_ctclip  # noqa: F401  (used by the tests)
 
 
 def bert_vocab() -> Path:

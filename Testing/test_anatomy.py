@@ -11,7 +11,8 @@ import pytest
 import scipy.ndimage as ndi
 from nibabel.processing import resample_from_to
 
-from CTFoundationLib.anatomy import (
+from CTFoundationLib.anatomy.fallback import fallback_anatomy
+from CTFoundationLib.anatomy.masks import (
     REGIONS,
     AnatomyRequest,
     build_anatomy,
@@ -21,11 +22,10 @@ from CTFoundationLib.anatomy import (
     lookup_anatomy,
     totalsegmentator_classes,
 )
-from CTFoundationLib.anatomy_fallback import fallback_anatomy
 from CTFoundationLib.errors import AnatomyError
-from CTFoundationLib.models.fvlm import ORGANS
-from CTFoundationLib.reading import read_ct
-from CTFoundationLib.volume import CTVolume
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.vocab import FVLM_ORGANS
 
 RICORD_15 = "ricord1a_419639-000082_chest_noncontrast/ct_1p5mm_iso.nii.gz"
 AORTA = "totalseg_chest_crop_aorta"
@@ -105,7 +105,7 @@ def test_mask_folder_resampled_into_another_crop_keeps_world_position(ct_dir, tm
     keep = ((inside >= 0) & (inside < target.shape_ijk)).all(axis=1)
     assert anatomy.segments["aorta"].voxels == keep.sum() > 10_000
     np.testing.assert_allclose(anatomy.centroid_ras("aorta"), world[keep].mean(axis=0), atol=1e-6)
-    assert anatomy.fvlm_labels(ORGANS)[anatomy.mask("aorta")].tolist() == [4] * keep.sum()
+    assert anatomy.fvlm_labels(FVLM_ORGANS)[anatomy.mask("aorta")].tolist() == [4] * keep.sum()
 
 
 def test_mask_resampled_into_a_rotated_finer_copy_of_the_ct(ct_dir, tmp_path):
@@ -184,10 +184,10 @@ def test_bad_segmentations_say_what_is_wrong(ct_dir, tmp_path):
 def test_build_anatomy_prefers_the_given_segmentation_and_reports_the_rest(ct_dir, tmp_path, ricord, fallback):
     volume = read_ct(ct_dir / PULMONARY / "ct.nii.gz")
     request = AnatomyRequest(segmentation=ct_dir / PULMONARY / "pulmonary_artery_mask.nii.gz", label_scheme="total_v1")
-    given = build_anatomy(volume, request, ORGANS)
+    given = build_anatomy(volume, request, FVLM_ORGANS)
     assert list(given.segments) == ["pulmonary_artery"]  # a binary mask named after its anatomy
     assert set(given.unavailable) >= {"fvlm:lung", "fvlm:heart", "region:lung"}
-    built = build_anatomy(ricord, AnatomyRequest(), ORGANS)  # no segmentation, no TotalSegmentator here
+    built = build_anatomy(ricord, AnatomyRequest(), FVLM_ORGANS)  # no segmentation, no TotalSegmentator here
     assert set(built.segments) == set(fallback.segments)
     assert any("TotalSegmentator: not installed" in note for note in built.notes)
     assert "built-in HU-threshold" in built.unavailable["fvlm:heart"] and "fvlm:lung" not in built.unavailable
@@ -196,14 +196,14 @@ def test_build_anatomy_prefers_the_given_segmentation_and_reports_the_rest(ct_di
 
 
 def test_device_names_as_totalsegmentator_takes_them():
-    from CTFoundationLib.totalseg import totalsegmentator_device
+    from CTFoundationLib.anatomy.totalseg import totalsegmentator_device
 
     assert [totalsegmentator_device(d) for d in ("auto", "cuda", "cuda:1", "cpu", "mps")] == \
         ["gpu", "gpu", "gpu:1", "cpu", "mps"]
 
 
 def test_missing_radgenome_folder_is_named(tmp_path):
-    from CTFoundationLib.anatomy import nifti_files
+    from CTFoundationLib.anatomy.masks import nifti_files
     from CTFoundationLib.errors import AnatomyError
 
     with pytest.raises(AnatomyError, match="no such folder"):

@@ -11,18 +11,19 @@ import time
 import numpy as np
 import pytest
 import torch
-
-from CTFoundationLib.chat import ChatAnswer, ChatRuntime, volume_sha256
-from CTFoundationLib.cli import main
-from CTFoundationLib.cli_chat import interactive
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import ChatError
-from CTFoundationLib.grounding import split_sentences
-from CTFoundationLib.models.ctchat import IMAGE_TOKEN_INDEX, CTChatModel, GenerationSettings
-from CTFoundationLib.reading import read_ct
-from CTFoundationLib.volume import CTVolume
 from small_chat_models import save_projector, smollm2_gguf
 from small_models import make_small_ctclip
+
+from CTFoundationLib.anatomy.sentences import split_sentences
+from CTFoundationLib.cli import main
+from CTFoundationLib.cli.chat import interactive
+from CTFoundationLib.errors import ChatError
+from CTFoundationLib.inference.chat import ChatAnswer, ChatRuntime, volume_sha256
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.models.ctchat.modeling import CTChatModel, GenerationSettings
+from CTFoundationLib.models.ctchat.templates import IMAGE_TOKEN_INDEX
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 SMOLLM2_WIDTH = 576

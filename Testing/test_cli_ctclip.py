@@ -6,10 +6,10 @@ import json
 
 import pytest
 from safetensors import safe_open
+from small_models import bert_vocab, make_small_ctclip
 
 from CTFoundationLib.cli import main
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from small_models import bert_vocab, make_small_ctclip
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 RICORD_DICOM = "ricord1a_419639-000082_chest_noncontrast/dicom"

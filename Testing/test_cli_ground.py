@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 from small_models import bert_vocab, make_small_ctclip, make_small_fvlm
 
-from CTFoundationLib.anatomy_fallback import fallback_anatomy
+from CTFoundationLib.anatomy.colours import SCORE_COLOURS, score_colour, segment_opacity
 from CTFoundationLib.cli import main
-from CTFoundationLib.detection import DetectionResult, Finding
-from CTFoundationLib.grounded import ground_case
-from CTFoundationLib.grounding import default_grounder
-from CTFoundationLib.overlays import POSITIVE_ALPHA, SCORE_COLOURS, positive_overlays, score_colour
-from CTFoundationLib.reading import read_ct
 
 RICORD_15 = "ricord1a_419639-000082_chest_noncontrast/ct_1p5mm_iso.nii.gz"
 REPORT = ("Patchy ground-glass opacities in the right lower lobe. Minimal left pleural effusion. "
@@ -92,18 +87,7 @@ def test_ground_with_a_given_segmentation_scores_the_aorta(ct_dir, tmp_path, mod
     assert aorta["sentences"][0]["path"] == "mediastinum/aorta"
 
 
-def test_positive_overlays_colour_positive_segments_only(ct_dir):
-    volume = read_ct(ct_dir / RICORD_15)
-    anatomy = fallback_anatomy(volume)
-    ctclip = DetectionResult("ct-clip-v2", "zero-shot", "x", "0" * 64, "cpu", "fp32",
-                             [Finding("Emphysema", 0.93, 0.5, True), Finding("Cardiomegaly", 0.1, 0.5, False)])
-    case = ground_case(anatomy, ctclip, None, default_grounder().ground_report(""), {}, "ricord")
-    assert case.segments["lung_left"].positive and not case.segments["airway"].positive
-    k = int(round(np.linalg.solve(volume.affine_ras, [*anatomy.centroid_ras("lung_left"), 1])[2]))
-    overlays = positive_overlays(case, anatomy, axis=2, index=k)
-    assert set(overlays) == {"lung_left", "lung_right"}
-    rgba = overlays["lung_left"]
-    inside = anatomy.mask("lung_left")[:, :, k]
-    assert rgba.shape == (*inside.shape, 4) and rgba.dtype == np.uint8
-    assert (rgba[inside] == (*SCORE_COLOURS[-1], round(POSITIVE_ALPHA * 255))).all() and not rgba[~inside].any()
+def test_score_colours_and_opacity():
+    assert score_colour(0.95) == SCORE_COLOURS[-1] and segment_opacity(0.95, True) == 1.0
+    assert segment_opacity(0.0, False) == 0.05 and segment_opacity(1.0, False) == 0.3
     assert score_colour(0.0) == SCORE_COLOURS[0] and score_colour(0.5) == SCORE_COLOURS[2]

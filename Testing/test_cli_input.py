@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT
+
 from CTFoundationLib import __version__
 from CTFoundationLib.cli import main
 

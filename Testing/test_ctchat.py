@@ -13,31 +13,33 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from small_chat_models import TINY_HIDDEN, make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder, with_bos
+from small_models import bert_vocab, make_small_ctclip
 from transformers import AutoTokenizer
 
-from CTFoundationLib.chat import ChatRuntime
-from CTFoundationLib.chat_worker import ChatWorker
-from CTFoundationLib.cli import main
-from CTFoundationLib.cli_ctclip import read_model_config
-from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib import dependencies
+from CTFoundationLib.cli import main
+from CTFoundationLib.inference.ctclip import read_ctclip_config
 from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, DependencyError
-from CTFoundationLib.models.ctchat import (
-    IMAGE_TOKEN_INDEX,
-    LLAMA3_SYSTEM_PROMPT,
-    TEMPLATES,
+from CTFoundationLib.host.chat_thread import ChatWorker
+from CTFoundationLib.inference.chat import ChatRuntime, load_chat_model
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.models.ctchat.modeling import (
     CTChatModel,
     GenerationSettings,
     PromptCache,
-    add_ctchat_tokens,
     embed_with_image,
     expand_positions,
+)
+from CTFoundationLib.models.ctchat.templates import (
+    IMAGE_TOKEN_INDEX,
+    LLAMA3_SYSTEM_PROMPT,
+    TEMPLATES,
+    add_ctchat_tokens,
     tokenize_prompt,
     user_message,
 )
-from CTFoundationLib.reading import read_ct
-from small_chat_models import TINY_HIDDEN, make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder, with_bos
-from small_models import bert_vocab, make_small_ctclip
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 TURNS = [("<image>\n<provided>Is there an effusion? <short_answer>", "No."), ("Where? <long_answer>", None)]
@@ -239,7 +241,7 @@ def test_loading_errors_say_what_is_wrong(tiny_llm, adapter, tmp_path, tokenizer
     with monkeypatch.context() as patch:  # no peft in this environment: named before anything loads
         patch.setattr(dependencies, "installed_version", lambda name: None if name == "peft" else "99")
         with pytest.raises(DependencyError, match=r"CT-CHAT needs peft>=0.13: pip install 'ctfoundation\[chat\]'"):
-            CTChatModel.load(tiny_llm, folder, device="cpu")
+            load_chat_model("ct-chat-llama3.1-8b", llm=tiny_llm, lora=folder, device="cpu")
     with pytest.raises(ChatError, match="not one token"):  # llama3's <|eot_id|> does not exist in this vocabulary
         CTChatModel.load(tiny_llm, folder, template="llama3", device="cpu")
     grown = dict(state, **{"base_model.model.lm_head.weight": torch.zeros(len(state["base_model.model.lm_head.weight"]) + 1, 64)})
@@ -315,7 +317,7 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
     narrative = result["sections"]["narrative"]
     assert narrative["model"] == "ct-chat-llama3.1-8b" and narrative["new_tokens"] == 12 and not narrative["complete"]
     model = CTChatModel.load(tiny_llm, adapter[0], template="chatml_direct", device="cpu")
-    session = ChatRuntime(model, CTCLIPRuntime(checkpoint, config=read_model_config(constructors), device="cpu"),
+    session = ChatRuntime(model, CTCLIPRuntime(checkpoint, config=read_ctclip_config(constructors), device="cpu"),
                           cache_dir=tmp_path / "home" / "runtime").session(
         read_ct(ct_dir / RICORD_3MM), settings=GenerationSettings(max_new_tokens=12))
     expected = session.generate_report()
@@ -328,7 +330,7 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
 
 def test_report_narrative_needs_ctclip_v2(ct_dir, tmp_path, capsys):
     assert main(["report", str(ct_dir / RICORD_3MM), "--out", str(tmp_path), "--model", "ct-clip-lipro", "--narrative"]) == 2
-    assert "--narrative needs --model ct-clip-v2" in capsys.readouterr().err
+    assert "narrative needs the detection model ct-clip-v2 (its image encoder), not ct-clip-lipro" in capsys.readouterr().err
 
 
 def test_chat_worker_loads_once_streams_stops_and_reports_failures(model, tiny_llm, adapter, ct_dir, tmp_path):

@@ -11,7 +11,7 @@ from conftest import fixture_folders, fixtures_root
 from safetensors.torch import load_file
 
 from CTFoundationLib.errors import CheckpointError
-from CTFoundationLib.models.ctchat_projector import (
+from CTFoundationLib.models.ctchat.projector import (
     PROJECTOR_PREFIXES,
     AttnPoolProjector,
     ProjectorConfig,

@@ -12,14 +12,13 @@ import torch
 from conftest import fixture_folders, fixtures_root
 from safetensors.torch import load_file
 
-from CTFoundationLib.detection import load_tokenizer
 from CTFoundationLib.errors import CheckpointError
+from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.models.ctclip import (
-    CT_RATE_ABNORMALITIES,
+    CTCLIP,
     IGNORED_CHECKPOINT_KEYS,
     LIPRO_PREFIX,
     V1_MESSAGE,
-    CTCLIP,
     CTCLIPConfig,
     encode_zero_shot_prompts,
     load_ctclip,
@@ -28,6 +27,7 @@ from CTFoundationLib.models.ctclip import (
     zero_shot_probabilities,
     zero_shot_prompts,
 )
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 FOLDERS = fixture_folders("ctclip_v2_")
 per_folder = pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)

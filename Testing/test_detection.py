@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-
-from CTFoundationLib.detection import CTCLIPRuntime, load_thresholds, load_tokenizer
-from CTFoundationLib.errors import CheckpointError, CTFoundationError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.reading import read_ct
 from small_models import bert_vocab, make_small_ctclip
+
+from CTFoundationLib.errors import CheckpointError, CTFoundationError
+from CTFoundationLib.inference.common import load_thresholds
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime, load_tokenizer
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_DICOM = "ricord1a_419639-000082_chest_noncontrast/dicom"
 

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, data_root
 from sklearn.metrics import accuracy_score, f1_score, precision_score, roc_auc_score
 
 from CTFoundationLib.errors import EvaluationError
-from CTFoundationLib.evaluation import (
+from CTFoundationLib.evaluation.ctclip import (
     THRESHOLD_GRID,
     align,
     auroc,
@@ -24,8 +24,8 @@ from CTFoundationLib.evaluation import (
     reference_interval,
     threshold_metrics,
 )
-from CTFoundationLib.labeller import ReportLabeller, read_labelled_reports, split_indices
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.evaluation.labeller import ReportLabeller, read_labelled_reports, split_indices
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 TRAIN_CSV = data_root() / "reports" / "ctclip_text_classifier" / "train.csv"
 

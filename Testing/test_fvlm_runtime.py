@@ -13,11 +13,12 @@ from monai.transforms import Resize, ScaleIntensityRange, SpatialPad
 from safetensors.torch import load_file
 from small_models import bert_vocab, make_small_fvlm
 
-from CTFoundationLib.anatomy_fallback import fallback_anatomy
+from CTFoundationLib.anatomy.fallback import fallback_anatomy
 from CTFoundationLib.errors import AnatomyError
-from CTFoundationLib.fvlm_runtime import FVLMInput, FVLMRuntime, prepare_fvlm_input, score_windows, window_validity
-from CTFoundationLib.models.fvlm import ORGANS, FVLMConfig, ZeroShotItem, encode_prompt_pairs, load_fvlm
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.inference.fvlm import FVLMInput, FVLMRuntime, prepare_fvlm_input, score_windows, window_validity
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.models.fvlm import FVLMConfig, ZeroShotItem, encode_prompt_pairs, load_fvlm
+from CTFoundationLib.vocab import FVLM_ORGANS
 
 RICORD_15 = "ricord1a_419639-000082_chest_noncontrast/ct_1p5mm_iso.nii.gz"
 
@@ -32,7 +33,7 @@ def test_reference_fixture_numbers_through_the_window_scorer(folder, mode):
     with torch.inference_mode():
         prompts = encode_prompt_pairs(model, lambda texts: (inputs["text_input_ids"], inputs["text_attention_mask"]),
                                       items)
-    inp = FVLMInput(inputs["image"].float()[0, 0].numpy(), inputs["organ_mask"][0, 0].numpy(), ORGANS)
+    inp = FVLMInput(inputs["image"].float()[0, 0].numpy(), inputs["organ_mask"][0, 0].numpy(), FVLM_ORGANS)
     scores = score_windows(model, inp, prompts, items, mode)
     assert all(s.status == "scored" for s in scores.statuses.values())
     got = torch.tensor([scores.probabilities[item] for item in items])
@@ -51,9 +52,9 @@ def anatomy(ricord):
 
 def test_preprocessing_matches_an_independent_monai_pipeline(ricord, anatomy):
     """MONAI in the reference's order: resize in stored (i, j, k) order, then transpose to (k, j, i), window, crop."""
-    labels = anatomy.fvlm_labels(ORGANS)
+    labels = anatomy.fvlm_labels(FVLM_ORGANS)
     labels[anatomy.mask("bone")] = 2  # a second id, to check nearest resampling of several labels
-    ours = prepare_fvlm_input(ricord, labels, ORGANS)
+    ours = prepare_fvlm_input(ricord, labels, FVLM_ORGANS)
     spacing = ricord.spacing_ijk_mm  # RICORD is stored LPS like CT-RATE: (k, j, i) = (S, P, L)
     size = [int(n * s / t) for n, s, t in zip(ricord.shape_ijk, spacing, (1.0, 1.0, 3.0))]
     image = Resize(size, mode="trilinear")(torch.from_numpy(ricord.hu.astype(np.float32))[None])
@@ -75,11 +76,11 @@ def test_window_validity_follows_the_reference_rules():
     labels[8:12, 8:12, 8:12] = 2  # inside, complete
     labels[14:17, 8:12, 8:12] = 3  # inside, but 48 of 100 voxels
     whole = {"lung": 64, "heart": 64, "esophagus": 100, "aorta": 5}
-    verdict = window_validity(labels, whole, ORGANS)
+    verdict = window_validity(labels, whole, FVLM_ORGANS)
     assert "border" in verdict["lung"] and verdict["heart"] is None and "48%" in verdict["esophagus"]
     assert "aorta" not in verdict  # not in this window at all
-    assert window_validity(labels, whole, ORGANS, skip="lung")["lung"] is None
-    assert window_validity(labels, whole, ORGANS, skip="esophagus")["esophagus"] is None
+    assert window_validity(labels, whole, FVLM_ORGANS, skip="lung")["lung"] is None
+    assert window_validity(labels, whole, FVLM_ORGANS, skip="esophagus")["esophagus"] is None
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def runtime(tmp_path_factory):
 
 
 def test_runtime_scores_the_lungs_of_ricord_and_says_what_is_missing(runtime, ricord, anatomy):
-    labels = anatomy.fvlm_labels(ORGANS)
+    labels = anatomy.fvlm_labels(FVLM_ORGANS)
     result = runtime.score(ricord, labels, thresholds={"Emphysema": 0.2, "Consolidation": 0.99})
     statuses = {s.organ: s for s in result.organs}
     assert statuses["lung"].status == "scored" and statuses["lung"].voxels > 100_000

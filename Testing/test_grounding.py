@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import data_root
 
-from CTFoundationLib.grounding import default_grounder, split_sentences
-from CTFoundationLib.grounding_eval import is_held_out, read_cases, region_accuracy
+from CTFoundationLib.anatomy.sentences import default_grounder, split_sentences
+from CTFoundationLib.evaluation.grounding import is_held_out, read_cases, region_accuracy
 
 RADGENOME = "reports/radgenome_subset2000/train_vqa_abnormality.csv"
 

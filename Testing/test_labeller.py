@@ -13,7 +13,7 @@ from conftest import REPO_ROOT, data_root
 
 from CTFoundationLib.cli import main
 from CTFoundationLib.errors import ReportLabelError
-from CTFoundationLib.labeller import (
+from CTFoundationLib.evaluation.labeller import (
     ReportLabeller,
     cached_labeller_path,
     format_agreement,
@@ -22,7 +22,7 @@ from CTFoundationLib.labeller import (
     read_labelled_reports,
     split_indices,
 )
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 TRAIN_CSV = data_root() / "reports" / "ctclip_text_classifier" / "train.csv"
 

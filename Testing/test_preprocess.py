@@ -10,8 +10,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 from anatomy_checks import (
     body_mask,
     bowel_gas_axis0,
@@ -22,6 +20,9 @@ from anatomy_checks import (
     spine_offset_axis2,
 )
 from conftest import data_root, fixture_folders
+from safetensors.numpy import load_file
+
+from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.preprocess import (
     CTCLIP_V2,
     FVLM,
@@ -32,7 +33,6 @@ from CTFoundationLib.preprocess import (
     pad_symmetric,
     preprocess,
 )
-from CTFoundationLib.reading import read_ct
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
 

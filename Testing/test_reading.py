@@ -13,9 +13,9 @@ import pydicom
 import pytest
 
 from CTFoundationLib.errors import CTInputError
-from CTFoundationLib.reading import read_ct
-from CTFoundationLib.sanity import check_ct
-from CTFoundationLib.volume import CTVolume
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.sanity import check_ct
+from CTFoundationLib.io.volume import CTVolume
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
 

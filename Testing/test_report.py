@@ -18,14 +18,14 @@ import jsonschema
 import nibabel as nib
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO_ROOT
-from CTFoundationLib.cases import Case, discover_cases
+from PIL import Image
+from small_models import bert_vocab, make_small_ctclip
+
 from CTFoundationLib.cli import main
-from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import CTFoundationError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.cases import Case, discover_cases
 from CTFoundationLib.report import (
     RESULT_SCHEMA,
     MarkedPoint,
@@ -35,7 +35,7 @@ from CTFoundationLib.report import (
     Shard,
     run_batch,
 )
-from small_models import bert_vocab, make_small_ctclip
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
 SOURCES = {  # case id -> (path below the shared ct folder, shape_ijk the manifest gives)

@@ -13,16 +13,16 @@ import pytest
 from PIL import Image
 from small_models import bert_vocab, make_small_ctclip, make_small_fvlm
 
-from CTFoundationLib.anatomy import AnatomyRequest
-from CTFoundationLib.cases import Case
+from CTFoundationLib.anatomy.colours import POSITIVE_ALPHA, score_colour
+from CTFoundationLib.anatomy.masks import AnatomyRequest
 from CTFoundationLib.cli import main
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.grounded import FVLMScoring
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.overlays import POSITIVE_ALPHA, score_colour
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.grounding import FVLMScoring
+from CTFoundationLib.io.cases import Case
+from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.report import MarkedPoint, key_images, run_batch
 from CTFoundationLib.report.anatomy_section import anatomy_section
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 NONE_POSITIVE = dict.fromkeys(CT_RATE_ABNORMALITIES, 1.0)  # small models never reach P = 1

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.report import CHEST_WINDOW, LUNG_WINDOW, MarkedPoint, Overlay, key_images
-from CTFoundationLib.volume import CTVolume
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 AORTA = "totalseg_chest_crop_aorta"

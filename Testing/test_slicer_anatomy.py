@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from test_slicer_module import configured_logic, ctf, scene, small  # noqa: F401  (fixtures)
 
-from CTFoundationLib.anatomy_fallback import fallback_anatomy
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.overlays import POSITIVE_ALPHA, score_colour, segment_opacity
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.anatomy.colours import POSITIVE_ALPHA, score_colour, segment_opacity
+from CTFoundationLib.anatomy.fallback import fallback_anatomy
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 AORTA = "totalseg_chest_crop_aorta"

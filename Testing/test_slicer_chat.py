@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import test_slicer_module
+from small_chat_models import make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder
+from test_slicer_module import RICORD, configured_logic
 
 from CTFoundationLib.errors import CheckpointError
-from small_chat_models import make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder
-import test_slicer_module
-from test_slicer_module import RICORD, configured_logic
 
 ctf, scene, small = test_slicer_module.ctf, test_slicer_module.scene, test_slicer_module.small  # shared fixtures
 

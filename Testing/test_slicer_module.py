@@ -5,8 +5,8 @@ headless batch script."""
 from __future__ import annotations
 
 import hashlib
-import io
 import importlib.metadata
+import io
 import json
 import sys
 import time
@@ -17,14 +17,14 @@ from types import ModuleType, SimpleNamespace
 import nibabel
 import numpy as np
 import pytest
-
-from CTFoundationLib import cli
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import CTInputError, DependencyError, WorkerError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.reading import read_ct
 from conftest import data_root
 from small_models import bert_vocab, make_small_ctclip
+
+from CTFoundationLib import cli
+from CTFoundationLib.errors import CTInputError, DependencyError, WorkerError
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "slicer_standin"

@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import data_root
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 STANDIN_CMAKE = Path(__file__).resolve().parent / "cmake_slicer_standin"
@@ -39,8 +38,10 @@ def packaged_sources(root: Path) -> dict[str, Path]:
     wanted = {"CTFoundation.py": root / "CTFoundation" / "CTFoundation.py",
               "CTFoundationChat/__init__.py": root / "CTFoundation" / "CTFoundationChat" / "__init__.py",
               "Scripts/ctfoundation_batch.py": root / "CTFoundation" / "Scripts" / "ctfoundation_batch.py"}
-    for name in ("__init__.py", "anatomy.py"):  # the module's MRML helpers, beside it
-        wanted[f"CTFoundationMRML/{name}"] = root / "CTFoundation" / "CTFoundationMRML" / name
+    for package, names in (("CTFoundationMRML", ("__init__.py", "anatomy.py")),  # the module's helpers, beside it
+                           ("CTFoundationTesting", ("__init__.py", "small_ctclip.py"))):
+        for name in names:
+            wanted[f"{package}/{name}"] = root / "CTFoundation" / package / name
     for folder, pattern in (("CTFoundationLib", "*.py"), ("Resources", "*")):
         for path in (root / folder).rglob(pattern):
             if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith("."):
@@ -73,7 +74,8 @@ def extension(tmp_path_factory):
 def test_build_and_install_trees_hold_module_library_and_resources(extension) -> None:
     source, build, install = extension
     wanted = packaged_sources(source)
-    assert {"CTFoundationLib/worker.py", "CTFoundationLib/weights/registry.py", "Resources/models.json",
+    assert {"CTFoundationLib/host/worker.py", "CTFoundationLib/weights/registry.py",
+            "CTFoundationTesting/small_ctclip.py", "Resources/models.json",
             "Resources/UI/CTFoundation.ui", "Resources/Icons/CTFoundation.png",
             "Resources/slicer-requirements.txt"} <= wanted.keys()
     for tree_root in (build / SCRIPTED, install / SCRIPTED):
@@ -110,7 +112,7 @@ def test_installed_module_imports_its_library_and_resources(extension) -> None:
                                       text=True, check=True, timeout=120).stdout)
     assert Path(found["root"]) == folder and Path(found["lib"]).is_relative_to(folder)
     assert "ct-clip-v2" in found["models"] and found["ui"]
-    worker = subprocess.run([sys.executable, "-m", "CTFoundationLib.worker", "download", "--help"], cwd=folder,
+    worker = subprocess.run([sys.executable, "-m", "CTFoundationLib.host.worker", "download", "--help"], cwd=folder,
                             capture_output=True, text=True, timeout=120)
     assert worker.returncode == 0 and "--accept-licenses" in worker.stdout
 
@@ -130,4 +132,5 @@ def test_every_slicer_name_exists_in_the_real_api(version: str) -> None:
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         report = done.stdout + done.stderr  # findings on stdout, statistics on stderr
         assert done.returncode == 0 and "findings: 0" in report, report
-        assert "python_files=5" in report  # the module, its MRML helpers, its chat panel and the batch script
+        # the module, its MRML helpers, its chat panel, its self-test helpers and the batch script
+        assert "python_files=7" in report

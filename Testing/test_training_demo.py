@@ -7,20 +7,22 @@ The synthesis tests are fast; the end-to-end test builds the demo set, trains, e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, data_root
 from scipy import ndimage
 
-from conftest import data_root
-from CTFoundationLib import cli_training
+import training.demo.__main__ as demo_command
 from CTFoundationLib.cli import main
-from CTFoundationLib.detection import load_thresholds
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.inference.common import load_thresholds
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import resolve_weights
 from training.demo import build
 from training.demo.findings import DEMO_FINDINGS, IN_PLANE, INSERTERS, find_anatomy
@@ -100,11 +102,13 @@ def test_the_base_takes_every_finding_and_the_report_names_them(base):
     assert impressions.count("•") == len(inserted)
 
 
-def test_the_installed_command_finds_the_training_code(tmp_path):
-    """`ctfoundation train-demo` runs from anywhere, not only from the repository root."""
-    code = "from CTFoundationLib.cli_training import training_demo; print(all(path.is_file() for path in training_demo().STAGES.values()))"
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
-    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr
+def test_an_unbuilt_demo_model_names_the_command_that_builds_it(tmp_path, monkeypatch, capsys):
+    """Asking for the demo model never starts a training run: the error says how to build it."""
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path))
+    ct = data_root() / "ct/ricord1a_419639-000082_chest_noncontrast/dicom"
+    assert main(["detect", str(ct), "--model", "ct-clip-demo"]) == 2
+    assert "python -m training.demo build" in capsys.readouterr().err
+    assert all(path.is_file() for path in build.STAGES.values())
 
 
 def test_negative_case_has_no_inserted_finding(base):
@@ -125,7 +129,7 @@ def demo_home(tmp_path_factory):
 def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypatch, capsys):
     home, record = demo_home
     monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
-    assert main(["eval-demo", "--data", str(data_root())]) == 0
+    assert demo_command.run(demo_command.build_parser().parse_args(["eval", "--data", str(data_root())])) == 0
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if line.startswith("demo zero-shot mean AUROC: "))
     # installed = trained; 0.01, not 1e-3: near-equal probabilities make the rankings hang on float rounding that
@@ -156,22 +160,36 @@ def test_installed_demo_model_files_and_thresholds(demo_home):
 
 
 @pytest.mark.slow
-def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_rebuilt(demo_home, tmp_path, monkeypatch):
+def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_refused(demo_home, tmp_path):
     home, _ = demo_home
     shutil.copytree(home / "models", tmp_path / "models")
-    monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path))
-
-    def no_training_code():
-        raise AssertionError("the training code was imported")
-
-    monkeypatch.setattr(cli_training, "training_demo", no_training_code)
-    cli_training.prepare_demo_model()  # current and installed: nothing to train
+    code = ("import sys; from CTFoundationLib.inference.ctclip import CTCLIPRuntime; "
+            "CTCLIPRuntime.from_registry('ct-clip-demo', device='cpu'); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'training'))")
+    environment = {**os.environ, "CTFOUNDATION_HOME": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True,
+                         check=False)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
     record_file = tmp_path / "models" / "ct-clip-demo" / "training_record.json"
     record = json.loads(record_file.read_text())
-    record_file.write_text(json.dumps({**record, "demo_version": cli_training.DEMO_VERSION - 1}))
-    assert cli_training.installed_demo() is None
-    with pytest.raises(AssertionError, match="training code was imported"):
-        cli_training.prepare_demo_model()
+    record_file.write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
+    assert build.installed_demo(tmp_path) is None
+    with pytest.raises(WeightsError, match=r"older build .* rebuild it with `python -m training.demo build`"):
+        resolve_weights("ct-clip-demo", home=tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(demo_home):
+    """The README's first Python example, as a reader would run it from the repository root."""
+    home, _ = demo_home
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = readme.split("## Python API", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    environment = {**os.environ, "CTFOUNDATION_HOME": str(home)}
+    run = subprocess.run([sys.executable, "-c", example], cwd=REPO_ROOT, env=environment, capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.split(":")[0] in CT_RATE_ABNORMALITIES for line in lines), run.stdout
 
 
 @pytest.mark.slow
@@ -181,7 +199,7 @@ def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsy
     ct = data_root() / "ct/ricord1a_419639-000082_chest_noncontrast/dicom"
     assert main(["report", str(ct), "--out", str(tmp_path / "out"), "--model", "ct-clip-demo"]) == 0
     captured = capsys.readouterr()
-    assert "using ct-clip-demo, trained on demo data, not for diagnosis" in captured.err
+    assert "note: ct-clip-demo: trained on demo data" in captured.err and "not for diagnosis" in captured.err
     assert "1 case: 1 reported" in captured.out
     result = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
     assert "ct-clip-demo" in json.dumps(result)

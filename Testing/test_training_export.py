@@ -9,18 +9,20 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from conftest import data_root, fixtures_root
-from CTFoundationLib.detection import CTCLIPRuntime, load_thresholds
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIP, CTCLIPConfig, load_ctclip
+from training_fixtures import tiny_constructors
+
+from CTFoundationLib.inference.common import load_thresholds
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.models.ctclip import CTCLIP, CTCLIPConfig, load_ctclip
 from CTFoundationLib.preprocess import CTCLIP_DEMO, preprocess
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.ctrate import read_metadata, read_raw_volume
 from training.export import official_state_dict, save_checkpoint, write_thresholds
 from training.modeling import CLUSTER_SIZE_KEY, read_cluster_size
 from training.text import clean_report_text
 from training.validation import evaluate_split, thresholds_of
-from training_fixtures import tiny_constructors
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 

@@ -12,18 +12,19 @@ import json
 import pytest
 import torch
 import yaml
+from training_fixtures import TINY_SPEC, make_ctrate_split, tiny_constructors, tokenizer_path
 
-from CTFoundationLib.detection import CTCLIPRuntime
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, CTCLIPConfig, load_ctclip
-from CTFoundationLib.reading import read_ct
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.config import load_config
-from training.run import parse_overrides
 from training.ctrate import CTRateDataset, load_cases, read_labels
 from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
 from training.recipes import positive_class_weights
+from training.run import parse_overrides
 from training.trainer import Trainer
-from training_fixtures import TINY_SPEC, make_ctrate_split, tiny_constructors, tokenizer_path
 
 STEPS = 8
 

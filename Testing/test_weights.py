@@ -673,7 +673,7 @@ def test_token_from_settings_file(env: Path, hub: FakeHub, run_cli, monkeypatch:
 
 def test_json_writes_are_shareable_and_unwritable_places_are_named(tmp_path: Path) -> None:
     from CTFoundationLib.errors import CTFoundationError
-    from CTFoundationLib.weights.cache import write_json_atomic
+    from CTFoundationLib.io.files import write_json_atomic
 
     write_json_atomic(tmp_path / "shared.json", {"a": 1})
     write_json_atomic(tmp_path / "secret.json", {"token": "x"}, private=True)

@@ -1,4 +1,4 @@
-"""The background worker (`python -m CTFoundationLib.worker`) as a real subprocess: events, results, errors, cancel."""
+"""The background worker (`python -m CTFoundationLib.host.worker`) as a real subprocess: events, results, errors, cancel."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from fake_hub import FakeHub
+from small_models import bert_vocab, make_small_ctclip
 
 from CTFoundationLib import cli
 from CTFoundationLib.errors import WorkerError
-from CTFoundationLib.worker import DETECT_STEPS, DETECTION_MODELS
-from CTFoundationLib.worker_process import ChildTraceback, WorkerProcess, format_event, parse_event, python_command
-from fake_hub import FakeHub
-from small_models import bert_vocab, make_small_ctclip
+from CTFoundationLib.host.process import ChildTraceback, WorkerProcess, format_event, parse_event, python_command
+from CTFoundationLib.host.worker import DETECT_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -42,6 +42,18 @@ def model_options(small) -> list[str]:
             "--device", "cpu"]
 
 
+def detect_request(folder: Path, ct: Path, out: Path, small=None) -> str:
+    """The worker's detect request (what the Slicer module writes), as a JSON file in `folder`."""
+    request = {"ct": str(ct), "out": str(out)}
+    if small is not None:
+        checkpoint, config = small
+        request["ctclip"] = {"weights": str(checkpoint), "model_config": str(config),
+                             "text_encoder": str(bert_vocab()), "device": "cpu"}
+    path = folder / "request.json"
+    path.write_text(json.dumps(request))
+    return str(path)
+
+
 def test_event_lines_round_trip_and_other_lines_are_logs() -> None:
     line = format_event("step", name="load model", index=3, count=8)
     assert parse_event(line) == {"type": "step", "name": "load model", "index": 3, "count": 8}
@@ -49,19 +61,12 @@ def test_event_lines_round_trip_and_other_lines_are_logs() -> None:
     assert parse_event(line.replace("{", "[", 1)) is None
 
 
-def test_detection_models_match_the_cli() -> None:
-    from CTFoundationLib.cli_ctclip import CTCLIP_MODELS
-
-    assert DETECTION_MODELS == CTCLIP_MODELS
-
-
 @pytest.mark.slow
 def test_detect_writes_the_cli_json(ct_dir, small, tmp_path, monkeypatch) -> None:
     ct = ct_dir / RICORD_3MM
     monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
     env = dict(os.environ)
-    process = worker("detect", str(ct), "--out", str(tmp_path / "worker.json"), *model_options(small),
-                     env=env)
+    process = worker("detect", detect_request(tmp_path, ct, tmp_path / "worker.json", small), env=env)
     assert process.wait(timeout_s=600) == 0, "\n".join(process.log_tail)
     result = process.outcome()
     assert Path(result["path"]) == tmp_path / "worker.json"
@@ -85,7 +90,7 @@ def test_detect_writes_the_cli_json(ct_dir, small, tmp_path, monkeypatch) -> Non
 
 
 def test_bad_input_is_an_error_event_with_the_reason(tmp_path) -> None:
-    process = worker("detect", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "r.json"))
+    process = worker("detect", detect_request(tmp_path, tmp_path / "missing.nii.gz", tmp_path / "r.json"))
     assert process.wait(timeout_s=300) == 2
     error = process.last("error")
     assert error["kind"] == "CTInputError" and "missing.nii.gz: no such file or folder" in error["message"]
@@ -108,8 +113,7 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
 
 def test_cancel_ends_the_whole_process_tree(ct_dir, small, tmp_path) -> None:
     out = tmp_path / "r.json"
-    process = worker("detect", str(ct_dir / RICORD_3MM), "--out", str(out), *model_options(small),
-                     launcher=True)
+    process = worker("detect", detect_request(tmp_path, ct_dir / RICORD_3MM, out, small), launcher=True)
     deadline = time.monotonic() + 300
     while not any(e["type"] == "step" for e in process.events):
         assert time.monotonic() < deadline and not process.finished, "\n".join(process.log_tail)
@@ -189,8 +193,8 @@ def test_import_checks_and_places_a_file(hub_env, tmp_path) -> None:
 
 def test_the_compute_processes_keep_freed_memory_for_reuse(monkeypatch, capsys):
     """The CLI and the Slicer worker (never Slicer) set the allocator up; off glibc the setting is skipped."""
-    from CTFoundationLib import worker as worker_module
-    from CTFoundationLib.allocator import reuse_freed_memory
+    from CTFoundationLib.host import worker as worker_module
+    from CTFoundationLib.host.allocator import reuse_freed_memory
 
     calls = []
     monkeypatch.setattr(cli, "reuse_freed_memory", lambda: calls.append("cli"))

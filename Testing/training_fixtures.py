@@ -7,9 +7,10 @@ import re
 from pathlib import Path
 
 from conftest import data_root
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.preprocess import PreprocessSpec
 from small_models import bert_vocab
+
+from CTFoundationLib.preprocess import PreprocessSpec
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 CTS = (
     "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz",

@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, FULL_SIZE_CONSTRUCTORS, CTCLIPConfig
+from CTFoundationLib.models.ctclip import FULL_SIZE_CONSTRUCTORS, CTCLIPConfig
 from CTFoundationLib.preprocess import SPECS
-
-from .ctrate import STORED_VALUES
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.ctrate import STORED_VALUES
 
 RECIPES = ("contrastive", "vocabfine", "lipro")
 

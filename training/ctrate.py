@@ -21,14 +21,13 @@ import torch
 from torch.utils.data import Dataset
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.report_tables import binary_matrix, require_columns
-from CTFoundationLib.report_tables import read_csv_rows as read_table
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.tables import binary_matrix, require_columns
+from CTFoundationLib.io.tables import read_csv_rows as read_table
+from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.preprocess import PreprocessSpec, preprocess
-from CTFoundationLib.reading import read_ct
-from CTFoundationLib.volume import CTVolume
-
-from .text import clean_report_text
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.text import clean_report_text
 
 STORED_VALUES = ("hu", "raw")
 

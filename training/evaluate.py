@@ -14,11 +14,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from CTFoundationLib.cli import report_errors
-from CTFoundationLib.errors import EvaluationError
-from CTFoundationLib.evaluation import align, evaluate, evaluation_rows, format_evaluation, read_labels, read_predictions
-from CTFoundationLib.report_tables import write_csv
-from CTFoundationLib.weights.cache import write_json_atomic
+from CTFoundationLib.errors import EvaluationError, report_errors
+from CTFoundationLib.evaluation.ctclip import (
+    align,
+    evaluate,
+    evaluation_rows,
+    format_evaluation,
+    read_labels,
+    read_predictions,
+)
+from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.io.tables import write_csv
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -21,10 +21,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, LIPRO_PREFIX, CTCLIP, CTCLIPConfig
-from CTFoundationLib.weights.cache import write_json_atomic
-
-from .modeling import CLUSTER_SIZE_KEY
+from CTFoundationLib.io.files import atomic_path, write_json_atomic
+from CTFoundationLib.models.ctclip import CTCLIP, LIPRO_PREFIX, CTCLIPConfig
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.modeling import CLUSTER_SIZE_KEY
 
 
 def unused_reference_tensors(config: CTCLIPConfig, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -77,15 +77,13 @@ def save_checkpoint(clip: CTCLIP, path: Path, cluster_size: Tensor | None = None
         state["classifier.weight"] = clip.classifier.weight.detach().float().cpu().clone()
         state["classifier.bias"] = clip.classifier.bias.detach().float().cpu().clone()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
     return path
 
 
 def write_thresholds(path: Path, thresholds: Mapping[str, float], validation: str, cases: int) -> None:
-    """A thresholds JSON that `CTFoundationLib.detection.load_thresholds` reads, with how it was made."""
+    """A thresholds JSON that `CTFoundationLib.inference.ctclip.load_thresholds` reads, with how it was made."""
     if not all(math.isfinite(v) for v in thresholds.values()):
         raise TrainingError(f"{path}: thresholds must be finite numbers")
     write_json_atomic(

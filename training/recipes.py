@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES, tokenize, zero_shot_prompts
-
-from .modeling import TrainableCTCLIP, contrastive_loss
+from CTFoundationLib.models.ctclip import tokenize, zero_shot_prompts
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.modeling import TrainableCTCLIP, contrastive_loss
 
 VOCABFINE_GROUPS = 3  # the reference back-propagates the 18 findings in 3 groups of 6
 

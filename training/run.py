@@ -17,17 +17,15 @@ from pathlib import Path
 
 import yaml
 
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.cli import report_errors
-from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.evaluation import format_evaluation
+from CTFoundationLib.errors import TrainingError, report_errors
+from CTFoundationLib.evaluation.ctclip import format_evaluation
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.preprocess import SPECS
-
-from .config import TrainingConfig, load_config
-from .ctrate import CTRateDataset, load_cases, read_metadata
-from .export import write_prompt_latents, write_thresholds
-from .trainer import Trainer
-from .validation import evaluate_split, labels_of, score_dataset, thresholds_of
+from training.config import TrainingConfig, load_config
+from training.ctrate import CTRateDataset, load_cases, read_metadata
+from training.export import write_prompt_latents, write_thresholds
+from training.trainer import Trainer
+from training.validation import evaluate_split, labels_of, score_dataset, thresholds_of
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict]:

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from CTFoundationLib.cli import report_errors
-from CTFoundationLib.labeller import (
+from CTFoundationLib.errors import report_errors
+from CTFoundationLib.evaluation.labeller import (
     ReportLabeller,
     cached_labeller_path,
     default_training_csv,
@@ -24,7 +24,7 @@ from CTFoundationLib.labeller import (
     split_indices,
     train_labeller,
 )
-from CTFoundationLib.weights.cache import write_json_atomic
+from CTFoundationLib.io.files import write_json_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -22,16 +22,15 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from CTFoundationLib.detection import load_tokenizer
 from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.models.ctclip import load_ctclip
 from CTFoundationLib.preprocess import SPECS
-
-from .config import TrainingConfig
-from .ctrate import CTRateDataset, load_cases, read_metadata
-from .export import save_checkpoint
-from .modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
-from .recipes import LiProHead, contrastive_step, lipro_step, positive_class_weights, vocabfine_step
+from training.config import TrainingConfig
+from training.ctrate import CTRateDataset, load_cases, read_metadata
+from training.export import save_checkpoint
+from training.modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
+from training.recipes import LiProHead, contrastive_step, lipro_step, positive_class_weights, vocabfine_step
 
 Logger = Callable[[dict], None]
 

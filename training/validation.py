@@ -1,5 +1,5 @@
 """Scoring a labelled split through the runtime the extension uses (read, preprocess, encode, score), and
-evaluating it with CT-CLIP's protocol (`CTFoundationLib.evaluation`: ROC-corner thresholds, AUROC, weighted F1,
+evaluating it with CT-CLIP's protocol (`CTFoundationLib.evaluation.ctclip`: ROC-corner thresholds, AUROC, weighted F1,
 bootstrap intervals).
 
 Thresholds and the demo's AUROC come from exactly the files and code that serve predictions later.
@@ -11,11 +11,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.evaluation import Evaluation, evaluate
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-
-from .ctrate import CTRateDataset
+from CTFoundationLib.evaluation.ctclip import Evaluation, evaluate
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.ctrate import CTRateDataset
 
 
 def score_dataset(runtime: CTCLIPRuntime, dataset: CTRateDataset, progress: Callable[[int], None] = lambda n: None) -> np.ndarray:

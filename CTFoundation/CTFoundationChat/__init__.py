@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import ctk
 import qt
-
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTextNode
 from slicer.i18n import tr as _
@@ -159,7 +158,7 @@ class ChatPanel:
                 self.conversation.stop()
             self.conversation = self.logic.chat(self.currentVolume(), model=self.modelSelector.currentText)
             if not self.answerTypeSelector.count:
-                from CTFoundationLib.chat import ANSWER_TYPES
+                from CTFoundationLib.inference.chat import ANSWER_TYPES
 
                 for answerType in ANSWER_TYPES:
                     self.answerTypeSelector.addItem(answerType)

@@ -1,5 +1,5 @@
 """Anatomy-grounded findings <-> MRML: a segmentation node with one segment per anatomy, coloured by score
-(`CTFoundationLib.overlays`: YlOrRd by the highest P(positive), positives opaque, the others faint), each
+(`CTFoundationLib.anatomy.colours`: YlOrRd by the highest P(positive), positives opaque, the others faint), each
 segment's scores, sentences and centre in its tags, and a findings table with an anatomy column.
 
 Also the other way: an existing segmentation node exported as one NIfTI mask per segment (named by segment
@@ -14,9 +14,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-import vtk
-
 import slicer
+import vtk
 
 TAG_PREFIX = "CTFoundation."
 SEGMENTATION_REFERENCE_ROLE = "CTFoundationAnatomySegmentation"
@@ -62,7 +61,7 @@ def anatomySegmentation(grounded: dict, outFolder: Path, volumeNode, resources: 
     """A new segmentation node on the volume's geometry holding the grounded result's segments."""
     import nibabel
 
-    from CTFoundationLib.overlays import POSITIVE_ALPHA, score_colour, segment_opacity
+    from CTFoundationLib.anatomy.colours import POSITIVE_ALPHA, score_colour, segment_opacity
 
     segmentationNode = slicer.mrmlScene.AddNewNodeByClass(
         "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(f"{volumeNode.GetName()} anatomy"))

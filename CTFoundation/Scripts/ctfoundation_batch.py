@@ -26,14 +26,14 @@ if str(MODULE_FOLDER) not in sys.path:
 
 from CTFoundation import CTFoundationLogic  # noqa: E402
 from CTFoundationLib.errors import CTFoundationError, CTInputError  # noqa: E402
-from CTFoundationLib.worker import DETECTION_MODELS  # noqa: E402
+from CTFoundationLib.weights import load_registry  # noqa: E402
 
 
 def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ctfoundation_batch.py", description=__doc__.split("\n")[0])
     parser.add_argument("inputs", type=Path, nargs="+", help="CT files or DICOM folders")
     parser.add_argument("--out", type=Path, required=True, help="JSON file (one CT) or folder (several)")
-    parser.add_argument("--model", choices=DETECTION_MODELS, default=DETECTION_MODELS[0])
+    parser.add_argument("--model", choices=load_registry().ids("ct-clip"), default="ct-clip-v2")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--weights", default="", help="checkpoint file (default: the installed weights)")
@@ -99,7 +99,7 @@ def loadVolumeFile(path: Path):
 
 def detectOne(logic: CTFoundationLogic, args: argparse.Namespace, source: Path) -> None:
     """Load one CT, run detection, write its JSON (inside a temporary DICOM database for folders)."""
-    from CTFoundationLib.weights.cache import write_json_atomic
+    from CTFoundationLib.io.files import write_json_atomic
 
     if source.is_dir():
         from DICOMLib import DICOMUtils

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from CTFoundationLib.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

@@ -22,28 +22,7 @@ from transformers import BertConfig, BertModel
 
 from CTFoundationLib.errors import CheckpointError
 from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
-
-# The 18 CT-RATE abnormalities, in the order of the reference's zero-shot and LiPro scripts.
-CT_RATE_ABNORMALITIES: tuple[str, ...] = (
-    "Medical material",
-    "Arterial wall calcification",
-    "Cardiomegaly",
-    "Pericardial effusion",
-    "Coronary artery wall calcification",
-    "Hiatal hernia",
-    "Lymphadenopathy",
-    "Emphysema",
-    "Atelectasis",
-    "Lung nodule",
-    "Lung opacity",
-    "Pulmonary fibrotic sequela",
-    "Pleural effusion",
-    "Mosaic attenuation pattern",
-    "Peribronchial thickening",
-    "Consolidation",
-    "Bronchiectasis",
-    "Interlobular septal thickening",
-)
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 ATTENTION_LOGIT_SCALE = 8.0  # CTViT multiplies the cosine attention logits by a fixed 8, not 1/sqrt(d)
 V1_MESSAGE = "v1 weights are not supported by the v2 runtime"

@@ -18,11 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint_io import StateSource, apply_state_dict, as_state_dict, load_torch_file, source_name
+from CTFoundationLib.models.checkpoint_io import (
+    StateSource,
+    apply_state_dict,
+    as_state_dict,
+    load_torch_file,
+    source_name,
+)
+from CTFoundationLib.vocab import FVLM_ORGANS
 
 WHAT = "fVLM checkpoint"
-
-ORGANS = ("lung", "heart", "esophagus", "aorta")  # organ mask ids 1..4
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ class FVLMConfig:
     vit_qkv_bias: bool = True
     pool_levels: tuple[int, ...] = (3, 6, 9)  # blocks whose (un-normed) outputs join the final normed output
     pool_heads: int = 4
-    organs: tuple[str, ...] = ORGANS
+    organs: tuple[str, ...] = FVLM_ORGANS
     embed_dim: int = 256
     vocab_size: int = 30522
     text_hidden: int = 768

@@ -7,12 +7,28 @@
     ReportSection / SectionOutput: optional result producers that add a section, points and overlays.
 """
 
-from .batch import RESULT_FORMAT, BatchProgress, BatchSummary, CaseOutcome, Shard, is_finished, run_batch
-from .files import INDEX_FILE, REPORT_FILE, RESULT_FILE, RESULT_SCHEMA, SUMMARY_FILE
-from .keyimages import CHEST_WINDOW, LUNG_WINDOW, KeyImage, MarkedPoint, Overlay, Window, key_images
-from .render import NOT_FOR_CLINICAL_USE
-from .sections import ReportSection, SectionOutput
-from .summary import write_summary
+from CTFoundationLib.report.batch import (
+    RESULT_FORMAT,
+    BatchProgress,
+    BatchSummary,
+    CaseOutcome,
+    Shard,
+    is_finished,
+    run_batch,
+)
+from CTFoundationLib.report.files import INDEX_FILE, REPORT_FILE, RESULT_FILE, RESULT_SCHEMA, SUMMARY_FILE
+from CTFoundationLib.report.keyimages import (
+    CHEST_WINDOW,
+    LUNG_WINDOW,
+    KeyImage,
+    MarkedPoint,
+    Overlay,
+    Window,
+    key_images,
+)
+from CTFoundationLib.report.render import NOT_FOR_CLINICAL_USE
+from CTFoundationLib.report.sections import ReportSection, SectionOutput
+from CTFoundationLib.report.summary import write_summary
 
 __all__ = [
     "CHEST_WINDOW", "INDEX_FILE", "LUNG_WINDOW", "NOT_FOR_CLINICAL_USE", "REPORT_FILE", "RESULT_FILE",

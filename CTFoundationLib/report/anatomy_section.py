@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from html import escape
 
-from ..anatomy import AnatomyRequest, build_anatomy
-from ..grounded import FVLMScoring, GroundedCase, GroundedSegment, SegmentFinding, ground_case
-from ..models.fvlm import ORGANS
-from ..overlays import POSITIVE_ALPHA, score_colour
-from ..results import DetectionResult
-from ..volume import CTVolume
-from .keyimages import MarkedPoint, Overlay
-from .sections import ReportSection, SectionOutput
+from CTFoundationLib.anatomy.colours import POSITIVE_ALPHA, score_colour
+from CTFoundationLib.anatomy.masks import AnatomyRequest, build_anatomy
+from CTFoundationLib.inference.grounding import FVLMScoring, GroundedCase, GroundedSegment, SegmentFinding, ground_case
+from CTFoundationLib.inference.results import DetectionResult
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
+from CTFoundationLib.report.sections import ReportSection, SectionOutput
+from CTFoundationLib.vocab import FVLM_ORGANS
 
 SECTION_KEY = "anatomy"
 MAX_SEGMENT_IMAGES = 2
@@ -26,7 +26,7 @@ def anatomy_section(request: AnatomyRequest, fvlm: FVLMScoring) -> ReportSection
     """The per-anatomy findings section; anatomy from `request` (TotalSegmentator or the built-in fallback)."""
 
     def compute(volume: CTVolume, detection: DetectionResult) -> SectionOutput:
-        anatomy = build_anatomy(volume, request, ORGANS)
+        anatomy = build_anatomy(volume, request, FVLM_ORGANS)
         scores, fvlm_record = fvlm.score(volume, anatomy)
         case = ground_case(anatomy, detection, scores, [], {"ct-clip": detection.model, "fvlm": fvlm_record},
                            volume.source)
@@ -58,8 +58,7 @@ def section_html(case: GroundedCase) -> str:
 
 def _row(segment: GroundedSegment) -> str:
     swatch = "" if not segment.positive else (
-        "<span class='swatch' style='display:inline-block;width:1em;height:1em;background:rgb{}'></span>".format(
-            score_colour(segment.score)))
+        f"<span class='swatch' style='display:inline-block;width:1em;height:1em;background:rgb{score_colour(segment.score)}'></span>")
     findings = ", ".join(_finding_text(f) for f in segment.findings if f.positive) or "—"
     css = " class='positive'" if segment.positive else ""
     return (f"<tr{css}><td>{swatch}</td><td>{escape(segment.title)}</td><td>{escape(segment.region or '—')}</td>"

@@ -11,30 +11,31 @@ Output folder (see files.py): DIR/<case>/result.json, DIR/<case>/report.html, DI
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import __version__
-from ..cases import Case
-from ..detection import CTCLIPRuntime
-from ..errors import CTFoundationError, CTInputError, WeightsError
-from ..reading import read_ct
-from ..retrieval import source_fingerprint
-from ..sanity import summarize
-from ..weights.cache import now_iso
-from ..weights.registry import load_registry
-from .files import REPORT_FILE, RESULT_FILE, case_folder_name, remove_leftovers, write_json_file, write_text_atomic
-from .keyimages import key_images
-from .render import render_case
-from .sections import ReportSection, SectionOutput
-from .summary import write_summary
+from CTFoundationLib import __version__
+from CTFoundationLib.errors import CTFoundationError, CTInputError, WeightsError
+from CTFoundationLib.inference.common import StepTimer
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.io.cases import Case
+from CTFoundationLib.io.files import write_json_atomic, write_text_atomic
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.sanity import summarize
+from CTFoundationLib.report.files import REPORT_FILE, RESULT_FILE, case_folder_name, remove_leftovers
+from CTFoundationLib.report.keyimages import key_images
+from CTFoundationLib.report.render import render_case
+from CTFoundationLib.report.sections import ReportSection, SectionOutput
+from CTFoundationLib.report.summary import write_summary
+from CTFoundationLib.retrieval import source_fingerprint
+from CTFoundationLib.weights.cache import now_iso
+from CTFoundationLib.weights.registry import load_registry
 
 RESULT_FORMAT = "ctfoundation-report-result/1"
 
@@ -147,7 +148,7 @@ def report_one(
     """Read, check, detect, run the sections, render and write one case; any error becomes a failed result."""
     folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder)
-    clock = _StepClock(step)
+    clock = StepTimer(step)
     result = _base_result(case, key)
     try:
         _fill_result(result, runtime, case, folder, thresholds, sections, clock)
@@ -156,7 +157,7 @@ def report_one(
         result.pop("report", None)
         result.update(status="failed", error=_error_record(error, clock.current))
     result["timings_s"] = dict(clock.seconds, total=round(time.perf_counter() - clock.started, 3))
-    write_json_file(folder / RESULT_FILE, result)
+    write_json_atomic(folder / RESULT_FILE, result, sort_keys=False)
     message = f"{result['error']['stage']}: {result['error']['message']}" if result["status"] == "failed" else ""
     return CaseOutcome(case.case_id, result["status"], folder, result["timings_s"]["total"], message)
 
@@ -168,7 +169,7 @@ def _fill_result(
     folder: Path,
     thresholds: Mapping[str, float] | None,
     sections: Sequence[ReportSection],
-    clock: _StepClock,
+    clock: StepTimer,
 ) -> None:
     """The pipeline of one case; fills `result` step by step and writes report.html."""
     with clock("read"):
@@ -289,20 +290,3 @@ def _case_folders(out_dir: Path, cases: Sequence[Case]) -> dict[str, Path]:
         owners[name] = case.case_id
         folders[case.case_id] = out_dir / name
     return folders
-
-
-class _StepClock:
-    """Times the named steps of one case, tells the progress callback, and remembers the step running."""
-
-    def __init__(self, notify: Callable[[str], None]) -> None:
-        self.notify, self.current = notify, "start"
-        self.seconds: dict[str, float] = {}
-        self.started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self.current = name
-        self.notify(name)
-        start = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - start, 3)

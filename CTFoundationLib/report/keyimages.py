@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..volume import CTVolume
+from CTFoundationLib.io.volume import CTVolume
 
 DISPLAY_AXES = "LPI"  # grid axis 0 grows toward the patient's left, 1 posterior, 2 inferior
 # plane -> (grid axis the plane cuts, grid axis down the image rows, grid axis across the columns)

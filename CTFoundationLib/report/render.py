@@ -8,8 +8,8 @@ from functools import lru_cache
 import jinja2
 from markupsafe import Markup
 
-from ..weights.registry import RESOURCES
-from .keyimages import KeyImage
+from CTFoundationLib.report.keyimages import KeyImage
+from CTFoundationLib.resources import RESOURCES
 
 TEMPLATES = RESOURCES / "report"
 NOT_FOR_CLINICAL_USE = (

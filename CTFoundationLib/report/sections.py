@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..results import DetectionResult
-from ..volume import CTVolume
-from .keyimages import MarkedPoint, Overlay
+from CTFoundationLib.inference.results import DetectionResult
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
 
 
 @dataclass

@@ -10,9 +10,10 @@ import io
 import json
 from pathlib import Path
 
-from ..weights.cache import now_iso
-from .files import INDEX_FILE, REPORT_FILE, RESULT_FILE, SUMMARY_FILE, write_text_atomic
-from .render import render_index
+from CTFoundationLib.io.files import write_text_atomic
+from CTFoundationLib.report.files import INDEX_FILE, REPORT_FILE, RESULT_FILE, SUMMARY_FILE
+from CTFoundationLib.report.render import render_index
+from CTFoundationLib.weights.cache import now_iso
 
 TOP_FINDINGS = 3
 CSV_FIELDS = ("case_id", "status", "report", "warnings", "positives", "seconds", "error")

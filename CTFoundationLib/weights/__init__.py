@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import WeightsError
-from .cache import (
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.weights.cache import (
     Manifest,
     acknowledge_license,
     cache_root,
@@ -26,9 +26,9 @@ from .cache import (
     save_token,
     token_source,
 )
-from .download import DownloadOptions, download_files, manual_message
-from .importer import import_weights
-from .manage import (
+from CTFoundationLib.weights.download import DownloadOptions, download_files, manual_message
+from CTFoundationLib.weights.importer import import_weights
+from CTFoundationLib.weights.manage import (
     INSTALLED,
     MISSING,
     PARTIAL,
@@ -40,7 +40,7 @@ from .manage import (
     resolve_weights,
     verify_model,
 )
-from .registry import License, ModelSpec, Registry, load_registry
+from CTFoundationLib.weights.registry import License, ModelSpec, Registry, load_registry
 
 __all__ = [
     "INSTALLED", "MISSING", "PARTIAL", "DownloadOptions", "License", "Manifest", "ModelSpec", "ModelStatus",

@@ -10,18 +10,16 @@ Layout under the cache root ($CTFOUNDATION_HOME, default ~/.cache/ctfoundation, 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..errors import CTFoundationError, WeightsError
-from .registry import License
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.weights.registry import License
 
 MANIFEST = "manifest.json"
 PART_SUFFIX = ".part"
@@ -44,35 +42,6 @@ def model_dir(model_id: str, home: Path | str | None = None) -> Path:
 def now_iso() -> str:
     """Current UTC time, ISO 8601, to the second."""
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
-def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    hasher = hashlib.sha256()
-    with open(path, "rb", buffering=0) as handle:
-        while block := handle.read(chunk_bytes):
-            hasher.update(block)
-    return hasher.hexdigest()
-
-
-def write_json_atomic(path: Path, data: Any, private: bool = False) -> None:
-    """Write JSON through a temporary file and rename, so readers never see half a file. The file gets the
-    usual permissions (umask), or owner-only ones when `private`; an unwritable place is a CTFoundationError."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise CTFoundationError(f"cannot write {path} ({error.strerror or error}); check the folder and its permissions") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: Path, default: Any) -> Any:

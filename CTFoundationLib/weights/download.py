@@ -24,10 +24,19 @@ from pathlib import Path
 import requests
 import urllib3
 
-from ..errors import WeightsError
-from .cache import CORRUPT_SUFFIX, PART_SUFFIX, FileRecord, Manifest, get_token, model_dir, now_iso, read_json
-from .cache import write_json_atomic
-from .hub import (
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.weights.cache import (
+    CORRUPT_SUFFIX,
+    PART_SUFFIX,
+    FileRecord,
+    Manifest,
+    get_token,
+    model_dir,
+    now_iso,
+    read_json,
+)
+from CTFoundationLib.weights.hub import (
     NotFoundError,
     Remote,
     RetryableError,
@@ -41,7 +50,7 @@ from .hub import (
     resolve_url,
     short_reason,
 )
-from .registry import FileSpec, ModelSpec, Registry
+from CTFoundationLib.weights.registry import FileSpec, ModelSpec, Registry
 
 CHUNK_BYTES = 8 * 1024 * 1024  # bytes per write + hash update
 READ_PIECE_BYTES = 256 * 1024  # most bytes taken from the socket per read (measured best on loopback)
@@ -59,7 +68,7 @@ class DownloadOptions:
     backoff_s: float = 1.0
     chunk_bytes: int = CHUNK_BYTES
     progress: ProgressFn | None = None
-    on_file: Callable[[str, "int | None"], None] | None = None  # a file starts: (name, size)
+    on_file: Callable[[str, int | None], None] | None = None  # a file starts: (name, size)
     on_event: Callable[[str], None] | None = None  # one-line notes: skipped, resuming, ...
     session: requests.Session | None = None
 

@@ -19,8 +19,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
 
-from ..errors import WeightsError
-from .registry import FileSpec, ModelSpec, Source
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.weights.registry import FileSpec, ModelSpec, Source
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CONNECT_TIMEOUT_S = 15.0

@@ -17,10 +17,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WeightsError
-from .cache import PART_SUFFIX, FileRecord, Manifest, now_iso, sha256_file
-from .download import CHUNK_BYTES, mib
-from .registry import FileSpec, ModelSpec
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.io.files import sha256_file
+from CTFoundationLib.weights.cache import PART_SUFFIX, FileRecord, Manifest, now_iso
+from CTFoundationLib.weights.download import CHUNK_BYTES, mib
+from CTFoundationLib.weights.registry import FileSpec, ModelSpec
 
 FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".json": "json", ".bin": "torch", ".pt": "torch", ".pth": "torch"}
 LINK_FAILURES = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import WeightsError
-from .cache import CORRUPT_SUFFIX, PART_SUFFIX, Manifest, cache_root, model_dir, now_iso, sha256_file
-from .registry import FileSpec, ModelSpec, Registry, load_registry
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.io.files import sha256_file
+from CTFoundationLib.weights.cache import CORRUPT_SUFFIX, PART_SUFFIX, Manifest, cache_root, model_dir, now_iso
+from CTFoundationLib.weights.registry import FileSpec, ModelSpec, Registry, load_registry
 
 INSTALLED, PARTIAL, MISSING = "installed", "partial", "missing"
+BUILD_RECORD = "training_record.json"  # written beside a model built on this machine
 
 
 @dataclass
@@ -105,7 +108,21 @@ def resolve_weights(
     status = model_status(spec, home)
     if status.state != INSTALLED:
         raise WeightsError(not_installed_message(spec, status))
+    if spec.runtime.demo_version is not None:
+        require_current_build(spec, status.folder)
     return (status.folder / spec.entry_name()).resolve()
+
+
+def require_current_build(spec: ModelSpec, folder: Path) -> None:
+    """A model built on this machine must come from the build the registry names (its training_record.json)."""
+    try:
+        built = json.loads((folder / BUILD_RECORD).read_text(encoding="utf-8")).get("demo_version")
+    except (OSError, ValueError, AttributeError):
+        built = None
+    if built != spec.runtime.demo_version:
+        command = next(f.source.command for f in spec.files if f.source.type == "local")
+        raise WeightsError(f"model {spec.id} on this machine comes from an older build ({built}, this version needs "
+                           f"{spec.runtime.demo_version}); rebuild it with `{command}` from the repository root")
 
 
 def not_installed_message(spec: ModelSpec, status: ModelStatus) -> str:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import WeightsError
+from CTFoundationLib.errors import WeightsError
+from CTFoundationLib.resources import RESOURCES
 
-RESOURCES = Path(__file__).resolve().parents[2] / "Resources"  # repository and Slicer-module layouts
 BUILTIN_REGISTRY = RESOURCES / "models.json"
 SCHEMA_PATH = RESOURCES / "models.schema.json"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -78,9 +78,11 @@ class FileSpec:
 class RuntimeSpec:
     """How the runtime uses a model's files (all optional; paths are relative to the model folder).
 
-    preprocess: name of the input `PreprocessSpec` (None: the family's default); constructors: JSON of the
-    reference constructor arguments (None: full size); tokenizer: vocab.txt or tokenizer folder (None: the
-    family's text-encoder model); thresholds: per-finding thresholds JSON; notice: shown whenever it is used.
+    preprocess: name of the input `PreprocessSpec`; constructors: JSON of the reference constructor arguments
+    (None: full size); tokenizer: vocab.txt or tokenizer folder (None: that of the `text_encoder` model);
+    thresholds: per-finding thresholds JSON; notice: shown whenever it is used; task: CT-CLIP's "zero-shot"
+    (prompt pairs, needs the text side) or "linear-probe"; template: CT-CHAT's conversation template;
+    demo_version: for a demo model built on this machine, the build an installed copy must come from.
     """
 
     preprocess: str | None = None
@@ -88,6 +90,15 @@ class RuntimeSpec:
     tokenizer: str | None = None
     thresholds: str | None = None
     notice: str = ""
+    task: str = "zero-shot"
+    text_encoder: str | None = None
+    template: str | None = None
+    demo_version: int | None = None
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether scoring needs the text side (prompt latents): zero-shot does, a linear probe does not."""
+        return self.task != "linear-probe"
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,10 @@ class Registry:
         order: list[ModelSpec] = []
         self._visit(model_id, order, [])
         return order
+
+    def ids(self, family: str) -> list[str]:
+        """The ids of one family's models, in registry order (e.g. the CT-CLIP checkpoints a command offers)."""
+        return [model_id for model_id, spec in self.models.items() if spec.family == family]
 
     def _visit(self, model_id: str, order: list[ModelSpec], stack: list[str]) -> None:
         if model_id in stack:

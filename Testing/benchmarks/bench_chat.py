@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(REPO), str(REPO / "Testing")]
+sys.path[:0] = [str(REPO), str(REPO / "Testing"), str(REPO / "CTFoundation")]
 RICORD_3MM = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 SMOLLM2_WIDTH = 576
 QUESTIONS = (("Describe the findings in this chest CT.", "long"), ("Is there a pleural effusion?", "short"))
@@ -34,12 +34,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from CTFoundationLib.chat import ChatRuntime
-    from CTFoundationLib.detection import CTCLIPRuntime
-    from CTFoundationLib.models.ctchat import CTChatModel, GenerationSettings
-    from CTFoundationLib.reading import read_ct
     from small_chat_models import save_projector, smollm2_gguf
     from small_models import make_small_ctclip
+
+    from CTFoundationLib.inference.chat import ChatRuntime
+    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+    from CTFoundationLib.io.reading import read_ct
+    from CTFoundationLib.models.ctchat.modeling import CTChatModel, GenerationSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DICOM = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
@@ -64,9 +64,9 @@ def _timed(function) -> float:
 
 def measure(checkpoint: Path, dicom: Path, dtype: str, no_allocator: bool = False, save_input: bool = False) -> dict:
     """Runs in the child process: the product path (allocator tuned as the CLI does), then the reference-style pass."""
-    from CTFoundationLib.allocator import reuse_freed_memory
-    from CTFoundationLib.detection import CTCLIPRuntime
-    from CTFoundationLib.reading import read_ct
+    from CTFoundationLib.host.allocator import reuse_freed_memory
+    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+    from CTFoundationLib.io.reading import read_ct
 
     figures = {"threads": torch.get_num_threads(), "matmul_gflops": matmul_gflops(),
                "allocator_tuned": reuse_freed_memory() if not no_allocator else False}
@@ -116,7 +116,7 @@ def report(figures: dict) -> None:
     per_finding = figures["encode_image_s"] + figures["reference_prompt_pair_512_s"]
     reference_total = figures["read_s"] + figures["preprocess_s"] + 18 * per_finding
     print(f"threads {figures['threads']}, fp32 matmul {figures['matmul_gflops']:.1f} GFLOP/s, "
-          f"allocator tuned (CTFoundationLib.allocator): {figures['allocator_tuned']}")
+          f"allocator tuned (CTFoundationLib.host.allocator): {figures['allocator_tuned']}")
     for key in ("read_s", "preprocess_s", "load_model_s", "encode_image_s", "encode_prompts_cold_s",
                 "encode_prompts_cached_s", "score_s", "total_s"):
         print(f"{key:28s} {figures[key]:8.3f}")

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from CTFoundationLib.grounding_eval import region_accuracy
+from CTFoundationLib.evaluation.grounding import region_accuracy
 
 DEFAULT = Path(__file__).resolve().parents[3] / "shared/data/reports/radgenome_subset2000/train_vqa_abnormality.csv"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.preprocess import CTCLIP_V2, preprocess
-from CTFoundationLib.reading import read_ct
 
 DEFAULT = Path(__file__).resolve().parents[3] / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
 

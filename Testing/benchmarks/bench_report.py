@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 TESTING = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTING))
+sys.path[:0] = [str(TESTING), str(TESTING.parent / "CTFoundation")]
 
 from conftest import REPO_ROOT, data_root  # noqa: E402
 from small_models import bert_vocab, make_small_ctclip  # noqa: E402
 
-from CTFoundationLib.cases import Case  # noqa: E402
-from CTFoundationLib.cli_ctclip import read_model_config  # noqa: E402
-from CTFoundationLib.detection import CTCLIPRuntime  # noqa: E402
+from CTFoundationLib.inference.ctclip import read_ctclip_config  # noqa: E402
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime  # noqa: E402
+from CTFoundationLib.io.cases import Case  # noqa: E402
 from CTFoundationLib.report import run_batch  # noqa: E402
 
 RICORD_DICOM = "ct/ricord1a_419639-000082_chest_noncontrast/dicom"
@@ -92,7 +92,7 @@ def main() -> None:
         cli_one_case(args.dicom, model_args, work, args.device)
         start = time.perf_counter()
         runtime = CTCLIPRuntime(
-            args.weights, args.text_encoder, config=read_model_config(args.model_config), device=args.device,
+            args.weights, args.text_encoder, config=read_ctclip_config(args.model_config) if args.model_config else None, device=args.device,
             cache_dir=work / "runtime",
         )
         print(f"model load: {time.perf_counter() - start:.1f} s, RSS {rss_mb()[0]:.0f} MB")

@@ -22,12 +22,12 @@ TESTING = Path(__file__).resolve().parents[1]
 REPO = TESTING.parent
 sys.path[:0] = [str(TESTING / "slicer_standin"), str(REPO / "CTFoundation"), str(TESTING), str(REPO)]
 
-import CTFoundation  # noqa: E402
 import slicer  # noqa: E402
-
-from CTFoundationLib.reading import read_ct  # noqa: E402
-from CTFoundationLib.sanity import check_ct  # noqa: E402
 from small_models import bert_vocab, make_small_ctclip  # noqa: E402
+
+import CTFoundation  # noqa: E402
+from CTFoundationLib.io.reading import read_ct  # noqa: E402
+from CTFoundationLib.io.sanity import check_ct  # noqa: E402
 
 DEFAULT = REPO.parent / "shared/data/ct/ricord1a_419639-000082_chest_noncontrast/dicom"
 

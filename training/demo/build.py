@@ -1,4 +1,4 @@
-"""`ctfoundation train-demo` / `eval-demo`: build the demo data, train the demo CT-CLIP, export and register it.
+"""The demo CT-CLIP (`python -m training.demo build` / `eval`): build the demo data, train, export and install it.
 
 Steps: synthesise the demo cases (cached under $CTFOUNDATION_HOME/demo_data/<key>), train in two stages as CT-CLIP
 does (training/configs/demo.yaml: contrastive pre-training; demo_vocabfine.yaml: VocabFine from the stage-1
@@ -23,15 +23,14 @@ import numpy as np
 import torch
 
 from CTFoundationLib import __version__
-from CTFoundationLib.cli_ctclip import read_model_config
-from CTFoundationLib.cli_training import DEMO_MODEL, DEMO_VERSION, installed_demo
-from CTFoundationLib.detection import CTCLIPRuntime
-from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.evaluation import Evaluation, evaluate, format_evaluation
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
+from CTFoundationLib.errors import TrainingError, WeightsError
+from CTFoundationLib.evaluation.ctclip import Evaluation, evaluate, format_evaluation
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime, read_ctclip_config
+from CTFoundationLib.io.files import write_json_atomic
 from CTFoundationLib.preprocess import CTCLIP_DEMO
-from CTFoundationLib.weights import import_model, resolve_weights
-from CTFoundationLib.weights.cache import cache_root, write_json_atomic
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from CTFoundationLib.weights import import_model, load_registry, resolve_weights
+from CTFoundationLib.weights.cache import cache_root
 
 from ..config import TrainingConfig, load_config
 from ..ctrate import CTRateDataset, load_cases
@@ -41,7 +40,8 @@ from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
 from .synth import DemoDataSpec, build_demo_data
 
-MODEL_ID = DEMO_MODEL
+MODEL_ID = "ct-clip-demo"
+DEMO_VERSION = load_registry().get(MODEL_ID).runtime.demo_version  # what `resolve_weights` asks of a build
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = {"contrastive": CONFIGS / "demo.yaml", "vocabfine": CONFIGS / "demo_vocabfine.yaml"}  # in training order
 CHECKPOINT = "ct_clip_demo.pt"
@@ -77,7 +77,7 @@ def split_dataset(data: Path, split: str, cache_images: bool = False) -> CTRateD
 
 def demo_runtime(checkpoint: Path, folder: Path, home: Path | None) -> CTCLIPRuntime:
     return CTCLIPRuntime(
-        checkpoint, folder / "vocab.txt", model_id=MODEL_ID, config=read_model_config(folder / "constructors.json"),
+        checkpoint, folder / "vocab.txt", model_id=MODEL_ID, config=read_ctclip_config(folder / "constructors.json"),
         device="cpu", cache_dir=cache_root(home) / "runtime", spec=CTCLIP_DEMO,
     )
 
@@ -165,7 +165,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
     test = demo_evaluation(*score_split(runtime, data, "test"))
     record = {
-        "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "ctfoundation train-demo",
+        "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "python -m training.demo build",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(),
         "configs": {recipe: path.name for recipe, path in STAGES.items()}, "batch_size": config.train.batch_size,
         "stages": stages, "synthesis_seconds": round(synthesis_s, 1),
@@ -202,7 +202,9 @@ def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> fl
     return value
 
 
-def default_data_root() -> Path:
-    """$CTFOUNDATION_DATA, else ../shared/data beside the repository (the README's layout)."""
-    env = os.environ.get("CTFOUNDATION_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
+def installed_demo(home: Path | None = None) -> Path | None:
+    """The installed demo checkpoint, or None when it is missing, incomplete or from an older DEMO_VERSION."""
+    try:
+        return resolve_weights(MODEL_ID, home=home)
+    except WeightsError:
+        return None

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.models.ctclip import CT_RATE_ABNORMALITIES
-from CTFoundationLib.reading import read_ct
-from CTFoundationLib.report_tables import write_csv
-from CTFoundationLib.volume import CTVolume
-from CTFoundationLib.weights.cache import write_json_atomic
+from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.tables import write_csv
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report

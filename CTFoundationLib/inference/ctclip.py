@@ -1,0 +1,266 @@
+"""CT-CLIP v2 detection of the 18 CT-RATE abnormalities: one image pass per volume, prompt latents cached.
+
+`CTCLIPRuntime` holds one loaded checkpoint (+ tokenizer) and turns CT volumes into image latents,
+token grids and findings; texts into text latents. Zero-shot checkpoints (CT-CLIP v2, VocabFine) score
+"{name} is present." against "{name} is not present."; the LiPro checkpoint uses its linear head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from CTFoundationLib.errors import CheckpointError, CTFoundationError, WeightsError
+from CTFoundationLib.inference.common import Progress, StepTimer, default_cache_dir, file_sha256, load_thresholds
+from CTFoundationLib.inference.results import DetectionResult, Finding
+from CTFoundationLib.io.files import atomic_path
+from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.models.ctclip import (
+    CTCLIPConfig,
+    encode_zero_shot_prompts,
+    load_ctclip,
+    tokenize,
+    zero_shot_probabilities,
+)
+from CTFoundationLib.models.devices import select_device
+from CTFoundationLib.preprocess import CTCLIP_V2, SPECS, PreprocessSpec, preprocess
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from CTFoundationLib.weights import load_registry, resolve_weights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_tokenizer(folder: Path):
+    """The CXR-BERT (BERT WordPiece) tokenizer from a local folder holding vocab.txt, lower-casing as CT-CLIP."""
+    from transformers import BertTokenizerFast
+
+    vocab = folder / "vocab.txt" if folder.is_dir() else folder
+    if not vocab.is_file():
+        raise CheckpointError(
+            f"text encoder {folder}: no vocab.txt found. Give the CXR-BERT folder "
+            "(`ctfoundation weights download cxr-bert`) or a vocab.txt file."
+        )
+    with open(vocab, encoding="utf-8") as handle:
+        size = len({line.rstrip("\r\n") for line in handle})  # distinct tokens: a repeated line adds none
+    # transformers 4 takes the file as `vocab_file`; transformers 5 ignores that silently (a 5-token vocabulary that
+    # makes every word [UNK]) and takes it as `vocab`: keep the one whose vocabulary is the file's
+    for argument in ("vocab_file", "vocab"):
+        try:
+            tokenizer = BertTokenizerFast(**{argument: str(vocab)}, do_lower_case=True)
+        except (TypeError, ValueError, OSError):
+            continue
+        if len(tokenizer) == size:
+            return tokenizer
+    raise CheckpointError(
+        f"text encoder {vocab}: transformers could not build a WordPiece tokenizer of its {size} entries")
+
+
+class CTCLIPRuntime:
+    """One CT-CLIP v2 checkpoint ready for inference.
+
+    checkpoint: CT-CLIP_v2.pt / CT_VocabFine_v2.pt / CT_LiPro_v2.pt or a file in the same layout.
+    tokenizer_source: CXR-BERT folder or vocab.txt (needed for zero-shot and text; not for LiPro).
+    config: model sizes for non-standard checkpoints (default: full-size v2).
+    thresholds: the model's own per-finding thresholds, used when `detect` is given none.
+    notice: what the registry says to show whenever the model is used (e.g. a demo model's limits).
+    cache_dir: where prompt latents and checkpoint hashes are kept (default: $CTFOUNDATION_HOME/runtime).
+    """
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        tokenizer_source: Path | None = None,
+        model_id: str = "ct-clip-v2",
+        config: CTCLIPConfig | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        cache_dir: Path | None = None,
+        spec: PreprocessSpec = CTCLIP_V2,
+        progress: Progress | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        notice: str = "",
+    ) -> None:
+        if dtype not in DTYPES:
+            raise CTFoundationError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        self.model_id, self.spec, self.dtype, self.notice = model_id, spec, dtype, notice
+        self.thresholds = dict(thresholds or {})
+        self.checkpoint = Path(checkpoint)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.device = select_device(device)
+        self._timed = StepTimer(progress, label=lambda step: step.replace("_", " "))
+        self.timings_s = self._timed.seconds
+        with self._timed("load_model"):
+            self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype])
+            self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
+        self.tokenizer = load_tokenizer(Path(tokenizer_source)) if tokenizer_source else None
+        self._prompt_latents: torch.Tensor | None = None
+        self.keep_tokens = False  # True: keep the last volume's token grid, for a second reader of the same CT
+        self._kept: tuple[CTVolume, torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_registry(
+        cls,
+        model_id: str = "ct-clip-v2",
+        *,
+        weights: Path | str | None = None,
+        model_config: Path | str | None = None,
+        text_encoder: Path | str | None = None,
+        device: str = "auto",
+        dtype: str = "fp32",
+        with_text: bool | None = None,
+        home: Path | str | None = None,
+        progress: Progress | None = None,
+    ) -> CTCLIPRuntime:
+        """A registered CT-CLIP checkpoint, its input spec, sizes, tokenizer and thresholds as the registry says.
+
+        weights / model_config / text_encoder: local files instead of the installed ones (a weights file brings
+        no thresholds). with_text: load the tokenizer (default: when the model's task needs prompts).
+        """
+        spec = load_registry().get(model_id)
+        if spec.family != "ct-clip":
+            raise WeightsError(f"{model_id} is not a CT-CLIP model; use one of {load_registry().ids('ct-clip')}")
+        runtime = spec.runtime
+        checkpoint = resolve_weights(model_id, weights, home=home)
+
+        def installed(name: str | None, given: Path | str | None) -> Path | None:
+            """`given`, else the file the registry names in the installed model's folder (None: neither)."""
+            if given is not None or not name:
+                return Path(given) if given is not None else None
+            return resolve_weights(model_id, home=home).parent / name
+
+        config_file = installed(runtime.constructors, model_config)
+        config = read_ctclip_config(config_file) if config_file else None
+        tokenizer = None
+        if runtime.needs_text if with_text is None else with_text:
+            tokenizer = installed(runtime.tokenizer, text_encoder) or resolve_weights(
+                runtime.text_encoder or "cxr-bert", home=home)
+        return cls(
+            checkpoint,
+            tokenizer,
+            model_id=model_id,
+            config=config,
+            device=device,
+            dtype=dtype,
+            spec=preprocess_spec(model_id, runtime.preprocess or "ct-clip-v2"),
+            progress=progress,
+            thresholds=None if weights else load_thresholds(installed(runtime.thresholds, None)),
+            notice=runtime.notice,
+        )
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.dim_latent
+
+    @property
+    def method(self) -> str:
+        return "lipro" if self.model.classifier is not None else "zero-shot"
+
+    def prepare(self, volume: CTVolume) -> torch.Tensor:
+        """CT volume -> (1, 1, 240, 480, 480) model input."""
+        with self._timed("preprocess"):
+            return torch.from_numpy(preprocess(volume, self.spec))[None]
+
+    def encode_volume(self, volume: CTVolume, return_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One image pass: L2-normalised latent (1, 512) and, on request, the quantised token grid (1, 24, 24, 24, 512).
+
+        With `keep_tokens`, a second call for the same volume object reuses the pass (e.g. detection, then CT-CHAT).
+        """
+        if self._kept is not None and self._kept[0] is volume:
+            return self._kept[1], (self._kept[2] if return_tokens else None)
+        tensor = self.prepare(volume)
+        with self._timed("encode_image"):
+            latent, tokens = self.model.encode_image(tensor, return_tokens=return_tokens or self.keep_tokens)
+        latent, tokens = latent.float().cpu(), (tokens.float().cpu() if tokens is not None else None)
+        if self.keep_tokens:
+            self._kept = (volume, latent, tokens)
+        return latent, (tokens if return_tokens else None)
+
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Free texts -> L2-normalised latents (K, 512); each text tokenised without padding to 512."""
+        with self._timed("encode_text"):
+            ids, mask = tokenize(self._require_tokenizer(), texts)
+            return self.model.encode_text(ids, mask).float().cpu()
+
+    def prompt_latents(self) -> torch.Tensor:
+        """(18, 2, 512) [present, not present] latents, cached on disk per checkpoint and vocabulary."""
+        if self._prompt_latents is None:
+            path = self._prompt_cache_path()
+            if path.is_file():
+                with self._timed("encode_prompts_cached"):
+                    self._prompt_latents = load_file(path)["prompt_latents"]
+            else:
+                with self._timed("encode_prompts"):
+                    latents = encode_zero_shot_prompts(self.model, self._require_tokenizer()).float().cpu()
+                with atomic_path(path) as temporary:
+                    save_file({"prompt_latents": latents.contiguous()}, temporary)
+                self._prompt_latents = latents
+        return self._prompt_latents
+
+    def probabilities(self, image_latents: torch.Tensor) -> torch.Tensor:
+        """(B, 512) image latents -> (B, 18) P(present)."""
+        if self.method == "lipro":
+            return self.model.lipro_probabilities(image_latents.to(self.device)).float().cpu()
+        return zero_shot_probabilities(image_latents, self.prompt_latents(), self.model.logit_scale.float().cpu())
+
+    def detect(self, volume: CTVolume, thresholds: Mapping[str, float] | None = None) -> DetectionResult:
+        """Findings for one volume: the image is encoded once and scored against all 18 findings."""
+        started = time.perf_counter()
+        latent, _ = self.encode_volume(volume)
+        with self._timed("score"):
+            probabilities = self.probabilities(latent)[0].tolist()
+        thresholds = thresholds or self.thresholds
+        findings = [
+            Finding(name, round(p, 6), thresholds.get(name), (p >= thresholds[name]) if name in thresholds else None)
+            for name, p in zip(CT_RATE_ABNORMALITIES, probabilities)
+        ]
+        self.timings_s["detect_total"] = round(time.perf_counter() - started, 3)
+        return DetectionResult(
+            model=self.model_id,
+            method=self.method,
+            checkpoint=str(self.checkpoint),
+            checkpoint_sha256=self.checkpoint_sha256,
+            device=str(self.device),
+            dtype=self.dtype,
+            findings=findings,
+            timings_s=dict(self.timings_s),
+        )
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise CheckpointError(
+                f"{self.model_id} needs the CXR-BERT tokenizer for text: pass --text-encoder DIR "
+                "(`ctfoundation weights download cxr-bert`)"
+            )
+        return self.tokenizer
+
+    def _prompt_cache_path(self) -> Path:
+        vocab = sorted(self._require_tokenizer().get_vocab().items())
+        vocab_hash = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+        return self.cache_dir / "prompt_latents" / f"{self.checkpoint_sha256[:16]}-{vocab_hash}.safetensors"
+
+
+def read_ctclip_config(path: Path) -> CTCLIPConfig:
+    """A CT-CLIP constructor JSON (the reference's "CTViT", "BertConfig", "CTCLIP" sections, optionally under
+    "constructors") as a config."""
+    try:
+        constructors = json.loads(Path(path).read_text())
+        section = constructors.get("constructors", constructors) if isinstance(constructors, dict) else constructors
+        return CTCLIPConfig.from_reference_constructors(section)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CTFoundationError(
+            f"model config {path}: not a usable CT-CLIP constructor JSON ({error}); it needs the sections "
+            '"CTViT", "BertConfig" and "CTCLIP" as in a fixture config.json'
+        ) from error
+
+
+def preprocess_spec(model_id: str, name: str) -> PreprocessSpec:
+    """The registry's preprocess name of a model as its PreprocessSpec."""
+    if name not in SPECS:
+        raise CTFoundationError(f"model {model_id}: the registry names preprocess '{name}'; known: {sorted(SPECS)}")
+    return SPECS[name]

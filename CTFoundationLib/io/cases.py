@@ -1,0 +1,96 @@
+"""Turn command-line inputs (CT files, DICOM folders, folders of cases, CSV lists) into named cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from CTFoundationLib.errors import CTInputError
+from CTFoundationLib.io.reading import NIFTI_SUFFIXES, NRRD_SUFFIXES, _is_dicom_file
+
+CT_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES
+EMBEDDING_SUFFIX = ".safetensors"  # a case already embedded by `ctfoundation embed`
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    path: Path
+
+
+def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
+    """Cases in input order. A CT file is a case; a folder holding DICOM files is a case; any other folder
+    contributes each CT file and DICOM folder found below it (and, with `embeddings`, each saved embedding); a .csv lists paths in a `path` column
+    (optional `case_id`). Case ids are file/folder names, made unique with a numeric suffix."""
+    found: list[tuple[str | None, Path]] = []
+    for path in inputs:
+        path = Path(path)
+        if not path.exists():
+            raise CTInputError(f"{path}: no such file or folder")
+        if path.suffix.lower() == ".csv":
+            found += _from_csv(path)
+        elif path.is_file() or _holds_dicom(path):
+            found.append((None, path))
+        else:
+            cases = _cases_below(path, CT_SUFFIXES + ((EMBEDDING_SUFFIX,) if embeddings else ()))
+            if not cases:
+                raise CTInputError(f"{path}: no CT files (.nii, .nii.gz, .nrrd) or DICOM folders inside")
+            found += [(None, case) for case in cases]
+    return _unique_ids(found)
+
+
+def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
+    from CTFoundationLib.io.tables import read_csv_rows, require_columns
+
+    header, rows = read_csv_rows(path, CTInputError)
+    require_columns(header, ("path",), path, CTInputError)
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        text = (row["path"] or "").strip()
+        if not text:
+            raise CTInputError(f"{path}, line {number}: the 'path' cell is empty")
+        case_path = Path(text)
+        case_path = case_path if case_path.is_absolute() else path.parent / case_path
+        cases.append((row.get("case_id") or None, case_path))
+    return cases
+
+
+def _holds_dicom(folder: Path) -> bool:
+    return folder.is_dir() and any(
+        f.is_file() and (f.suffix.lower() == ".dcm" or _is_dicom_file(f)) for f in folder.iterdir()
+    )
+
+
+def _cases_below(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    cases = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and child.name.lower().endswith(suffixes):
+            cases.append(child)
+        elif child.is_dir():
+            cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes)
+    return cases
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for suffix in CT_SUFFIXES + (EMBEDDING_SUFFIX,):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _unique_ids(found: list[tuple[str | None, Path]]) -> list[Case]:
+    cases, seen = [], {}
+    for given, path in found:
+        base = given or _readable_name(path)
+        seen[base] = seen.get(base, 0) + 1
+        cases.append(Case(base if seen[base] == 1 else f"{base}_{seen[base]}", path))
+    return cases
+
+
+def _readable_name(path: Path) -> str:
+    """'ct' or 'dicom' say nothing: prefix the parent folder's name then."""
+    name = case_name(path)
+    return f"{path.parent.name}_{name}" if name.lower() in {"ct", "dicom", "image", "series"} else name

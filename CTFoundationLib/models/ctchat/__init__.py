@@ -1,0 +1,1 @@
+"""CT-CHAT: conversation templates and tokens, the attention-pool projector, LLM + LoRA loading, generation."""

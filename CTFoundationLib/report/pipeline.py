@@ -1,0 +1,80 @@
+"""Batch reports by registry id and plain options: load the models once, then `run_batch` over the cases.
+
+    report_cases(discover_cases([...]), "reports/", ctclip={"model_id": "ct-clip-v2", "device": "auto"},
+                 anatomy=True, narrative="ct-chat-llama3.1-8b")
+
+The CLI (`ctfoundation report`), the background worker and headless Slicer all come through here; every option
+is plain data (paths, ids, numbers), so a request can travel as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from CTFoundationLib.anatomy.masks import AnatomyRequest
+from CTFoundationLib.errors import CTFoundationError
+from CTFoundationLib.inference.chat import ChatRuntime, chat_dependency, load_chat_model
+from CTFoundationLib.inference.common import Progress, load_thresholds
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.grounding import FVLMScoring
+from CTFoundationLib.io.cases import Case
+from CTFoundationLib.models.ctchat.modeling import GenerationSettings
+from CTFoundationLib.report.anatomy_section import anatomy_section
+from CTFoundationLib.report.batch import BatchProgress, BatchSummary, Shard, run_batch
+from CTFoundationLib.report.narrative import narrative_section
+from CTFoundationLib.report.sections import ReportSection
+
+
+def report_cases(
+    cases: Sequence[Case],
+    out: Path | str,
+    *,
+    ctclip: Mapping[str, Any] | None = None,
+    thresholds: Path | str | None = None,
+    anatomy: bool = False,
+    use_totalsegmentator: bool = True,
+    fvlm: Mapping[str, Any] | None = None,
+    narrative: str | None = None,
+    chat: Mapping[str, Any] | None = None,
+    generation: GenerationSettings = GenerationSettings(),
+    shard: Shard | None = None,
+    force: bool = False,
+    on_model_step: Progress | None = None,
+    on_case_step: Callable[[BatchProgress], None] | None = None,
+) -> BatchSummary:
+    """Report every case (of the shard) into `out`; cases finished before with the same settings are skipped.
+
+    ctclip: CTCLIPRuntime.from_registry's options (model_id, weights, model_config, text_encoder, device, dtype).
+    anatomy: add the per-anatomy findings section (fvlm: FVLMScoring.from_registry's options).
+    narrative: a CT-CHAT registry id whose report is added (chat: load_chat_model's options; it reads the token
+    grid of the detection model, which must be the CT-CLIP that CT-CHAT was trained with).
+    """
+    ctclip = dict(ctclip or {})
+    if narrative:
+        encoder = chat_dependency(narrative, "ct-clip")
+        if ctclip.get("model_id", "ct-clip-v2") != encoder:
+            raise CTFoundationError(f"a {narrative} narrative needs the detection model {encoder} (its image encoder), "
+                                    f"not {ctclip.get('model_id')}")
+    threshold_table = load_thresholds(Path(thresholds) if thresholds else None)
+    out = Path(out)
+    try:  # before the model loads: an unusable output folder fails at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CTFoundationError(f"output folder {out}: cannot create it ({error.strerror or error})") from None
+    runtime = CTCLIPRuntime.from_registry(**ctclip, progress=on_model_step)
+    sections: list[ReportSection] = []
+    if anatomy:
+        device = ctclip.get("device", "auto")
+        request = AnatomyRequest(use_totalsegmentator=use_totalsegmentator, device=device)
+        scoring = FVLMScoring.from_registry(**dict(fvlm or {}), device=device, progress=on_model_step)
+        sections.append(anatomy_section(request, scoring))
+    if narrative:
+        model = load_chat_model(narrative, progress=on_model_step, device=ctclip.get("device", "auto"),
+                                **dict(chat or {}))
+        runtime.keep_tokens = True  # detection's image pass also gives CT-CHAT its token grid: one pass per CT
+        chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
+        sections.append(narrative_section(chat_runtime, narrative, generation))
+    return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
+                     progress=on_case_step)
