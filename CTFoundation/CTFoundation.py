@@ -531,7 +531,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             return ["detect", writeRequest(workDir, request)]
 
         return self._runInBackground(
-            "detect", arguments, lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
+            "detect", arguments,
+            lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
             waitForCompletion, callback, progress)
 
     def _runInBackground(self, name: str, arguments: Callable[[Path], list[str]], outcome: Callable,

@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from CTFoundationLib.models.ctchat.projector import AttnPoolProjector, ProjectorConfig
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # CT-CHAT's: every LLM Linear
+# CT-CHAT's: every LLM Linear
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY_HIDDEN = 64
 PROJECTOR_PREFIX = "base_model.model.model.mm_projector."
 
@@ -90,6 +91,7 @@ def make_ctchat_adapter(folder: Path, llm_folder: Path, n_added: int = 5, token_
 def save_projector(path: Path, llm_hidden: int, token_dim: int, seed: int = 0) -> Path:
     """A random projector for an LLM width, saved under the stage-1 key prefix (mm_projector.bin style)."""
     torch.manual_seed(seed)
-    projector = AttnPoolProjector(ProjectorConfig(token_dim=token_dim, context_dim=token_dim, llm_hidden_size=llm_hidden))
+    projector = AttnPoolProjector(ProjectorConfig(token_dim=token_dim, context_dim=token_dim,
+                                                  llm_hidden_size=llm_hidden))
     torch.save({"model.mm_projector." + k: v for k, v in projector.state_dict().items()}, path)
     return path

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 from conftest import data_root
+from CTFoundationTesting.small_ctclip import make_small_ctclip  # noqa: F401  (used by the tests)
 
 from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
-from CTFoundationTesting.small_ctclip import make_small_ctclip  # noqa: F401  (used by the tests)
 
 
 def bert_vocab() -> Path:

@@ -61,7 +61,8 @@ def test_conversation_about_a_ct_streams_grounds_and_reports(runtime, ricord):
     session = runtime.session(ricord, settings=GenerationSettings(max_new_tokens=12))
     assert session.image.shape == (1, 256, SMOLLM2_WIDTH)
     arrivals: list[tuple[float, str]] = []
-    first = session.ask("Describe this image.", "short", on_token=lambda text: arrivals.append((time.perf_counter(), text)))
+    first = session.ask("Describe this image.", "short",
+                        on_token=lambda text: arrivals.append((time.perf_counter(), text)))
     assert first.text and first.new_tokens > 3
     pieces = [text for _, text in arrivals]
     times = [t for t, _ in arrivals]
@@ -139,7 +140,8 @@ def test_stop_busy_and_bad_requests(runtime):
 
 def test_interactive_prompt(runtime, ricord, monkeypatch, capsys):
     session = runtime.session(ricord, settings=GenerationSettings(max_new_tokens=6))
-    monkeypatch.setattr("sys.stdin", io.StringIO("/type short\nDescribe this image.\n/type essay\n/report\n/reset\n/quit\n"))
+    monkeypatch.setattr("sys.stdin",
+                        io.StringIO("/type short\nDescribe this image.\n/type essay\n/report\n/reset\n/quit\n"))
     interactive(session, "free")
     assert session.turns == []  # /reset emptied it after two answers
     out = capsys.readouterr()
@@ -152,8 +154,8 @@ def test_cli_chat_runs_smollm2_end_to_end_on_the_ricord_scan(parts, ct_dir, tmp_
     transcript = tmp_path / "chat.json"
     code = main([
         "chat", str(ct_dir / RICORD_3MM), "--llm", str(smollm2_gguf()), "--no-lora", "--projector",
-        str(parts["projector"]), "--ctclip", str(parts["ctclip"]), "--ctclip-config", str(parts["constructors"]), "--template",
-        "chatml_direct", "--device", "cpu", "--max-new-tokens", "4", "--question", "Describe this image.",
+        str(parts["projector"]), "--ctclip", str(parts["ctclip"]), "--ctclip-config", str(parts["constructors"]),
+        "--template", "chatml_direct", "--device", "cpu", "--max-new-tokens", "4", "--question", "Describe this image.",
         "--transcript", str(transcript),
     ])
     out = capsys.readouterr()

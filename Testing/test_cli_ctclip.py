@@ -50,7 +50,8 @@ def test_bad_model_config_and_missing_weights_file(ct_dir, tmp_path, capsys):
     code = main(["detect", str(ct_dir / RICORD_3MM), "--weights", str(tmp_path / "nope.pt")])
     assert code == 2 and "nope.pt: no such file" in capsys.readouterr().err
     (tmp_path / "w.pt").write_bytes(b"junk")
-    code = main(["detect", str(ct_dir / RICORD_3MM), "--weights", str(tmp_path / "w.pt"), "--model-config", str(tmp_path / "c.json")])
+    code = main(["detect", str(ct_dir / RICORD_3MM), "--weights", str(tmp_path / "w.pt"),
+                 "--model-config", str(tmp_path / "c.json")])
     assert code == 2 and "not a usable CT-CLIP constructor JSON" in capsys.readouterr().err
 
 

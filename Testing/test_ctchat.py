@@ -19,11 +19,10 @@ from transformers import AutoTokenizer
 
 from CTFoundationLib import dependencies
 from CTFoundationLib.cli import main
-from CTFoundationLib.inference.ctclip import read_ctclip_config
 from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, DependencyError
 from CTFoundationLib.host.chat_thread import ChatWorker
 from CTFoundationLib.inference.chat import ChatRuntime, load_chat_model
-from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime, read_ctclip_config
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.ctchat.modeling import (
     CTChatModel,
@@ -93,18 +92,22 @@ def test_vicuna_mistral_and_chatml_templates_render_as_the_reference():
         "USER: Where? <long_answer> ASSISTANT:"
     )
     assert TEMPLATES["mistral_instruct"].render(TURNS) == (
-        "[INST] <image>\n<provided>Is there an effusion? <short_answer> [/INST] No. </s>[INST] Where? <long_answer> [/INST]"
+        "[INST] <image>\n<provided>Is there an effusion? <short_answer> [/INST] No. </s>"
+        "[INST] Where? <long_answer> [/INST]"
     )
     assert TEMPLATES["chatml_direct"].render(TURNS) == (
         "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n<provided>Is there an effusion? "
         "<short_answer><|im_end|><|im_start|>assistant\nNo.<|im_end|><|im_start|>user\nWhere? <long_answer><|im_end|>"
         "<|im_start|>assistant\n"
     )
-    assert [TEMPLATES[n].stop for n in ("vicuna_v1", "mistral_instruct", "chatml_direct")] == ["</s>", "</s>", "<|im_end|>"]
+    assert ([TEMPLATES[n].stop for n in ("vicuna_v1", "mistral_instruct", "chatml_direct")]
+            == ["</s>", "</s>", "<|im_end|>"])
 
 
 def test_user_message_marks_the_first_question_about_a_ct():
-    assert user_message("  Is there an effusion? ", "short", True) == "<image>\n<provided>Is there an effusion? <short_answer>"
+    assert user_message("  Is there an effusion? ", "short", True) == (
+        "<image>\n<provided>Is there an effusion? <short_answer>"
+    )
     assert user_message("Where?", "long", False) == "Where? <long_answer>"
     assert user_message("Report.", "report", False) == "Report. <report_generation>"
     assert user_message("Which?", "multiple_choice", False) == "Which? <multiple_choice>"
@@ -244,7 +247,8 @@ def test_loading_errors_say_what_is_wrong(tiny_llm, adapter, tmp_path, tokenizer
             load_chat_model("ct-chat-llama3.1-8b", llm=tiny_llm, lora=folder, device="cpu")
     with pytest.raises(ChatError, match="not one token"):  # llama3's <|eot_id|> does not exist in this vocabulary
         CTChatModel.load(tiny_llm, folder, template="llama3", device="cpu")
-    grown = dict(state, **{"base_model.model.lm_head.weight": torch.zeros(len(state["base_model.model.lm_head.weight"]) + 1, 64)})
+    grown = dict(state, **{
+        "base_model.model.lm_head.weight": torch.zeros(len(state["base_model.model.lm_head.weight"]) + 1, 64)})
     torch.save(grown, tmp_path / "other_vocab.bin")
     with pytest.raises(CheckpointError, match="not the one this CT-CHAT was trained on"):
         CTChatModel.load(tiny_llm, folder, projector=tmp_path / "other_vocab.bin", device="cpu")
@@ -259,7 +263,8 @@ def test_next_turn_reuses_the_cache_and_answers_the_same(model):
     cache = PromptCache()
     first = model.generate(template.render([("<image>\n<provided>Findings?", None)]), image, settings, cache=cache)
     cached = cache.kv.get_seq_length()
-    assert cached == model.sequence_length(model.prompt_ids(template.render([("<image>\n<provided>Findings?", None)]))) + 5
+    assert cached == model.sequence_length(
+        model.prompt_ids(template.render([("<image>\n<provided>Findings?", None)]))) + 5
     follow_up = template.render([("<image>\n<provided>Findings?", first.text), ("Size? <short_answer>", None)])
     kv = cache.kv
     reused = model.generate(follow_up, image, settings, cache=cache)
@@ -329,8 +334,10 @@ def test_report_narrative_adds_a_grounded_generated_report(tiny_llm, adapter, ct
 
 
 def test_report_narrative_needs_ctclip_v2(ct_dir, tmp_path, capsys):
-    assert main(["report", str(ct_dir / RICORD_3MM), "--out", str(tmp_path), "--model", "ct-clip-lipro", "--narrative"]) == 2
-    assert "narrative needs the detection model ct-clip-v2 (its image encoder), not ct-clip-lipro" in capsys.readouterr().err
+    assert main(["report", str(ct_dir / RICORD_3MM), "--out", str(tmp_path), "--model", "ct-clip-lipro",
+                 "--narrative"]) == 2
+    assert ("narrative needs the detection model ct-clip-v2 (its image encoder), not ct-clip-lipro"
+            in capsys.readouterr().err)
 
 
 def test_chat_worker_loads_once_streams_stops_and_reports_failures(model, tiny_llm, adapter, ct_dir, tmp_path):

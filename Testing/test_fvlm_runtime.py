@@ -65,7 +65,8 @@ def test_preprocessing_matches_an_independent_monai_pipeline(ricord, anatomy):
     last = np.argwhere(mask).max(0) + (5, 20, 20)
     box = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(first, last, mask.shape))
     pad = SpatialPad((112, 256, 352))
-    np.testing.assert_allclose(ours.image, pad(torch.from_numpy(image[box])[None])[0].numpy(), atol=2e-5)  # float32 vs 64
+    # float32 vs 64
+    np.testing.assert_allclose(ours.image, pad(torch.from_numpy(image[box])[None])[0].numpy(), atol=2e-5)
     np.testing.assert_array_equal(ours.labels, pad(torch.from_numpy(mask[box])[None])[0].numpy())
     assert ours.image.shape[1] >= 256 and ours.image.shape[2] >= 352
 

@@ -60,7 +60,8 @@ def test_small_dicom_set_and_rescale(ct_dir):
     # the slice with the lowest position along the normal is k = 0
     first = min(
         (pydicom.dcmread(p) for p in (ct_dir / "dcmqi_ct_3slice").glob("*.dcm")),
-        key=lambda d: float(np.dot(d.ImagePositionPatient, np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))),
+        key=lambda d: float(np.dot(d.ImagePositionPatient,
+                                   np.cross(d.ImageOrientationPatient[:3], d.ImageOrientationPatient[3:]))),
     )
     np.testing.assert_array_equal(volume.hu[:, :, 0].T, first.pixel_array * slope + intercept)
     assert "SHORT_COVERAGE" in codes(volume)

@@ -288,7 +288,8 @@ def test_exit_code_counts_failures_up_to_a_cap(small, tmp_path, monkeypatch, cap
     monkeypatch.setenv("CTFOUNDATION_HOME", str(tmp_path / "home"))
     listing = tmp_path / "cases.csv"
     listing.write_text("path\n" + "".join(f"missing_{n}.nii.gz\n" for n in range(101)))
-    code = main(["report", str(listing), "--out", str(tmp_path / "out"), *small_model_arguments(small), "--device", "cpu"])
+    code = main(["report", str(listing), "--out", str(tmp_path / "out"), *small_model_arguments(small),
+                 "--device", "cpu"])
     assert code == 100
     printed = capsys.readouterr()
     assert "101 cases: 0 reported, 101 failed" in printed.out and "no such file" in printed.err

@@ -126,7 +126,8 @@ def test_icon_is_a_128_pixel_png() -> None:
 def test_every_slicer_name_exists_in_the_real_api(version: str) -> None:
     """The shared static checker (Slicer 5.10 and 5.12 API) reports nothing on the module, its UI and scripts."""
     if not CHECKER.is_file():
-        pytest.fail(f"Slicer API checker not found at {CHECKER}; set CTFOUNDATION_DATA so that its parent holds slicer_api/")
+        pytest.fail(f"Slicer API checker not found at {CHECKER}; "
+                    "set CTFOUNDATION_DATA so that its parent holds slicer_api/")
     for targets in (["CTFoundation/"], ["CTFoundation/", "Resources/UI/CTFoundation.ui"]):
         done = subprocess.run([sys.executable, str(CHECKER), "--slicer-version", version, "--stats", *targets],
                               cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -105,7 +105,8 @@ def test_raw_volumes_use_the_metadata_rescale_and_spacing(tmp_path, ct_dir):
 
 def test_report_text_cleaning_as_the_reference():
     with open(data_root() / "reports/ctclip_text_classifier/train.csv", newline="", encoding="utf-8") as handle:
-        text = next(r["report_text"] for r in csv.DictReader(handle) if '"' in r["report_text"] and "(" in r["report_text"])
+        text = next(r["report_text"] for r in csv.DictReader(handle)
+                    if '"' in r["report_text"] and "(" in r["report_text"])
     cleaned = clean_report_text(text)
     assert not set("\"'()") & set(cleaned) and len(cleaned) > 0.9 * len(text) - text.count('"') * 2
     assert clean_report_text(float("nan")) == "" and clean_report_text("(cyst?) 'a'") == "cyst? a"

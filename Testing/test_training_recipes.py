@@ -159,7 +159,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         contrastive_loss(texts, images, scale).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
-    plain = gradients(TrainableCTCLIP(build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors()), seed=3)))
+    plain = gradients(TrainableCTCLIP(build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors()),
+                                                 seed=3)))
     enable_gradient_checkpointing(clip)
     checkpointed = gradients(TrainableCTCLIP(clip))
     assert plain.keys() == checkpointed.keys() and len(plain) > 20

@@ -1,4 +1,5 @@
-"""The background worker (`python -m CTFoundationLib.host.worker`) as a real subprocess: events, results, errors, cancel."""
+"""The background worker (`python -m CTFoundationLib.host.worker`) as a real subprocess:
+events, results, errors, cancel."""
 
 from __future__ import annotations
 

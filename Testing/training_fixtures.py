@@ -54,7 +54,8 @@ def make_ctrate_split(folder: Path, split: str = "train", count: int = 3) -> dic
         sentences = re.split(r"(?<=\.)\s+", row["report_text"].strip())
         reports.append({"VolumeName": name, "Findings_EN": " ".join(sentences[-3:]), "Impressions_EN": ""})
         labels.append({"VolumeName": name, **{k: row[k] for k in CT_RATE_ABNORMALITIES}})
-    paths = {"root": folder / split, "reports_csv": folder / f"{split}_reports.csv", "labels_csv": folder / f"{split}_labels.csv"}
+    paths = {"root": folder / split, "reports_csv": folder / f"{split}_reports.csv",
+             "labels_csv": folder / f"{split}_labels.csv"}
     for key, table in (("reports_csv", reports), ("labels_csv", labels)):
         with open(paths[key], "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(table[0]))

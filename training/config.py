@@ -152,9 +152,11 @@ class TrainingConfig:
     def _check_data(self) -> None:
         data = self.data
         if data.preprocess not in SPECS:
-            raise TrainingError(f"{self.source}: data.preprocess must be one of {sorted(SPECS)}, got {data.preprocess!r}")
+            raise TrainingError(f"{self.source}: data.preprocess must be one of {sorted(SPECS)}, "
+                                f"got {data.preprocess!r}")
         if data.stored_values not in STORED_VALUES:
-            raise TrainingError(f"{self.source}: data.stored_values must be one of {STORED_VALUES}, got {data.stored_values!r}")
+            raise TrainingError(f"{self.source}: data.stored_values must be one of {STORED_VALUES}, "
+                                f"got {data.stored_values!r}")
         if data.stored_values == "raw":
             for root, metadata in (("root", "metadata_csv"), ("validation_root", "validation_metadata_csv")):
                 if getattr(data, root) is not None and getattr(data, metadata) is None:
@@ -234,6 +236,7 @@ def load_config(path: Path, overrides: dict[str, dict[str, Any]] | None = None) 
     base = path.resolve().parent
     sections = {
         name: _section(cls, raw.get(name), name, base, path)
-        for name, cls in (("model", ModelSection), ("data", DataSection), ("train", TrainSection), ("export", ExportSection))
+        for name, cls in (("model", ModelSection), ("data", DataSection), ("train", TrainSection),
+                          ("export", ExportSection))
     }
     return TrainingConfig(**sections, source=path).check()

@@ -62,7 +62,8 @@ def unused_reference_tensors(config: CTCLIPConfig, state: Mapping[str, Tensor]) 
 
 def official_state_dict(clip: CTCLIP, cluster_size: Tensor | None = None) -> dict[str, Tensor]:
     """The complete reference state dict of `clip` (CPU, float32; without a LiPro classifier)."""
-    state = {k: v.detach().float().cpu().clone() for k, v in clip.state_dict().items() if not k.startswith("classifier.")}
+    state = {k: v.detach().float().cpu().clone() for k, v in clip.state_dict().items()
+             if not k.startswith("classifier.")}
     state.update(unused_reference_tensors(clip.config, state))
     if cluster_size is not None:
         state[CLUSTER_SIZE_KEY] = cluster_size.detach().float().cpu().reshape(1, -1).clone()

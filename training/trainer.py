@@ -61,7 +61,8 @@ def initial_model(config: TrainingConfig) -> TrainableCTCLIP:
     """A fresh model (contrastive) or the init checkpoint with its codebook use counts (fine-tuning)."""
     model = config.model
     if model.init_checkpoint is None:
-        return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed, model.temperature_init))
+        return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed,
+                                          model.temperature_init))
     path = model.init_checkpoint
     clip = load_ctclip(path, model.clip_config())
     for parameter in clip.parameters():

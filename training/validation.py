@@ -17,7 +17,8 @@ from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.ctrate import CTRateDataset
 
 
-def score_dataset(runtime: CTCLIPRuntime, dataset: CTRateDataset, progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
+def score_dataset(runtime: CTCLIPRuntime, dataset: CTRateDataset,
+                  progress: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """(N, 18) P(present) of every case, in CT-CLIP's finding order."""
     rows = []
     for index in range(len(dataset)):

@@ -41,7 +41,8 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text-encoder", default="", help="CXR-BERT folder or vocab.txt (default: installed)")
     parser.add_argument("--thresholds", default="", help="JSON {finding: threshold} for the positive flags")
     parser.add_argument("--home", default="", help="weights cache root (default: $CTFOUNDATION_HOME)")
-    parser.add_argument("--report", action="store_true", help="batch reports into the folder OUT (as `ctfoundation report`)")
+    parser.add_argument("--report", action="store_true",
+                        help="batch reports into the folder OUT (as `ctfoundation report`)")
     parser.add_argument("--anatomy", action="store_true", help="with --report: the per-anatomy findings section")
     parser.add_argument("--install-dependencies", action="store_true",
                         help="install missing Python packages into Slicer without asking")

@@ -114,7 +114,9 @@ class Segment:
         return tuple(slice(o, o + n) for o, n in zip(self.offset, self.mask.shape))
 
 
-def crop_to_content(mask: np.ndarray, offset: Iterable[int] = (0, 0, 0)) -> tuple[tuple[int, int, int], np.ndarray] | None:
+def crop_to_content(
+    mask: np.ndarray, offset: Iterable[int] = (0, 0, 0)
+) -> tuple[tuple[int, int, int], np.ndarray] | None:
     """(offset, crop) of the True voxels' bounding box, or None for an empty mask."""
     box = ndi.find_objects(mask.astype(np.uint8, copy=False))
     if not box or box[0] is None:
@@ -336,7 +338,8 @@ def nifti_files(folder: Path) -> list[Path]:
 
 def mask_name(path: Path) -> str:
     """The file name without its image suffix (.nii.gz, .nii, or whatever follows the first dot)."""
-    return next((path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.lower().endswith(s)), path.name.split(".")[0])
+    return next((path.name[: -len(s)] for s in NIFTI_SUFFIXES if path.name.lower().endswith(s)),
+                path.name.split(".")[0])
 
 
 def from_mask_folder(folder: Path, volume: CTVolume) -> AnatomyMasks:
@@ -420,7 +423,8 @@ def build_anatomy(volume: CTVolume, request: AnatomyRequest, organs: Iterable[st
         path = Path(request.segmentation)
         if not path.exists():
             raise AnatomyError(f"{path}: no such segmentation file or folder")
-        anatomy = from_mask_folder(path, volume) if path.is_dir() else from_label_map(path, volume, request.label_scheme)
+        anatomy = (from_mask_folder(path, volume) if path.is_dir()
+                   else from_label_map(path, volume, request.label_scheme))
         anatomy.mark_missing(organs, f"not in the given segmentation {path.name}")
     elif request.radgenome is not None:
         anatomy = from_radgenome(Path(request.radgenome), volume, request.radgenome_regions)

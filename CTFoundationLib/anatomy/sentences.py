@@ -113,7 +113,8 @@ class SentenceGrounder:
         found = []
         for pattern in LOBE_PATTERNS:
             for m in pattern.finditer(text):
-                side, position = (m.group(1), m.group(2)) if m.group(1) in ("right", "left") else (m.group(2), m.group(1))
+                side, position = ((m.group(1), m.group(2)) if m.group(1) in ("right", "left")
+                                  else (m.group(2), m.group(1)))
                 if side == "left" and LOBE_NAMES[position] == "middle":
                     continue  # no left middle lobe: leave it to the plain terms
                 found.append(Mention(lobe_path(side, position), m.group(0), m.start(), "lobe", laterality=side))

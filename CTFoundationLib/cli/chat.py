@@ -45,7 +45,8 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--lora", type=Path, help="CT-CHAT LoRA folder (any name; holds non_lora_trainables.bin)")
     lora.add_argument("--no-lora", action="store_true", help="base LLM without adapter (needs --projector)")
-    parser.add_argument("--projector", type=Path, help="projector weights (non_lora_trainables.bin or mm_projector.bin)")
+    parser.add_argument("--projector", type=Path,
+                        help="projector weights (non_lora_trainables.bin or mm_projector.bin)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), help="conversation format (default: the model's)")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="8bit/4bit need CUDA + bitsandbytes")
     parser.add_argument("--max-new-tokens", type=int, default=512)

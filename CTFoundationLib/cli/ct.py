@@ -33,7 +33,8 @@ def parse_rescale(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected SLOPE,INTERCEPT such as 1,-1024; got '{text}'") from None
     if slope == 0 or not (math.isfinite(slope) and math.isfinite(intercept)):
-        raise argparse.ArgumentTypeError(f"the rescale needs a finite, non-zero slope and a finite intercept; got '{text}'")
+        raise argparse.ArgumentTypeError(
+            f"the rescale needs a finite, non-zero slope and a finite intercept; got '{text}'")
     return slope, intercept
 
 
@@ -87,5 +88,6 @@ def run_preprocess(args: argparse.Namespace) -> int:
     tensor = preprocess(read_input(args), SPECS[args.model])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, tensor)
-    print(f"{args.out}: {args.model} tensor {tuple(tensor.shape)} float32, values {tensor.min():.3f}..{tensor.max():.3f}")
+    print(f"{args.out}: {args.model} tensor {tuple(tensor.shape)} float32, "
+          f"values {tensor.min():.3f}..{tensor.max():.3f}")
     return 0

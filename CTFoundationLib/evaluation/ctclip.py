@@ -265,7 +265,8 @@ def read_json_table(records: dict[str, object], source: Path) -> CaseTable:
     names = [name for name in CT_RATE_ABNORMALITIES if name in next(iter(per_case.values()))]
     uneven = [key for key, probs in per_case.items() if sorted(probs) != sorted(names)]
     if uneven:
-        raise EvaluationError(f"{source}: case {uneven[0]!r} has other findings than the first case; give the same ones")
+        raise EvaluationError(f"{source}: case {uneven[0]!r} has other findings than the first case; "
+                              "give the same ones")
     values = np.array([[probs[name] for name in names] for probs in per_case.values()])
     return CaseTable(list(per_case), names, values, source)
 

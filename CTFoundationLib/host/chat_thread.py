@@ -99,7 +99,8 @@ class ChatWorker:
                 result = job()
             except Exception as error:  # a GUI must hear of any failure, not lose it in the thread
                 known = isinstance(error, CTFoundationError)
-                self._events.put({"type": "error", "message": str(error) if known else f"{type(error).__name__}: {error}"})
+                self._events.put({"type": "error",
+                                  "message": str(error) if known else f"{type(error).__name__}: {error}"})
                 self._set_status("failed" if self._runtime is None else "ready")
                 raise
             self._set_status("ready")

@@ -8,7 +8,7 @@ Tasks:
   import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
 
-Progress goes to stdout as event lines (`worker_process.format_event`): started, step, warning, file,
+Progress goes to stdout as event lines (`host.process.format_event`): started, step, warning, file,
 bytes, note, devices, result, error. Exit code: 0 success, 2 a CTFoundationError (the `error` event
 carries its message), 1 an unexpected failure (traceback in the event's `details`), 130 interrupted.
 Heavy libraries (torch) are imported by the tasks that need them, not when this module is imported.

@@ -1,6 +1,6 @@
 """Detection results as plain data (no torch): what `CTCLIPRuntime.detect` returns and the JSON stores.
 
-Kept apart from detection.py so that light processes (the Slicer GUI, report writers) can read results
+Kept apart from the runtimes so that light processes (the Slicer GUI, report writers) can read results
 without importing PyTorch.
 """
 

@@ -20,8 +20,9 @@ class Case:
 
 def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
     """Cases in input order. A CT file is a case; a folder holding DICOM files is a case; any other folder
-    contributes each CT file and DICOM folder found below it (and, with `embeddings`, each saved embedding); a .csv lists paths in a `path` column
-    (optional `case_id`). Case ids are file/folder names, made unique with a numeric suffix."""
+    contributes each CT file and DICOM folder found below it (and, with `embeddings`, each saved embedding);
+    a .csv lists paths in a `path` column (optional `case_id`). Case ids are file/folder names, made unique
+    with a numeric suffix."""
     found: list[tuple[str | None, Path]] = []
     for path in inputs:
         path = Path(path)

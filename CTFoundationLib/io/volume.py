@@ -55,7 +55,8 @@ class CTVolume:
 
     @property
     def orientation_code(self) -> str:
-        """Closest anatomical direction each voxel axis grows toward, e.g. 'LPS' (i->Left, j->Posterior, k->Superior)."""
+        """Closest anatomical direction each voxel axis grows toward, e.g. 'LPS'
+        (i->Left, j->Posterior, k->Superior)."""
         return "".join(nio.aff2axcodes(self.affine_ras))
 
     @property

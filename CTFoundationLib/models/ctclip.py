@@ -161,7 +161,8 @@ class CTCLIPConfig:
         missing = [name for name in ("CTViT", "BertConfig", "CTCLIP") if name not in constructors]
         if missing:
             raise ValueError(f"constructor arguments lack the section(s) {missing}")
-        not_objects = [name for name in ("CTViT", "BertConfig", "CTCLIP") if not isinstance(constructors[name], Mapping)]
+        not_objects = [name for name in ("CTViT", "BertConfig", "CTCLIP")
+                       if not isinstance(constructors[name], Mapping)]
         if not_objects:
             raise ValueError(f"constructor section(s) {not_objects} must be JSON objects")
         clip = constructors["CTCLIP"]

@@ -1,7 +1,9 @@
 """Batch reports: per-case findings JSON and a self-contained HTML page, a summary across cases.
 
+    pipeline.report_cases(cases, out_dir, ctclip={"model_id": ...}, anatomy=False, narrative=None, ...)
+        -> BatchSummary            (by registry id: what the CLI, the worker and headless Slicer call)
     run_batch(runtime, cases, out_dir, thresholds=None, sections=(), shard=None, force=False, progress=None)
-        -> BatchSummary            (the engine the CLI `ctfoundation report` and headless Slicer call)
+        -> BatchSummary            (the engine, with a loaded runtime and sections)
     key_images(volume, points=(), overlays=(), windows=(CHEST_WINDOW, LUNG_WINDOW), size_px=384) -> [KeyImage]
     write_summary(out_dir) -> (index.html, summary.csv)
     ReportSection / SectionOutput: optional result producers that add a section, points and overlays.

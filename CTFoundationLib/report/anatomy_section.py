@@ -1,7 +1,7 @@
 """The report's per-anatomy findings: a `ReportSection` that grounds each case (anatomy masks, its CT-CLIP
 findings and optionally fVLM's on the segments) and draws the positive segments over the key images.
 
-Colours follow `overlays.py` (the score of a segment picks one of five YlOrRd colours; positives only, at
+Colours follow `anatomy/colours.py` (the score of a segment picks one of five YlOrRd colours; positives only, at
 POSITIVE_ALPHA). Key images are added through the centres of the MAX_SEGMENT_IMAGES highest-scoring positives.
 """
 
@@ -58,7 +58,8 @@ def section_html(case: GroundedCase) -> str:
 
 def _row(segment: GroundedSegment) -> str:
     swatch = "" if not segment.positive else (
-        f"<span class='swatch' style='display:inline-block;width:1em;height:1em;background:rgb{score_colour(segment.score)}'></span>")
+        "<span class='swatch' style='display:inline-block;width:1em;height:1em;"
+        f"background:rgb{score_colour(segment.score)}'></span>")
     findings = ", ".join(_finding_text(f) for f in segment.findings if f.positive) or "—"
     css = " class='positive'" if segment.positive else ""
     return (f"<tr{css}><td>{swatch}</td><td>{escape(segment.title)}</td><td>{escape(segment.region or '—')}</td>"

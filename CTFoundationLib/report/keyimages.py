@@ -68,7 +68,8 @@ class MarkedPoint:
 
 @dataclass
 class KeyImage:
-    """One rendered slice. position_mm: RAS coordinate of the slice along `world_axis` (axial z, coronal y, sagittal x)."""
+    """One rendered slice. position_mm: RAS coordinate of the slice along `world_axis`
+    (axial z, coronal y, sagittal x)."""
 
     plane: str
     window: str

@@ -70,11 +70,6 @@ def resolve_url(endpoint: str, source: Source, path: str | None = None) -> str:
     return f"{endpoint}/{prefix}{source.repo}/resolve/{quote(source.revision, safe='')}/{file_path}"
 
 
-def repo_page(endpoint: str, source: Source) -> str:
-    prefix = "datasets/" if source.repo_type == "dataset" else ""
-    return f"{endpoint}/{prefix}{source.repo}"
-
-
 def auth_headers(token: str | None, send: bool) -> dict[str, str]:
     """The Authorization header when a token exists and this server should get it."""
     return {"Authorization": f"Bearer {token}"} if token and send else {}

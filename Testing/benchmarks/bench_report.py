@@ -25,8 +25,7 @@ sys.path[:0] = [str(TESTING), str(TESTING.parent / "CTFoundation")]
 from conftest import REPO_ROOT, data_root  # noqa: E402
 from small_models import bert_vocab, make_small_ctclip  # noqa: E402
 
-from CTFoundationLib.inference.ctclip import read_ctclip_config  # noqa: E402
-from CTFoundationLib.inference.ctclip import CTCLIPRuntime  # noqa: E402
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime, read_ctclip_config  # noqa: E402
 from CTFoundationLib.io.cases import Case  # noqa: E402
 from CTFoundationLib.report import run_batch  # noqa: E402
 
@@ -92,7 +91,8 @@ def main() -> None:
         cli_one_case(args.dicom, model_args, work, args.device)
         start = time.perf_counter()
         runtime = CTCLIPRuntime(
-            args.weights, args.text_encoder, config=read_ctclip_config(args.model_config) if args.model_config else None, device=args.device,
+            args.weights, args.text_encoder,
+            config=read_ctclip_config(args.model_config) if args.model_config else None, device=args.device,
             cache_dir=work / "runtime",
         )
         print(f"model load: {time.perf_counter() - start:.1f} s, RSS {rss_mb()[0]:.0f} MB")

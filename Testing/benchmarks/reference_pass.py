@@ -127,7 +127,8 @@ def build_reference(
         notes.append(f"dropped {key}: this transformers keeps it as a non-persistent buffer")
     result = model.load_state_dict(state, strict=False)
     missing = result.missing_keys
-    wrong = result.unexpected_keys + [name for name in missing if not name.startswith(unread_by_zero_shot(constructors))]
+    wrong = result.unexpected_keys + [name for name in missing
+                                      if not name.startswith(unread_by_zero_shot(constructors))]
     if wrong:
         raise RuntimeError(f"checkpoint does not match the reference CTCLIP: {wrong[:10]} ({len(wrong)} keys)")
     if missing:

@@ -129,7 +129,8 @@ def train_stage(recipe: str, data: Path, staging: Path, dataset: CTRateDataset, 
         f"{platform.processor() or 'CPU'}")
     result = Trainer(config, dataset).train()
     record = stage_record(result)
-    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, loss {record['loss_first']} -> {record['loss_last']}")
+    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, "
+        f"loss {record['loss_first']} -> {record['loss_last']}")
     return config, result.checkpoint, record
 
 
@@ -156,7 +157,8 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
         config, checkpoint, stages[recipe] = train_stage(recipe, data, staging, dataset, checkpoint,
                                                          (steps or {}).get(recipe), say)
     shutil.move(checkpoint, staging / CHECKPOINT)
-    (staging / "constructors.json").write_text(json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
+    (staging / "constructors.json").write_text(
+        json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
     shutil.copyfile(minilm_folder() / "vocab.txt", staging / "vocab.txt")
     runtime = demo_runtime(staging / CHECKPOINT, staging, home)
     valid = demo_evaluation(*score_split(runtime, data, "valid"))
@@ -165,7 +167,8 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     write_prompt_latents(staging / PROMPT_LATENTS, runtime.prompt_latents())
     test = demo_evaluation(*score_split(runtime, data, "test"))
     record = {
-        "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}", "command": "python -m training.demo build",
+        "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}",
+        "command": "python -m training.demo build",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(),
         "configs": {recipe: path.name for recipe, path in STAGES.items()}, "batch_size": config.train.batch_size,
         "stages": stages, "synthesis_seconds": round(synthesis_s, 1),

@@ -96,7 +96,8 @@ def find_descending_aorta(hu: np.ndarray, lung: np.ndarray) -> np.ndarray | None
     ring = ndimage.binary_dilation(disc, iterations=2) & ~ndimage.binary_dilation(disc)
     blood = ((hu > BLOOD_HU[0]) & (hu < BLOOD_HU[1])).astype(np.float32)
     score = ndimage.convolve(blood, disc[:, :, None] / disc.sum(), mode="constant")
-    score += 0.5 * np.minimum(ndimage.convolve(lung.astype(np.float32), ring[:, :, None] / ring.sum(), mode="constant"), 0.3)
+    score += 0.5 * np.minimum(
+        ndimage.convolve(lung.astype(np.float32), ring[:, :, None] / ring.sum(), mode="constant"), 0.3)
     middle = int(round((i_range[0] + i_range[-1]) / 2))
     window = np.zeros(hu.shape[:2], bool)
     near_mm, far_mm = AORTA_LEFT_OF_MIDLINE_MM

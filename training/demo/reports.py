@@ -15,9 +15,11 @@ from .findings import Inserted
 OPENING = (
     ("Trachea, both main bronchi are open.", "Trachea and both main bronchi are open.",
      "Trachea and both main bronchi are normal.", "Trachea and lumen of both main bronchi are open."),
-    ("Mediastinal main vascular structures are normal.", "Calibration of mediastinal main vascular structures is natural.",
+    ("Mediastinal main vascular structures are normal.",
+     "Calibration of mediastinal main vascular structures is natural.",
      "Mediastinal main vascular structures, heart contour, size are normal."),
-    ("Heart contour and size are normal.", "Heart contour, size is normal.", "Heart dimensions and compartments appear natural."),
+    ("Heart contour and size are normal.", "Heart contour, size is normal.",
+     "Heart dimensions and compartments appear natural."),
     ("Pericardial effusion-thickening was not observed.", "Pericardial effusion was not detected."),
     ("No enlarged lymph nodes in pathological size and appearance were detected in the mediastinum and hilar regions.",
      "No lymph node was detected in mediastinal and bilateral hilar pathological size and appearance."),
@@ -29,7 +31,8 @@ CLOSING = (
 
 POSITIVE = {
     "Lung nodule": (
-        "Multiple nodules are observed in both lungs, the largest measuring {size} mm in the {zone} of the {side} lung.",
+        "Multiple nodules are observed in both lungs, the largest measuring {size} mm in the {zone} "
+        "of the {side} lung.",
         "There are multiple nodules in both lungs, the largest {size} mm in diameter in the {side} lung {zone}.",
         "Nodules are observed in both lungs, the largest measuring {size} mm in the {zone} of the {side} lung.",
     ),
@@ -75,7 +78,8 @@ DEVICE = {
 }
 NEGATIVE = {
     "Lung nodule": ("No mass or nodule was detected in both lungs.",
-                    "In the evaluation of both lung parenchyma; No mass nodule infiltration was detected in both lungs."),
+                    "In the evaluation of both lung parenchyma; "
+                    "No mass nodule infiltration was detected in both lungs."),
     "Pleural effusion": ("Pleural effusion-thickening was not detected.", "No pleural effusion was detected."),
     "Consolidation": ("No pneumonic infiltration or consolidation area was detected in the lung parenchyma.",),
     "Lung opacity": ("No ground glass opacity was observed in the lung parenchyma.",),
@@ -117,7 +121,8 @@ def write_report(findings: list[Inserted], rng: np.random.Generator) -> tuple[st
         sentences.insert(1, finding_sentence(present["Arterial wall calcification"], rng))
     if "Medical material" in present:
         sentences.insert(2, finding_sentence(present["Medical material"], rng))
-    for name in ("Pleural effusion", "Emphysema", "Lung opacity", "Consolidation", "Lung nodule", "Arterial wall calcification"):
+    for name in ("Pleural effusion", "Emphysema", "Lung opacity", "Consolidation", "Lung nodule",
+                 "Arterial wall calcification"):
         if name in present:
             if name != "Arterial wall calcification":
                 sentences.append(finding_sentence(present[name], rng))
@@ -129,4 +134,5 @@ def write_report(findings: list[Inserted], rng: np.random.Generator) -> tuple[st
         both_sides(IMPRESSION[f.name].format(side=f.side, zone=f.zone, kind=f.kind)) for f in findings
     ]
     impressions = [line[0].upper() + line[1:] for line in impressions]
-    return " ".join(sentences), " ".join(f"• {line}" for line in impressions) or "No significant pathology was detected."
+    return " ".join(sentences), (" ".join(f"• {line}" for line in impressions)
+                                 or "No significant pathology was detected.")

@@ -101,11 +101,13 @@ def find_adapter_folder(folder: Path) -> Path:
 
 
 def trainables_file(adapter: Path | None, projector: str | Path | None) -> Path:
-    """The file the projector and resized embeddings come from: --projector, else the adapter's non_lora_trainables.bin."""
+    """The file the projector and resized embeddings come from: --projector, else the adapter's
+    non_lora_trainables.bin."""
     if projector is not None:
         return Path(projector)
     if adapter is None:
-        raise CheckpointError(f"CT-CHAT needs its projector: give the LoRA folder (with {NON_LORA_FILE}) or a projector file")
+        raise CheckpointError(f"CT-CHAT needs its projector: give the LoRA folder (with {NON_LORA_FILE}) "
+                              "or a projector file")
     path = adapter / NON_LORA_FILE
     if not path.is_file():
         raise CheckpointError(

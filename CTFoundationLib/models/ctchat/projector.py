@@ -26,14 +26,6 @@ from CTFoundationLib.models.checkpoint_io import (
 
 WHAT = "CT-CHAT projector checkpoint"
 
-# Hidden sizes of the base LLMs CT-CHAT was trained with (their public configs).
-LLM_HIDDEN_SIZES = {
-    "llama_3.1_8b": 4096,
-    "llama_3.1_70b": 8192,
-    "vicuna_13b_v1.5": 5120,
-    "mistral_7b_instruct_v0.2": 4096,
-}
-
 # Key prefixes of the projector in real files: stage-1 mm_projector.bin, LoRA-stage non_lora_trainables.bin.
 PROJECTOR_PREFIXES = ("base_model.model.model.mm_projector.", "model.mm_projector.", "mm_projector.")
 _PROJECTOR_ROOTS = ("attn_pool.", "ln.", "proj.")

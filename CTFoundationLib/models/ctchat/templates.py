@@ -146,7 +146,8 @@ def user_message(question: str, answer_type: str, first_with_image: bool) -> str
 
 
 def add_ctchat_tokens(tokenizer) -> list[str]:
-    """Add CT-CHAT's tokens as its training did; returns those added, in order (their ids follow the base vocabulary)."""
+    """Add CT-CHAT's tokens as its training did; returns those added, in order
+    (their ids follow the base vocabulary)."""
     added = []
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
