@@ -157,7 +157,9 @@ def ijkToRasArray(volumeNode: vtkMRMLScalarVolumeNode) -> np.ndarray:
 
 
 def ctVolumeFromNode(volumeNode: vtkMRMLScalarVolumeNode):
-    """The node's voxels (a (k, j, i) view, no copy) and geometry as a library CTVolume in HU."""
+    """The node's voxels (a (k, j, i) view, no copy) and geometry as a library CTVolume in HU, through the checks
+    every reader applies (`usable_volume`: geometry refused or warned the same way as for files)."""
+    from CTFoundationLib.io.reading import usable_volume
     from CTFoundationLib.io.volume import CTVolume
 
     if volumeNode is None or volumeNode.GetImageData() is None:
@@ -169,7 +171,7 @@ def ctVolumeFromNode(volumeNode: vtkMRMLScalarVolumeNode):
             "a scalar volume)"
         )
     metadata = {"format": "slicer", **dicomMetadata(volumeNode)}
-    return CTVolume.from_kji(array, ijkToRasArray(volumeNode), volumeNode.GetName(), metadata)
+    return usable_volume(CTVolume.from_kji(array, ijkToRasArray(volumeNode), volumeNode.GetName(), metadata))
 
 
 def dicomMetadata(volumeNode: vtkMRMLScalarVolumeNode) -> dict:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable
 
 
@@ -24,6 +26,10 @@ class WeightsError(CTFoundationError):
 
 class RetrievalError(CTFoundationError):
     """A case index that is missing, damaged or built with another model, or unusable retrieval input."""
+
+
+class OutputError(CTFoundationError):
+    """An output file or folder that cannot be written (permissions, a full disk)."""
 
 
 class AnatomyError(CTFoundationError):
@@ -58,13 +64,27 @@ class TrainingError(CTFoundationError):
     """A training config, dataset or run that cannot be used (what is wrong, which file, what to do)."""
 
 
+EXIT_ERROR = 2  # a CTFoundationError (bad input, missing weights, an unwritable output); argparse's usage errors too
+EXIT_INTERNAL = 3  # an exception the program did not anticipate: a bug
+EXIT_INTERRUPTED = 130  # Ctrl-C
+# 0 is success and 1 a run in which some cases failed (`report`, `index`): no count of cases can take 2, 3 or 130.
+
+
 def report_errors(run: Callable[[], int | None]) -> int:
-    """Exit code of a command body: its own, 2 with one `error:` line on a CTFoundationError, 130 on Ctrl-C."""
+    """Exit code of a command body: its own; EXIT_ERROR with one `error:` line on a CTFoundationError;
+    EXIT_INTERNAL with one line and the traceback saved to a file on any other exception; EXIT_INTERRUPTED on
+    Ctrl-C."""
     try:
         return int(run() or 0)
     except CTFoundationError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as error:  # one line for the user, the whole story in a file for the bug report
+        with tempfile.NamedTemporaryFile("w", prefix="ctfoundation-error-", suffix=".txt", delete=False) as log:
+            log.write("".join(traceback.format_exception(error)))
+        print(f"internal error: {type(error).__name__}: {error}. This is a bug; please report it with {log.name}",
+              file=sys.stderr)
+        return EXIT_INTERNAL

@@ -7,15 +7,16 @@ import sys
 import threading
 from pathlib import Path
 
-from CTFoundationLib.cli.ct import add_input_arguments, read_input
+from CTFoundationLib.cli.ct import add_input_arguments, device_name, read_input
 from CTFoundationLib.cli.ctclip import step_progress
 from CTFoundationLib.errors import ChatError
 from CTFoundationLib.inference.chat import ANSWER_TYPES, DEFAULT_CHAT_MODEL, ChatAnswer, ChatRuntime, ChatSession
-from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.io.files import require_writable_folder, write_json_atomic
 from CTFoundationLib.io.sanity import summarize
 from CTFoundationLib.models.ctchat.loading import PRECISIONS
 from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.models.ctchat.templates import TEMPLATES
+from CTFoundationLib.models.devices import DEVICE_HELP
 from CTFoundationLib.weights import load_registry
 
 INTERACTIVE_HELP = (
@@ -34,7 +35,7 @@ def register(subparsers) -> None:
     chat.add_argument("--transcript", type=Path, help="write the conversation to this JSON file")
     chat.add_argument("--ctclip", type=Path, help="CT-CLIP v2 checkpoint (default: installed ct-clip-v2)")
     chat.add_argument("--ctclip-config", type=Path, help="CT-CLIP constructor JSON, for non-standard sizes")
-    chat.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    chat.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     add_llm_arguments(chat)
     chat.set_defaults(run=run_chat)
 
@@ -65,6 +66,8 @@ def chat_model_options(args: argparse.Namespace) -> dict:
 
 def run_chat(args: argparse.Namespace) -> int:
     options, settings = chat_model_options(args), generation_settings(args)
+    if args.transcript:
+        require_writable_folder(args.transcript.parent, "--transcript")
     volume = read_input(args)
     for warning in summarize(volume)["warnings"]:
         print(f"warning [{warning['code']}]: {warning['message']}", file=sys.stderr)

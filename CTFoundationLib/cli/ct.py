@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from CTFoundationLib.errors import CTInputError
+from CTFoundationLib.errors import CTFoundationError, CTInputError
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.sanity import summarize
 from CTFoundationLib.preprocess import SPECS, preprocess
@@ -91,3 +91,14 @@ def run_preprocess(args: argparse.Namespace) -> int:
     print(f"{args.out}: {args.model} tensor {tuple(tensor.shape)} float32, "
           f"values {tensor.min():.3f}..{tensor.max():.3f}")
     return 0
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device PyTorch can run on here (checked before any CT is read or model loaded)."""
+    from CTFoundationLib.models.devices import select_device
+
+    try:
+        select_device(text)
+    except CTFoundationError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text

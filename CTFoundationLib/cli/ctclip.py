@@ -12,13 +12,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from CTFoundationLib.cli.ct import add_input_arguments, read_input
+from CTFoundationLib.cli.ct import add_input_arguments, device_name, read_input
 from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.embeddings import save_embedding
 from CTFoundationLib.inference.results import DetectionResult, detection_report
-from CTFoundationLib.io.files import write_json_atomic
+from CTFoundationLib.io.files import require_writable_folder, write_json_atomic
 from CTFoundationLib.io.sanity import summarize
+from CTFoundationLib.models.devices import DEVICE_HELP
 from CTFoundationLib.weights import load_registry
 
 
@@ -28,7 +29,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help="checkpoint file (default: the installed weights of --model)")
     parser.add_argument("--model-config", type=Path, help="JSON of reference constructor arguments, for other sizes")
     parser.add_argument("--text-encoder", type=Path, help="CXR-BERT folder or vocab.txt (default: installed cxr-bert)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    parser.add_argument("--device", type=device_name, default="auto", help=DEVICE_HELP)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
 
 
@@ -83,6 +84,8 @@ def register(subparsers) -> None:
 
 
 def run_detect(args: argparse.Namespace) -> int:
+    if args.out:
+        require_writable_folder(args.out.parent, "--out")
     volume = read_input(args)
     summary = summarize(volume)
     thresholds = load_thresholds(args.thresholds)
@@ -108,6 +111,7 @@ def format_findings(result: DetectionResult) -> str:
 
 
 def run_embed(args: argparse.Namespace) -> int:
+    require_writable_folder(args.out.parent, "--out")
     volume = read_input(args)
     with step_progress("ct-clip") as progress:
         runtime = load_ctclip(args, progress, with_text=False)

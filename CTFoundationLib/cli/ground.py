@@ -14,6 +14,7 @@ from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.inference.fvlm import MODES
 from CTFoundationLib.inference.grounding import GROUNDED_FILE, FVLMScoring, GroundedCase, ground_ct
+from CTFoundationLib.io.files import require_writable_folder
 
 
 def register(subparsers) -> None:
@@ -73,6 +74,7 @@ def anatomy_request(args: argparse.Namespace) -> AnatomyRequest:
 
 
 def run_ground(args: argparse.Namespace) -> int:
+    require_writable_folder(args.out, "--out")
     volume = read_input(args)
     text = read_report(args.report)
     with step_progress("ground") as progress:

@@ -18,7 +18,7 @@ from CTFoundationLib.report import REPORT_FILE, BatchProgress, BatchSummary, Sha
 from CTFoundationLib.report.pipeline import report_cases
 from CTFoundationLib.weights import load_registry
 
-MAX_EXIT_FAILURES = 100  # the exit code is the number of failed cases, capped here
+CASES_FAILED = 1  # exit code when some cases failed (fatal errors exit 2, see errors.report_errors)
 
 
 def register(subparsers) -> None:
@@ -63,7 +63,8 @@ def parse_shard(text: str) -> Shard:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    cases = discover_cases(args.inputs)
+    found = discover_cases(args.inputs)
+    cases = found.cases
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
     current = {"case": "loading model"}
 
@@ -80,9 +81,11 @@ def run_report(args: argparse.Namespace) -> int:
 
     with bar:
         summary = report_cases(cases, args.out, **report_options(args), on_model_step=on_model_step,
-                               on_case_step=on_case_step)
+                               on_case_step=on_case_step, skipped_inputs=found.skipped)
     print_summary(summary, len(cases), args.shard)
-    return min(len(summary.with_status("failed")), MAX_EXIT_FAILURES)
+    for skipped in found.skipped:
+        print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    return CASES_FAILED if summary.with_status("failed") else 0
 
 
 def report_options(args: argparse.Namespace) -> dict:

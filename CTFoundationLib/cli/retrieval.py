@@ -33,7 +33,10 @@ def register(subparsers) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    cases = discover_cases(args.inputs, embeddings=True)
+    found = discover_cases(args.inputs, embeddings=True)
+    cases = found.cases
+    for skipped in found.skipped:
+        print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     with step_progress("ct-clip") as progress:
         runtime = load_ctclip(args, progress, with_text=False)
         bar = tqdm(total=len(cases), desc="index", unit="case", file=sys.stderr, disable=None)

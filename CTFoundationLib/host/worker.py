@@ -73,7 +73,9 @@ def read_request(path: Path) -> dict:
 def read_request_volume(request: dict, step: Callable[[str], None]):
     """The request's CT ("ct"), with "volume_info" (where it really came from, e.g. the Slicer node) applied."""
     from CTFoundationLib.io.reading import read_ct
+    from CTFoundationLib.models.devices import select_device
 
+    select_device(request.get("ctclip", {}).get("device", "auto"))  # a bad device name fails before any work
     step("read CT")
     volume = read_ct(Path(request["ct"]))
     if request.get("volume_info"):
@@ -149,7 +151,8 @@ def run_report_task(args: argparse.Namespace) -> Path:
     from CTFoundationLib.report.pipeline import report_cases
 
     request = read_request(args.request)
-    cases = discover_cases([Path(p) for p in request.pop("inputs")])
+    found = discover_cases([Path(p) for p in request.pop("inputs")])
+    cases = found.cases
     out = Path(request.pop("out"))
     if request.get("shard"):
         request["shard"] = Shard.parse(request["shard"])
@@ -160,7 +163,10 @@ def run_report_task(args: argparse.Namespace) -> Path:
     def on_case_step(event) -> None:
         emit("step", name=f"{event.case_id}: {event.step}", index=event.done, count=event.total)
 
-    summary = report_cases(cases, out, **request, on_model_step=model_step, on_case_step=on_case_step)
+    summary = report_cases(cases, out, **request, on_model_step=model_step, on_case_step=on_case_step,
+                           skipped_inputs=found.skipped)
+    for skipped in found.skipped:
+        emit("warning", code="INPUT_SKIPPED", message=f"{skipped.path}: {skipped.reason}")
     for outcome in summary.with_status("failed"):
         emit("warning", code="CASE_FAILED", message=f"{outcome.case_id}: {outcome.error}")
     return summary.index_html

@@ -95,6 +95,7 @@ class CTCLIPRuntime:
         self.device = select_device(device)
         self._timed = StepTimer(progress, label=lambda step: step.replace("_", " "))
         self.timings_s = self._timed.seconds
+        require_input_size(config or CTCLIPConfig.full_size(), spec, model_id)
         with self._timed("load_model"):
             self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype])
             self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
@@ -264,3 +265,16 @@ def preprocess_spec(model_id: str, name: str) -> PreprocessSpec:
     if name not in SPECS:
         raise CTFoundationError(f"model {model_id}: the registry names preprocess '{name}'; known: {sorted(SPECS)}")
     return SPECS[name]
+
+
+def require_input_size(config: CTCLIPConfig, spec: PreprocessSpec, model_id: str) -> None:
+    """The preprocessing must give the input the model takes: (D, H, W) with (H, W) its image size and D a multiple
+    of its temporal patch; else a clear error before any work (a crop of another size is another field of view)."""
+    depth, *in_plane = spec.shape
+    vision = config.vision
+    if tuple(in_plane) != tuple(vision.image_size) or depth % vision.temporal_patch_size:
+        raise CTFoundationError(
+            f"{model_id}: the model config takes {vision.image_size[0]} x {vision.image_size[1]} slices in stacks of "
+            f"{vision.temporal_patch_size}, but its preprocessing '{spec.name}' gives "
+            f"{' x '.join(map(str, spec.shape))}; give the constructor JSON that belongs to these weights "
+            "(--model-config), or use the registry model whose preprocessing matches")

@@ -18,12 +18,28 @@ class Case:
     path: Path
 
 
-def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
-    """Cases in input order. A CT file is a case; a folder holding DICOM files is a case; any other folder
-    contributes each CT file and DICOM folder found below it (and, with `embeddings`, each saved embedding);
-    a .csv lists paths in a `path` column (optional `case_id`). Case ids are file/folder names, made unique
-    with a numeric suffix."""
+@dataclass(frozen=True)
+class SkippedInput:
+    """A file found in an input folder that is not a case, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Discovered:
+    cases: list[Case]
+    skipped: list[SkippedInput]
+
+
+def discover_cases(inputs: list[Path], embeddings: bool = False) -> Discovered:
+    """Cases in input order, and the files of input folders that are not cases. A CT file is a case; a folder
+    holding DICOM files is a case; any other folder contributes each CT file and DICOM folder found below it (and,
+    with `embeddings`, each saved embedding); a .csv lists paths in a `path` column (optional `case_id`). Case ids
+    are file/folder names, made unique with a numeric suffix. No case at all is a CTInputError."""
     found: list[tuple[str | None, Path]] = []
+    skipped: list[SkippedInput] = []
+    suffixes = CT_SUFFIXES + ((EMBEDDING_SUFFIX,) if embeddings else ())
     for path in inputs:
         path = Path(path)
         if not path.exists():
@@ -33,11 +49,11 @@ def discover_cases(inputs: list[Path], embeddings: bool = False) -> list[Case]:
         elif path.is_file() or _holds_dicom(path):
             found.append((None, path))
         else:
-            cases = _cases_below(path, CT_SUFFIXES + ((EMBEDDING_SUFFIX,) if embeddings else ()))
+            cases = _cases_below(path, suffixes, skipped)
             if not cases:
                 raise CTInputError(f"{path}: no CT files (.nii, .nii.gz, .nrrd) or DICOM folders inside")
             found += [(None, case) for case in cases]
-    return _unique_ids(found)
+    return Discovered(_unique_ids(found), skipped)
 
 
 def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
@@ -45,6 +61,8 @@ def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
 
     header, rows = read_csv_rows(path, CTInputError)
     require_columns(header, ("path",), path, CTInputError)
+    if not rows:
+        raise CTInputError(f"{path}: lists no cases (a header only); add one row per CT with its path")
     cases = []
     for number, row in enumerate(rows, start=2):
         text = (row["path"] or "").strip()
@@ -62,7 +80,8 @@ def _holds_dicom(folder: Path) -> bool:
     )
 
 
-def _cases_below(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def _cases_below(folder: Path, suffixes: tuple[str, ...], skipped: list[SkippedInput]) -> list[Path]:
+    """CT files and DICOM folders below `folder`; other files go to `skipped` with the reason (hidden ones aside)."""
     cases = []
     for child in sorted(folder.iterdir()):
         if child.name.startswith("."):
@@ -70,8 +89,21 @@ def _cases_below(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
         if child.is_file() and child.name.lower().endswith(suffixes):
             cases.append(child)
         elif child.is_dir():
-            cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes)
+            cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes, skipped)
+        else:
+            kind = child.suffix.lower() or "without an extension"
+            skipped.append(SkippedInput(child, f"not a CT file ({kind}): reads .nii, .nii.gz, .nrrd and DICOM folders"))
     return cases
+
+
+def require_outside_series(out: Path, cases: list[Case]) -> None:
+    """Refuse an output folder that is, or lies inside, an input DICOM series folder (it would mix results into
+    the series and be read back as part of it)."""
+    out = Path(out).resolve()
+    for case in cases:
+        folder = Path(case.path).resolve()
+        if folder.is_dir() and (out == folder or folder in out.parents):
+            raise CTInputError(f"output folder {out} is inside the input series {folder}; choose a folder outside it")
 
 
 def case_name(path: Path) -> str:

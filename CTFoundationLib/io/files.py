@@ -10,12 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from CTFoundationLib.errors import CTFoundationError
+from CTFoundationLib.errors import CTFoundationError, OutputError
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -50,21 +51,33 @@ def atomic_write(path: Path, mode: str = "w", private: bool = False, **open_opti
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """UTF-8 text, written atomically (OSError on failure)."""
-    with atomic_write(path, newline="") as handle:
-        handle.write(text)
+    """UTF-8 text, written atomically; an unwritable place is an OutputError naming it."""
+    try:
+        with atomic_write(path, newline="") as handle:
+            handle.write(text)
+    except OSError as error:
+        raise cannot_write(path, error) from None
+
+
+def cannot_write(path: Path, error: OSError) -> OutputError:
+    """The one-line error for a file or folder that cannot be written."""
+    return OutputError(f"cannot write {path} ({error.strerror or error}); check the folder, its permissions and the "
+                       "free disk space")
 
 
 def write_json_atomic(path: Path, data: Any, private: bool = False, sort_keys: bool = True) -> None:
-    """Indented JSON, written atomically; an unwritable place is a CTFoundationError naming it."""
+    """Indented standard JSON (NaN and infinity refused, as strict readers do), written atomically; an unwritable
+    place (OutputError) or a non-finite number (CTFoundationError) is an error naming the file."""
+    try:
+        text = json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False, allow_nan=False)
+    except ValueError as error:
+        raise CTFoundationError(f"cannot write {path}: {error} (a result that is not a number); nothing written") \
+            from None
     try:
         with atomic_write(path, private=private) as handle:
-            json.dump(data, handle, indent=2, sort_keys=sort_keys, ensure_ascii=False)
-            handle.write("\n")
+            handle.write(text + "\n")
     except OSError as error:
-        raise CTFoundationError(
-            f"cannot write {path} ({error.strerror or error}); check the folder and its permissions"
-        ) from None
+        raise cannot_write(path, error) from None
 
 
 def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
@@ -74,3 +87,16 @@ def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
         while block := handle.read(chunk_bytes):
             hasher.update(block)
     return hasher.hexdigest()
+
+
+def require_writable_folder(folder: Path, what: str = "output folder") -> None:
+    """Create `folder` if needed and prove a file can be written in it; else a CTFoundationError saying so (checked
+    before reading inputs or loading models, so an unusable output fails at once)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(
+            f"{what} {folder}: cannot write there ({error.strerror or error}); choose a folder you can write to"
+        ) from None

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from CTFoundationLib.errors import CTInputError
-from CTFoundationLib.io.volume import LPS_FROM_RAS, CTVolume
+from CTFoundationLib.io.volume import LPS_FROM_RAS, CTVolume, shear_deg
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SLICE_SPACING_TOLERANCE = 0.05  # relative deviation from the median slice step before we refuse
-TILT_TOLERANCE_DEG = 0.5
+TILT_TOLERANCE_DEG = 0.5  # shear (gantry tilt) beyond this is refused; the same bound flags an oblique grid
+SPACING_RANGE_MM = (0.01, 50.0)  # voxel sizes a CT can have; outside it the header is wrong
+AIR_HU = -1024.0  # what a non-finite voxel becomes: outside the field of view, as scanners pad it
 
 
 def read_ct(path: str | Path, series_uid: str | None = None, rescale: tuple[float, float] | None = None) -> CTVolume:
@@ -48,8 +50,7 @@ def read_ct(path: str | Path, series_uid: str | None = None, rescale: tuple[floa
         raise CTInputError(
             f"{path}: unknown file type; give a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) file or a DICOM folder"
         )
-    _require_3d(volume)
-    return volume
+    return usable_volume(volume)
 
 
 def read_nifti(path: Path, stored: bool = False) -> CTVolume:
@@ -62,7 +63,10 @@ def read_nifti(path: Path, stored: bool = False) -> CTVolume:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError) as error:
         raise CTInputError(f"{path}: cannot read this NIfTI file ({error}); is it truncated or corrupt?") from error
     data = _squeeze_to_3d(data, path)
-    return CTVolume(_as_hu_dtype(data), image.affine, str(path), {"format": "nifti"})
+    metadata = {"format": "nifti"}
+    if not (image.header.get("sform_code", 0) or image.header.get("qform_code", 0)):
+        metadata["orientation_assumed"] = True  # nibabel places the voxels by their size alone (NO_ORIENTATION)
+    return CTVolume(_as_hu_dtype(data, path), image.affine, str(path), metadata)
 
 
 def read_nrrd(path: Path) -> CTVolume:
@@ -84,7 +88,7 @@ def read_nrrd(path: Path) -> CTVolume:
     to_ras = {"left-posterior-superior": LPS_FROM_RAS, "right-anterior-superior": np.eye(4)}.get(space)
     if to_ras is None:
         raise CTInputError(f"{path}: NRRD space '{space}' is not supported; save it as LPS or RAS")
-    return CTVolume(_as_hu_dtype(data), to_ras @ affine_space, str(path), {"format": "nrrd"})
+    return CTVolume(_as_hu_dtype(data, path), to_ras @ affine_space, str(path), {"format": "nrrd"})
 
 
 def _squeeze_to_3d(data: np.ndarray, path: Path) -> np.ndarray:
@@ -97,8 +101,11 @@ def _squeeze_to_3d(data: np.ndarray, path: Path) -> np.ndarray:
     return data
 
 
-def _as_hu_dtype(data: np.ndarray) -> np.ndarray:
-    """Integer data that fits in int16 stays int16 (half the memory), everything else becomes float32."""
+def _as_hu_dtype(data: np.ndarray, path: Path) -> np.ndarray:
+    """Integer data that fits in int16 stays int16 (half the memory), other real numbers become float32."""
+    if data.dtype.kind not in "iuf":  # bool masks, complex, RGB records and text cannot be HU
+        raise CTInputError(f"{path}: voxels of type {data.dtype} cannot hold HU values; give the CT itself (a "
+                           "scalar integer or float image), not a mask, colour or complex image")
     if data.dtype == np.int16:
         return data
     if np.issubdtype(data.dtype, np.integer) and data.size and data.min() >= -32768 and data.max() <= 32767:
@@ -106,12 +113,46 @@ def _as_hu_dtype(data: np.ndarray) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def _require_3d(volume: CTVolume) -> None:
+def usable_volume(volume: CTVolume) -> CTVolume:
+    """The volume if the models can use it, after the checks every reader (and a Slicer node) goes through.
+
+    Refused: fewer than 2 voxels along an axis, a geometry that places no regular grid in space (non-finite or
+    singular affine, spacing outside SPACING_RANGE_MM, sheared axes), no finite voxel. Non-finite voxels (NaN,
+    inf) are taken as outside the field of view: they become AIR_HU, counted in metadata["non_finite_voxels"]
+    (the NON_FINITE warning). A rotated (oblique) grid is kept along its nearest axes (the OBLIQUE warning).
+    """
+    where = volume.source or "the CT"
     if min(volume.shape_ijk) < 2:
         raise CTInputError(
-            f"{volume.source}: this is a 2-D image (shape {volume.shape_ijk}); the models need a 3-D CT volume "
+            f"{where}: this is a 2-D image (shape {volume.shape_ijk}); the models need a 3-D CT volume "
             "(a whole series of slices)"
         )
+    _require_regular_grid(volume.affine_ras, where)
+    finite = np.isfinite(volume.hu) if volume.hu.dtype.kind == "f" else None
+    if finite is not None and not finite.all():
+        missing = int(finite.size - np.count_nonzero(finite))
+        if missing == finite.size:
+            raise CTInputError(f"{where}: no voxel holds a number (all NaN or infinite); the file is not a usable CT")
+        hu = np.where(finite, volume.hu, np.float32(AIR_HU))
+        volume = CTVolume(hu, volume.affine_ras, volume.source, dict(volume.metadata, non_finite_voxels=missing))
+    return volume
+
+
+def _require_regular_grid(affine: np.ndarray, where: str) -> None:
+    """Refuse a voxel-to-world matrix that is not a regular grid in space: spacing and perpendicular axes."""
+    axes = affine[:3, :3]
+    if not np.isfinite(affine).all() or abs(np.linalg.det(axes)) < 1e-12:
+        raise CTInputError(f"{where}: the voxel-to-world matrix is not finite or is singular; its header does not "
+                           "place the voxels in space. Re-export the CT")
+    spacing = np.linalg.norm(axes, axis=0)
+    low, high = SPACING_RANGE_MM
+    if spacing.min() < low or spacing.max() > high:
+        raise CTInputError(f"{where}: voxel spacing {' x '.join(f'{s:g}' for s in spacing)} mm is not a CT's "
+                           f"({low:g}-{high:g} mm); check the header's pixel spacing and slice thickness")
+    shear = shear_deg(affine)
+    if shear > TILT_TOLERANCE_DEG:
+        raise CTInputError(f"{where}: the voxel axes are not perpendicular (sheared by {shear:.1f}°, e.g. gantry "
+                           "tilt); resample it to an orthogonal grid first, e.g. with Slicer's DICOM import")
 
 
 def _apply_explicit_rescale(volume: CTVolume, rescale: tuple[float, float]) -> CTVolume:

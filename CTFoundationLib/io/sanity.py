@@ -9,6 +9,9 @@ Codes:
 - NOT_CHEST: too little aerated lung in view for a chest CT.
 - SHORT_COVERAGE: the scan covers far less than a chest along the body axis.
 - OTHER_SERIES: the DICOM folder holds further series that were not read.
+- NON_FINITE: voxels that held no number (NaN, inf) were taken as outside the field of view (air).
+- OBLIQUE: the voxel grid is rotated against the patient axes; the models see it along its nearest axes.
+- NO_ORIENTATION: the file does not say how its voxels lie in the patient (NIfTI sform and qform codes 0).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.ndimage as ndi
 
-from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.io.volume import CTVolume, obliquity_deg
 
 THICK_SLICE_MM = 3.0
+OBLIQUE_DEG = 0.5  # a rotation below this is rounding in the header
 MIN_CHEST_COVERAGE_MM = 150.0
 MIN_LUNG_FRACTION = 0.08  # aerated-lung voxels / non-air voxels, on a ~3 mm grid
 LUNG_HU = (-950.0, -600.0)
@@ -109,6 +113,34 @@ def _hu_warnings(hu: np.ndarray) -> list[InputWarning]:
 
 def _geometry_warnings(volume: CTVolume) -> list[InputWarning]:
     warnings = []
+    non_finite = volume.metadata.get("non_finite_voxels")
+    if non_finite:
+        warnings.append(
+            InputWarning(
+                "NON_FINITE",
+                f"{non_finite} voxels ({non_finite / volume.hu.size:.1%}) held no number (NaN or infinite); they were "
+                "taken as outside the field of view (air, -1024 HU)",
+            )
+        )
+    if volume.metadata.get("orientation_assumed"):
+        warnings.append(
+            InputWarning(
+                "NO_ORIENTATION",
+                "the file does not say how its voxels lie in the patient (NIfTI sform and qform codes are 0); they "
+                "were placed by voxel size alone, so left-right and head-foot may be wrong. Save it with its "
+                "orientation",
+            )
+        )
+    angle = obliquity_deg(volume.affine_ras)
+    if angle > OBLIQUE_DEG:
+        warnings.append(
+            InputWarning(
+                "OBLIQUE",
+                f"the voxel grid is rotated {angle:.1f}° against the patient axes; the models see it along its nearest "
+                "axes without resampling, so the anatomy is tilted by that angle. Resample it to an axial grid for "
+                "reliable scores",
+            )
+        )
     oriented = volume.reoriented("LPS")
     slice_mm = max(oriented.spacing_ijk_mm[2], float(volume.metadata.get("slice_thickness_mm") or 0.0))
     if slice_mm > THICK_SLICE_MM:

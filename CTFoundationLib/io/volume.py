@@ -79,3 +79,15 @@ class CTVolume:
         affine = self.affine_ras @ nio.inv_ornt_aff(transform, self.hu.shape)
         return CTVolume(hu, affine, self.source, dict(self.metadata))
 
+
+def shear_deg(affine: np.ndarray) -> float:
+    """The largest deviation from 90° between two voxel axes, in degrees."""
+    unit = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    cosines = np.abs(unit.T @ unit)[np.triu_indices(3, k=1)]
+    return float(np.degrees(np.arcsin(np.clip(cosines.max(), 0.0, 1.0))))
+
+
+def obliquity_deg(affine: np.ndarray) -> float:
+    """The largest angle between a voxel axis and the world axis nearest to it, in degrees (0: not oblique)."""
+    unit = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return float(np.degrees(np.arccos(np.clip(np.abs(unit).max(axis=0).min(), 0.0, 1.0))))

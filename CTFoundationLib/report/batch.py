@@ -11,6 +11,7 @@ Output folder (see files.py): DIR/<case>/result.json, DIR/<case>/report.html, DI
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -21,14 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from CTFoundationLib import __version__
-from CTFoundationLib.errors import CTFoundationError, CTInputError, WeightsError
+from CTFoundationLib.errors import CTFoundationError, CTInputError, OutputError, WeightsError
 from CTFoundationLib.inference.common import StepTimer
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
-from CTFoundationLib.io.cases import Case
-from CTFoundationLib.io.files import write_json_atomic, write_text_atomic
+from CTFoundationLib.io.cases import Case, SkippedInput
+from CTFoundationLib.io.files import cannot_write, require_writable_folder, write_json_atomic, write_text_atomic
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.sanity import summarize
-from CTFoundationLib.report.files import REPORT_FILE, RESULT_FILE, case_folder_name, remove_leftovers
+from CTFoundationLib.report.files import (
+    REPORT_FILE,
+    RESULT_FILE,
+    SKIPPED_INPUTS_FILE,
+    case_folder_name,
+    remove_leftovers,
+)
 from CTFoundationLib.report.keyimages import key_images
 from CTFoundationLib.report.render import render_case
 from CTFoundationLib.report.sections import ReportSection, SectionOutput
@@ -104,13 +111,18 @@ def run_batch(
     shard: Shard | None = None,
     force: bool = False,
     progress: Callable[[BatchProgress], None] | None = None,
+    skipped_inputs: Sequence[SkippedInput] = (),
 ) -> BatchSummary:
     """Report every case of `cases` (or of its `shard`) into `out_dir`, then rebuild the summary.
 
     runtime: an already loaded model, used for all cases. force: redo cases finished before.
     progress: called at each step of each case that is processed (skipped cases are not reported).
+    skipped_inputs: files of the input folders that are not cases, listed in the summary with their reason.
+    Cases still to do are listed as pending first. An output that cannot be written (a full disk, permissions)
+    stops the batch with one OutputError; finished cases are kept and a rerun does the rest.
     """
     out_dir = Path(out_dir)
+    require_writable_folder(out_dir)
     folders = _case_folders(out_dir, cases)
     selected = shard.select(cases) if shard else list(cases)
     keys = {case.case_id: run_key(runtime, case, thresholds, sections) for case in selected}
@@ -122,6 +134,9 @@ def run_batch(
         else:
             todo.append(case)
     notify = progress or (lambda event: None)
+    write_skipped_inputs(out_dir, skipped_inputs)
+    for case in todo:
+        mark_pending(folders[case.case_id], case, keys[case.case_id])
     try:
         for position, case in enumerate(todo):
 
@@ -131,9 +146,39 @@ def run_batch(
             outcome = report_one(runtime, case, folders[case.case_id], keys[case.case_id], thresholds, sections, step)
             summary.outcomes.append(outcome)
             notify(BatchProgress(case.case_id, outcome.status, position + 1, len(todo)))
-    finally:
-        summary.index_html, summary.summary_csv = write_summary(out_dir)
+    except BaseException as error:
+        with contextlib.suppress(OutputError):  # the summary of what was done, where it can still be written
+            write_summary(out_dir)
+        if isinstance(error, OutputError):
+            done = len(summary.outcomes) - len(summary.with_status("skipped"))
+            raise OutputError(f"{error}. The batch stopped after {done} of {len(todo)} cases (kept; the others are "
+                              "listed as pending): fix that, then run the same command again") from None
+        raise
+    summary.index_html, summary.summary_csv = write_summary(out_dir)
     return summary
+
+
+def mark_pending(folder: Path, case: Case, key: str) -> None:
+    """A result.json saying the case is still to do, unless the folder already holds a result of an earlier run."""
+    if not (folder / RESULT_FILE).exists():
+        make_folder(folder)
+        write_json_atomic(folder / RESULT_FILE, {**_base_result(case, key), "status": "pending"}, sort_keys=False)
+
+
+def write_skipped_inputs(out_dir: Path, skipped: Sequence[SkippedInput]) -> None:
+    """The input files that are not cases, for the summary (a stale list from an earlier run is removed)."""
+    path = out_dir / SKIPPED_INPUTS_FILE
+    if skipped:
+        write_json_atomic(path, [{"path": str(s.path), "reason": s.reason} for s in skipped], sort_keys=False)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise cannot_write(folder, error) from None
 
 
 def report_one(
@@ -145,13 +190,16 @@ def report_one(
     sections: Sequence[ReportSection],
     step: Callable[[str], None],
 ) -> CaseOutcome:
-    """Read, check, detect, run the sections, render and write one case; any error becomes a failed result."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Read, check, detect, run the sections, render and write one case; any error becomes a failed result, except
+    an output that cannot be written (OutputError), which stops the batch."""
+    make_folder(folder)
     remove_leftovers(folder)
     clock = StepTimer(step)
     result = _base_result(case, key)
     try:
         _fill_result(result, runtime, case, folder, thresholds, sections, clock)
+    except OutputError:
+        raise
     except Exception as error:  # one bad case must not stop the batch; KeyboardInterrupt still does
         (folder / REPORT_FILE).unlink(missing_ok=True)
         result.pop("report", None)

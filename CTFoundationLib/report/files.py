@@ -12,6 +12,7 @@ RESULT_FILE = "result.json"  # written last: an "ok" result.json marks the case 
 REPORT_FILE = "report.html"
 INDEX_FILE = "index.html"
 SUMMARY_FILE = "summary.csv"
+SKIPPED_INPUTS_FILE = "skipped_inputs.json"  # files of the input folders that are not cases, with the reason
 RESULT_SCHEMA = RESOURCES / "report_result.schema.json"  # JSON Schema of result.json
 
 

@@ -1,7 +1,8 @@
 """Batch reports by registry id and plain options: load the models once, then `run_batch` over the cases.
 
-    report_cases(discover_cases([...]), "reports/", ctclip={"model_id": "ct-clip-v2", "device": "auto"},
-                 anatomy=True, narrative="ct-chat-llama3.1-8b")
+    found = discover_cases([...])
+    report_cases(found.cases, "reports/", ctclip={"model_id": "ct-clip-v2", "device": "auto"}, anatomy=True,
+                 narrative="ct-chat-llama3.1-8b", skipped_inputs=found.skipped)
 
 The CLI (`ctfoundation report`), the background worker and headless Slicer all come through here; every option
 is plain data (paths, ids, numbers), so a request can travel as JSON.
@@ -19,7 +20,8 @@ from CTFoundationLib.inference.chat import ChatRuntime, chat_dependency, load_ch
 from CTFoundationLib.inference.common import Progress, load_thresholds
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.grounding import FVLMScoring
-from CTFoundationLib.io.cases import Case
+from CTFoundationLib.io.cases import Case, SkippedInput, require_outside_series
+from CTFoundationLib.io.files import require_writable_folder
 from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.report.anatomy_section import anatomy_section
 from CTFoundationLib.report.batch import BatchProgress, BatchSummary, Shard, run_batch
@@ -43,6 +45,7 @@ def report_cases(
     force: bool = False,
     on_model_step: Progress | None = None,
     on_case_step: Callable[[BatchProgress], None] | None = None,
+    skipped_inputs: Sequence[SkippedInput] = (),
 ) -> BatchSummary:
     """Report every case (of the shard) into `out`; cases finished before with the same settings are skipped.
 
@@ -50,6 +53,7 @@ def report_cases(
     anatomy: add the per-anatomy findings section (fvlm: FVLMScoring.from_registry's options).
     narrative: a CT-CHAT registry id whose report is added (chat: load_chat_model's options; it reads the token
     grid of the detection model, which must be the CT-CLIP that CT-CHAT was trained with).
+    skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
     """
     ctclip = dict(ctclip or {})
     if narrative:
@@ -59,10 +63,8 @@ def report_cases(
                                     f"not {ctclip.get('model_id')}")
     threshold_table = load_thresholds(Path(thresholds) if thresholds else None)
     out = Path(out)
-    try:  # before the model loads: an unusable output folder fails at once
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CTFoundationError(f"output folder {out}: cannot create it ({error.strerror or error})") from None
+    require_outside_series(out, cases)
+    require_writable_folder(out)  # before the model loads: an unusable output folder fails at once
     runtime = CTCLIPRuntime.from_registry(**ctclip, progress=on_model_step)
     sections: list[ReportSection] = []
     if anatomy:
@@ -77,4 +79,4 @@ def report_cases(
         chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
         sections.append(narrative_section(chat_runtime, narrative, generation))
     return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
-                     progress=on_case_step)
+                     progress=on_case_step, skipped_inputs=skipped_inputs)

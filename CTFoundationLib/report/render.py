@@ -49,7 +49,7 @@ def render_case(result: dict, images: Sequence[KeyImage], sections: Sequence[tup
 
 def render_index(rows: Sequence[dict], generated: str) -> str:
     """index.html across cases; rows as `summary.summary_rows` gives them."""
-    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "failed")}
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "failed", "pending", "skipped")}
     return _environment().get_template("index.html.j2").render(
         rows=rows, counts=counts, generated=generated, notice=NOT_FOR_CLINICAL_USE
     )

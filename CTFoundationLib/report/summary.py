@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from CTFoundationLib.io.files import write_text_atomic
-from CTFoundationLib.report.files import INDEX_FILE, REPORT_FILE, RESULT_FILE, SUMMARY_FILE
+from CTFoundationLib.report.files import INDEX_FILE, REPORT_FILE, RESULT_FILE, SKIPPED_INPUTS_FILE, SUMMARY_FILE
 from CTFoundationLib.report.render import render_index
 from CTFoundationLib.weights.cache import now_iso
 
@@ -20,9 +20,21 @@ CSV_FIELDS = ("case_id", "status", "report", "warnings", "positives", "seconds",
 
 
 def summary_rows(out_dir: Path) -> list[dict]:
-    """One row per case folder holding a result.json, sorted by case id; an unreadable result is a failed row."""
+    """One row per case folder holding a result.json, sorted by case id (an unreadable result is a failed row, a
+    case still to do a pending one), then one per input file that is not a case (status "skipped")."""
     rows = [_row(path, out_dir) for path in sorted(out_dir.glob(f"*/{RESULT_FILE}"))]
-    return sorted(rows, key=lambda row: row["case_id"])
+    return sorted(rows, key=lambda row: row["case_id"]) + _skipped_rows(out_dir / SKIPPED_INPUTS_FILE)
+
+
+def _skipped_rows(path: Path) -> list[dict]:
+    try:
+        skipped = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as error:
+        return [_failed_row(path.name, f"{path} is unreadable ({error}); rerun the batch")]
+    return [dict(_failed_row(Path(item["path"]).name, f"{item['path']}: {item['reason']}"), status="skipped")
+            for item in skipped]
 
 
 def _row(path: Path, out_dir: Path) -> dict:
@@ -31,6 +43,9 @@ def _row(path: Path, out_dir: Path) -> dict:
         case_id, status = result["case_id"], result["status"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         return _failed_row(path.parent.name, f"{path} is unreadable ({error}); rerun the batch to redo the case")
+    if status == "pending":
+        return dict(_failed_row(case_id, "not done yet: the batch stopped before this case; run it again"),
+                    status="pending")
     if status != "ok":
         error = result.get("error", {})
         return _failed_row(case_id, f"{error.get('stage', '?')}: {error.get('message', '?')}", result)
