@@ -9,8 +9,8 @@ Tasks:
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
 
 Progress goes to stdout as event lines (`host.process.format_event`): started, step, warning, file,
-bytes, note, devices, result, error. Exit code: 0 success, 2 a CTFoundationError (the `error` event
-carries its message), 1 an unexpected failure (traceback in the event's `details`), 130 interrupted.
+bytes, note, devices, result, error. Exit code (as the CLI's): 0 success, 2 a CTFoundationError (the `error` event
+carries its message), 3 an unexpected failure (traceback in the event's `details`), 130 interrupted.
 Heavy libraries (torch) are imported by the tasks that need them, not when this module is imported.
 """
 
@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from CTFoundationLib.errors import CTFoundationError, CTInputError
+from CTFoundationLib.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, CTFoundationError, CTInputError
 from CTFoundationLib.host.allocator import reuse_freed_memory
 from CTFoundationLib.host.process import format_event
 
@@ -264,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         output = TASKS[task][1](args)
     except CTFoundationError as error:
         emit("error", kind=type(error).__name__, message=str(error), details=traceback.format_exc())
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         emit("error", kind="KeyboardInterrupt", message="interrupted", details="")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as error:  # reported to the GUI with its traceback instead of dying silently
         message = f"unexpected {type(error).__name__}: {error}"
         emit("error", kind=type(error).__name__, message=message, details=traceback.format_exc())
-        return 1
+        return EXIT_INTERNAL
     emit("result", task=task, path=str(output) if output is not None else None)
     return 0
 
