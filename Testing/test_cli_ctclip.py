@@ -55,6 +55,15 @@ def test_bad_model_config_and_missing_weights_file(ct_dir, tmp_path, capsys):
     assert code == 2 and "not a usable CT-CLIP constructor JSON" in capsys.readouterr().err
 
 
+def test_checkpoint_of_other_sizes_without_model_config_names_the_option(ct_dir, small, capsys):
+    without_config = small[:2] + small[4:]
+    assert main(["detect", str(ct_dir / RICORD_3MM), *without_config, "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert f"{small[1]} does not match the CT-CLIP v2 model" in error and "wrong shapes" in error
+    assert "pass its constructor JSON with --model-config FILE" in error and "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1, error
+
+
 def test_embed_image_with_tokens_and_text(ct_dir, tmp_path, small):
     out = tmp_path / "case.safetensors"
     assert main(["embed", str(ct_dir / RICORD_3MM), *small, "--tokens", "--out", str(out)]) == 0

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import fixture_folders, fixtures_root
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from CTFoundationLib.errors import CheckpointError
 from CTFoundationLib.models.ctchat.projector import (
@@ -39,18 +40,50 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True)
 
 
-@folder_cases
-def test_outputs_match_reference(folder: Path) -> None:
+def _listed_expected(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors the fixture's config.json lists under `expected`, each required in expected.safetensors."""
+    listed = json.loads((folder / "config.json").read_text())["expected"]
+    stored = load_file(folder / "expected.safetensors")
+    missing = sorted(set(listed) - set(stored))
+    assert not missing, f"{folder}: config.json lists {missing} but expected.safetensors lacks them"
+    return {name: stored[name] for name in listed}
+
+
+def _assert_matches_reference(folder: Path) -> None:
     model = load_projector(folder / "state_dict.pt", _config(folder))
     x = load_file(folder / "inputs.safetensors")["projector_input"].float()
-    expected = load_file(folder / "expected.safetensors")
+    expected = _listed_expected(folder)
     with torch.inference_mode():
-        pooled = model.attn_pool(x)
-        out = model(x)
+        ours = {"attn_pool_out": model.attn_pool(x), "projector_out": model(x)}
         out_grid = model(x.unflatten(1, (1, 1, x.shape[1])))
-    torch.testing.assert_close(pooled, expected["attn_pool_out"], **_tolerance(folder))
-    torch.testing.assert_close(out, expected["projector_out"], **_tolerance(folder))
-    torch.testing.assert_close(out_grid, out, rtol=0, atol=0)
+    assert not expected.keys() - ours.keys(), f"{folder}: tensors we do not produce: {sorted(expected.keys() - ours)}"
+    for name, want in expected.items():
+        torch.testing.assert_close(ours[name], want, **_tolerance(folder), msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(out_grid, ours["projector_out"], rtol=0, atol=0)
+
+
+def _copy_listing(folder: Path, destination: Path, listed: list[str], stored: list[str]) -> Path:
+    """A copy of the fixture whose config.json lists `listed` and whose expected.safetensors holds `stored`."""
+    shutil.copytree(folder, destination)
+    config = json.loads((folder / "config.json").read_text())
+    config["expected"] = {name: config["expected"][name] for name in listed}
+    (destination / "config.json").write_text(json.dumps(config))
+    expected = load_file(folder / "expected.safetensors")
+    save_file({name: expected[name] for name in stored}, destination / "expected.safetensors")
+    return destination
+
+
+@folder_cases
+def test_outputs_match_reference(folder: Path) -> None:
+    _assert_matches_reference(folder)
+
+
+@folder_cases
+def test_fixture_without_the_intermediate_is_compared_on_what_it_lists(folder: Path, tmp_path: Path) -> None:
+    _assert_matches_reference(_copy_listing(folder, tmp_path / "final_only", ["projector_out"], ["projector_out"]))
+    missing = _copy_listing(folder, tmp_path / "missing", ["attn_pool_out", "projector_out"], ["projector_out"])
+    with pytest.raises(AssertionError, match=r"lists \['attn_pool_out'\] but expected.safetensors lacks"):
+        _assert_matches_reference(missing)
 
 
 @folder_cases

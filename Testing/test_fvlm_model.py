@@ -141,7 +141,8 @@ def test_bad_checkpoints_raise_checkpoint_error(folder: Path, tmp_path: Path) ->
     config = case(folder).config
     cases = {
         "missing_query_tokens": ({"model": {k: v for k, v in state.items() if k != "query_tokens"}}, "query_tokens"),
-        "wrong_shape": ({"model": {**state, "text_proj.bias": torch.zeros(3)}}, "text_proj.bias"),
+        "wrong_shape": ({"model": {**state, "text_proj.bias": torch.zeros(3)}},
+                        r"text_proj\.bias.* --fvlm-config FILE \(in Python: config= of FVLMRuntime\.from_registry\)"),
         "not_a_state_dict": ({"model": {"a": 1}}, "not a plain state dict"),
         "list": ([torch.zeros(1)], "not a dictionary"),
     }

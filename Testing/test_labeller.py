@@ -97,6 +97,23 @@ def test_negated_and_affirmed_mentions_get_opposite_labels(held_out_labeller):
     assert not empty.any()
 
 
+@pytest.mark.parametrize(
+    ("report", "present"),
+    [
+        ("Bilateral pleural effusion. Cardiomegaly is present.", {"Pleural effusion", "Cardiomegaly"}),
+        ("Pericardial effusion is present.", {"Pericardial effusion"}),
+        ("Bilateral pleural effusion.", {"Pleural effusion"}),
+        ("Cardiomegaly and pericardial effusion are present.", {"Cardiomegaly", "Pericardial effusion"}),
+        ("Minimal pericardial effusion. No pleural effusion.", {"Pericardial effusion"}),
+        ("Cardiomegaly. No pleural or pericardial effusion.", {"Cardiomegaly"}),
+    ],
+)
+def test_short_reports_get_the_effusion_they_name_and_nothing_else(held_out_labeller, report, present):
+    """Training reports are long templates; a report of one or two sentences must not borrow their findings."""
+    labelled = held_out_labeller.labels([report])[0]
+    assert {name for name, value in zip(CT_RATE_ABNORMALITIES, labelled) if value} == present
+
+
 def test_save_and_load_give_the_same_probabilities(held_out_labeller, reports, tmp_path):
     path = tmp_path / "labeller.npz"
     held_out_labeller.save(path)

@@ -72,11 +72,13 @@ def apply_state_dict(
     what: str,
     ignore: Callable[[str], bool] = lambda key: False,
     extra_is_error: bool = False,
+    other_sizes_advice: str = "pick the matching configuration or file",
 ) -> None:
     """Copy `state` into `module` after checking names and shapes.
 
-    Missing weights and shape mismatches raise CheckpointError; keys the module does not have are
-    silently skipped when `ignore(key)`, otherwise raise (`extra_is_error`) or are logged.
+    Missing weights and shape mismatches raise CheckpointError (the latter ends with `other_sizes_advice`: how the
+    user passes the file's sizes); keys the module does not have are silently skipped when `ignore(key)`,
+    otherwise raise (`extra_is_error`) or are logged.
     """
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
@@ -90,7 +92,7 @@ def apply_state_dict(
     if wrong:
         raise CheckpointError(
             f"{what} {source} has weights of the wrong shape ({'; '.join(wrong[:5])}). "
-            "It was trained with other sizes than this configuration; pick the matching configuration or file."
+            f"It was trained with other sizes than this configuration; {other_sizes_advice}."
         )
     extra = [k for k in state if k not in expected and not ignore(k)]
     if extra and extra_is_error:

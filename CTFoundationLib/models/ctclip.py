@@ -537,8 +537,8 @@ def zero_shot_probabilities(image_latents: Tensor, prompt_latents: Tensor, logit
 
 _ADVICE = (
     "Use a complete official CT-CLIP v2 file (CT-CLIP_v2.pt, CT_VocabFine_v2.pt or CT_LiPro_v2.pt; download it "
-    "again if in doubt), or, for a fine-tuned variant with other sizes, pass its "
-    "CTCLIPConfig.from_reference_constructors(...) as config."
+    "again if in doubt), or, for a fine-tuned variant with other sizes, pass its constructor JSON with "
+    "--model-config FILE (in Python: model_config= of CTCLIPRuntime.from_registry)."
 )
 
 

@@ -28,6 +28,8 @@ from CTFoundationLib.models.checkpoint_io import (
 from CTFoundationLib.vocab import FVLM_ORGANS
 
 WHAT = "fVLM checkpoint"
+OTHER_SIZES_ADVICE = ("pass its constructor JSON with --fvlm-config FILE "
+                      "(in Python: config= of FVLMRuntime.from_registry)")
 
 
 @dataclass(frozen=True)
@@ -431,5 +433,6 @@ def load_fvlm(source: StateSource, config: FVLMConfig | None = None) -> FVLM:
         if table is not None and positions is not None:
             config = replace(config, vocab_size=table.shape[0], max_position_embeddings=positions.shape[0])
     model = FVLM(config)
-    apply_state_dict(model, state, source=source_name(source), what=WHAT, ignore=is_unused_checkpoint_key)
+    apply_state_dict(model, state, source=source_name(source), what=WHAT, ignore=is_unused_checkpoint_key,
+                     other_sizes_advice=OTHER_SIZES_ADVICE)
     return model.eval()
