@@ -21,7 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from conftest import fixtures_root  # noqa: E402
 from fake_hub import FakeHub  # noqa: E402
+from small_models import fullsize_layout  # noqa: E402
 
 from CTFoundationLib import cli  # noqa: E402
 from CTFoundationLib.errors import WeightsError  # noqa: E402
@@ -42,6 +44,7 @@ from CTFoundationLib.weights import (  # noqa: E402
 )
 from CTFoundationLib.weights import download as download_module  # noqa: E402
 from CTFoundationLib.weights import registry as registry_module  # noqa: E402
+from CTFoundationLib.weights.cache import FileRecord  # noqa: E402
 from CTFoundationLib.weights.registry import BUILTIN_REGISTRY, SCHEMA_PATH  # noqa: E402
 
 SECRET = "hf_TESTsecretTOKEN_0123456789"
@@ -79,7 +82,12 @@ def hf(repo: str, path: str, repo_type: str = "dataset", **extra) -> dict:
 
 
 def site_registry_data() -> dict:
-    """Models that mirror the real entries' shapes, pointed at the fake Hub."""
+    """Models that mirror the real entries' shapes, pointed at the fake Hub.
+
+    The single-file models that serve blobs (t-clip, t-pinned, t-plain) are of a family checked by format only,
+    as their bytes are no real checkpoints; the structural checks are tested with real layouts (t-small-clip and
+    the built-in ct-clip-v2 and fvlm entries).
+    """
     model = {"license": "CC-BY-NC-SA-4.0", "gated": True, "page": "https://example.org/ct-rate",
              "depends_on": [], "resources": {"approx_ram_gb": 1}}
     return {
@@ -87,9 +95,9 @@ def site_registry_data() -> dict:
         "licenses": {"TEST-OPEN": {"name": "Open test licence", "url": "https://example.org/l",
                                    "summary": "anything goes", "acknowledge": False}},
         "models": {
-            "t-clip": {**model, "title": "test clip", "family": "ct-clip",
+            "t-clip": {**model, "title": "test clip", "family": "text-encoder",
                        "files": [{"name": "clip.pt", "format": "torch", "source": hf(CTRATE, "models/clip.pt")}]},
-            "t-pinned": {**model, "title": "pinned", "family": "ct-clip", "files": [
+            "t-pinned": {**model, "title": "pinned", "family": "text-encoder", "files": [
                 {"name": "pinned.pt", "format": "torch", "source": hf(CTRATE, "models/pinned.pt"),
                  "size": len(PINNED), "sha256": sha(PINNED)}]},
             "t-encoder": {**model, "title": "encoder", "family": "text-encoder", "license": "TEST-OPEN",
@@ -108,9 +116,13 @@ def site_registry_data() -> dict:
             "t-manual": {**model, "title": "manual", "family": "fvlm", "files": [
                 {"name": "m.pth", "format": "torch", "source": {
                     "type": "manual", "url": "https://example.org/drive", "instructions": "ask the authors"}}]},
-            "t-plain": {**model, "title": "plain", "family": "ct-clip", "license": "TEST-OPEN", "gated": False,
+            "t-plain": {**model, "title": "plain", "family": "text-encoder", "license": "TEST-OPEN", "gated": False,
                         "files": [{"name": "plain.pt", "sha256": sha(PLAIN),
                                    "source": {"type": "url", "url": "http://127.0.0.1:1/plain/plain.pt"}}]},
+            "t-small-clip": {**model, "title": "small clip", "family": "ct-clip", "entry": "small.pt",
+                             "runtime": {"constructors": "constructors.json"}, "files": [
+                {"name": "small.pt", "format": "torch", "source": hf(CTRATE, "models/small.pt")},
+                {"name": "constructors.json", "format": "json", "source": hf(CTRATE, "models/constructors.json")}]},
         },
     }
 
@@ -514,6 +526,78 @@ def test_import_folders(env: Path, tmp_path: Path) -> None:
     assert model_status(load_registry().get("t-llm")).state == INSTALLED
 
 
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> dict[str, Path]:
+    """Real state-dict files: the full-size CT-CLIP v2 and fVLM layouts and the small reference fixtures."""
+    if not (fixtures_root() / "ctclip_v2_fullsize_keys.json").is_file():
+        pytest.skip(f"golden fixtures not found at {fixtures_root()}; set CTFOUNDATION_FIXTURES")
+    return {
+        "ct-clip": fullsize_layout("ctclip_v2", tmp_path / "CT-CLIP_v2.pt"),
+        "fvlm": fullsize_layout("fvlm", tmp_path / "fvlm_checkpoint.pth"),
+        "small ct-clip": fixtures_root() / "ctclip_v2_small" / "state_dict.pt",
+        "small fvlm": fixtures_root() / "fvlm_small" / "state_dict.pt",
+    }
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_import_refuses_a_checkpoint_of_another_model(env: Path, checkpoints: dict[str, Path], run_cli) -> None:
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["fvlm"]), "--yes")
+    line = _error_line(err)
+    assert code == 2 and f"{checkpoints['fvlm']} looks like an fVLM checkpoint (keys visual_encoder.*), " \
+                         "not model 'ct-clip-v2'" in line and "nothing was imported" in line
+    code, _, err = run_cli("weights", "import", "fvlm", str(checkpoints["ct-clip"]), "--yes")
+    assert code == 2 and "looks like a CT-CLIP checkpoint (keys visual_transformer.*), not model 'fvlm'" in err
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["small ct-clip"]), "--yes")
+    line = _error_line(err)  # the right family at other sizes: the loader's own reason, without its advice
+    assert code == 2 and "model 'ct-clip-v2' cannot load" in line and "wrong shapes" in line and "Use a" not in line
+    for model_id in ("ct-clip-v2", "fvlm"):
+        assert model_status(load_registry().get(model_id)).state == MISSING
+        assert not model_dir(model_id, env).exists()
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["ct-clip"]), "--yes")
+    assert code == 0 and "imported and verified" in err
+    code, _, err = run_cli("weights", "import", "fvlm", str(checkpoints["fvlm"]), "--yes")
+    assert code == 0 and "imported and verified" in err
+    code, _, err = run_cli("weights", "verify", "ct-clip-v2", "fvlm")
+    assert code == 0 and "ct-clip-v2: 1 file(s) OK" in err and "fvlm: 1 file(s) OK" in err
+
+
+def test_verify_sets_aside_a_checkpoint_of_another_model(env: Path, checkpoints: dict[str, Path], run_cli) -> None:
+    """A wrong file that an import let through before the check existed: verify finds it and sets it aside."""
+    folder = model_dir("ct-clip-v2", env)
+    folder.mkdir(parents=True)
+    placed = folder / "CT-CLIP_v2.pt"
+    placed.write_bytes(checkpoints["fvlm"].read_bytes())
+    manifest = Manifest("ct-clip-v2", env)
+    manifest.record_file(placed.name, FileRecord(sha(placed.read_bytes()), placed.stat().st_size, "2024-01-01T00:00:00",
+                                                 f"import:{checkpoints['fvlm']}", "computed"))
+    manifest.save()
+    spec = load_registry().get("ct-clip-v2")
+    assert model_status(spec).state == INSTALLED
+    code, _, err = run_cli("weights", "verify", "ct-clip-v2")
+    assert code == 1 and "BAD CT-CLIP_v2.pt" in err and "looks like an fVLM checkpoint" in err
+    assert model_status(spec).state == MISSING and placed.with_name("CT-CLIP_v2.pt.corrupt").is_file()
+
+
+def test_import_checks_at_the_sizes_the_registry_entry_names(env: Path, checkpoints: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """An entry with its own constructors file (not the released sizes) is checked at those sizes."""
+    source = tmp_path / "small-clip"
+    source.mkdir()
+    _write(source / "small.pt", checkpoints["small ct-clip"].read_bytes())
+    _write(source / "constructors.json", (checkpoints["small ct-clip"].parent / "config.json").read_bytes())
+    assert import_model("t-small-clip", source, accept_licenses=True).name == "small.pt"
+    assert verify_model(load_registry().get("t-small-clip")).ok == ["constructors.json", "small.pt"]
+    _write(source / "small.pt", checkpoints["small fvlm"].read_bytes())
+    with pytest.raises(WeightsError, match=r"small.pt looks like an fVLM checkpoint .*not model 't-small-clip'"):
+        import_model("t-small-clip", source, home=tmp_path / "other", accept_licenses=True)
+    assert not (tmp_path / "other" / "models" / "t-small-clip").exists()
+
+
 def test_verify_sets_a_changed_file_aside(env: Path, hub: FakeHub) -> None:
     path = get("t-clip")
     assert verify_model(load_registry().get("t-clip")).ok == ["clip.pt"]
@@ -521,7 +605,7 @@ def test_verify_sets_a_changed_file_aside(env: Path, hub: FakeHub) -> None:
     data[10] ^= 1
     path.write_bytes(bytes(data))
     result = verify_model(load_registry().get("t-clip"))
-    assert result.bad == ["clip.pt"] and path.with_name("clip.pt.corrupt").is_file()
+    assert list(result.bad) == ["clip.pt"] and path.with_name("clip.pt.corrupt").is_file()
     status = model_status(load_registry().get("t-clip"))
     assert status.state == MISSING and status.corrupt == ["clip.pt.corrupt"]
 

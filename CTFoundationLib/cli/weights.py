@@ -285,8 +285,8 @@ def run_verify(args: argparse.Namespace) -> int:
     for spec in specs:
         result = verify_model(spec, args.home)
         say(f"{spec.id}: {len(result.ok)} file(s) OK")
-        for rel in result.bad:
-            say(f"  BAD {rel}: sha256 changed; set aside as {rel}.corrupt — download or import it again")
+        for rel, why in result.bad.items():
+            say(f"  BAD {rel}: {why}; set aside as {rel}.corrupt — download or import the right file again")
         for rel in result.missing:
             say(f"  MISSING {rel}: recorded but gone")
         state = model_status(spec, args.home).state
