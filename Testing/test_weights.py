@@ -465,16 +465,20 @@ def test_licence_must_be_acknowledged(env: Path, hub: FakeHub) -> None:
 # --- import, verify, status, remove -----------------------------------------------------------------------
 
 
-def test_import_file_hard_links_and_verifies(env: Path, tmp_path: Path) -> None:
+def test_import_copies_so_damage_to_the_cache_spares_the_source(env: Path, tmp_path: Path, run_cli) -> None:
     source = tmp_path / "download" / "whatever-name.pt"
     source.parent.mkdir()
     source.write_bytes(PINNED)
     path = import_model("t-pinned", source, accept_licenses=True)
     assert path.read_bytes() == PINNED and path.name == "pinned.pt"
-    assert os.stat(path).st_ino == os.stat(source).st_ino  # same filesystem: hard link, no copy
     assert Manifest("t-pinned", env).files["pinned.pt"].hash_origin == "registry"
-    copied = import_model("t-clip", _write(tmp_path / "c.pt", CLIP), accept_licenses=True, link=False)
-    assert os.stat(copied).st_ino != os.stat(tmp_path / "c.pt").st_ino
+    with open(path, "r+b") as cached:  # the disk damages the cached copy in place
+        cached.seek(1000)
+        cached.write(b"\xff" * 16)
+    assert source.read_bytes() == PINNED
+    assert list(verify_model(load_registry().get("t-pinned")).bad) == ["pinned.pt"]
+    code, _, err = run_cli("weights", "import", "t-clip", str(_write(tmp_path / "c.pt", CLIP)), "--yes", "--link")
+    assert code == 0 and os.stat(model_dir("t-clip", env) / "clip.pt").st_ino == os.stat(tmp_path / "c.pt").st_ino
     assert Manifest("t-clip", env).files["clip.pt"].sha256 == sha(CLIP)
 
 

@@ -182,15 +182,16 @@ def test_download_reports_progress_and_places_the_file(hub_env) -> None:
     assert hashlib.sha256(placed.read_bytes()).hexdigest() == hashlib.sha256(CHECKPOINT).hexdigest()
 
 
-def test_import_checks_and_places_a_checkpoint(hub_env, tmp_path) -> None:
+def test_import_checks_and_copies_a_checkpoint(hub_env, tmp_path) -> None:
     env, home = hub_env
     source = fullsize_layout("ctclip_v2", tmp_path / "downloaded-elsewhere.pt")
-    process = worker("import", "t-clip", str(source), "--home", str(home), "--accept-licenses", "--copy", env=env)
+    process = worker("import", "t-clip", str(source), "--home", str(home), "--accept-licenses", env=env)
     assert process.wait(timeout_s=120) == 0, "\n".join(process.log_tail)
     placed = Path(process.outcome()["path"])
     assert placed.read_bytes() == source.read_bytes() and placed.parent == home / "models" / "t-clip"
+    assert placed.stat().st_ino != source.stat().st_ino  # copied by default: damage to the cache spares the source
     wrong = fullsize_layout("fvlm", tmp_path / "fvlm.pth")
-    process = worker("import", "t-clip", str(wrong), "--home", str(home), "--accept-licenses", env=env)
+    process = worker("import", "t-clip", str(wrong), "--home", str(home), "--accept-licenses", "--link", env=env)
     assert process.wait(timeout_s=120) == 2 and "looks like an fVLM checkpoint" in process.last("error")["message"]
 
 

@@ -64,7 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("source", type=Path, metavar="FILE_OR_FOLDER")
     p.add_argument("--yes", action="store_true", help="accept the licence shown (for scripts)")
-    p.add_argument("--copy", action="store_true", help="always copy (default: hard-link when on the same filesystem)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link instead of copying when on the same filesystem (the cache then shares the file)")
     p.set_defaults(run=run_import)
 
     p = actions.add_parser("verify", parents=[common], help="re-hash installed files; bad ones are set aside")
@@ -263,7 +264,7 @@ def run_import(args: argparse.Namespace) -> int:
     spec = registry.get(args.model)
     confirm_licenses(pending_licenses([spec], args.home), args.yes)
     path = import_model(
-        args.model, args.source, home=args.home, accept_licenses=True, link=not args.copy, registry=registry
+        args.model, args.source, home=args.home, accept_licenses=True, link=args.link, registry=registry
     )
     say(f"{args.model}: imported and verified, at {path}")
     return 0

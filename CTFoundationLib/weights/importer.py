@@ -1,8 +1,8 @@
 """Offline import: check a file or folder obtained elsewhere against the registry and place it in the cache.
 
 Sizes, formats and the checkpoint's structure (`structure.py`) are checked before anything is placed. Each file
-is then read once: hashed (and copied, unless it can be hard-linked because it lives on the same filesystem).
-A file whose sha256 does not fit the registry is not placed.
+is then copied while it is hashed, so the cached copy and the user's file never share their bytes (`link=True`
+hard-links instead, on the same filesystem). A file whose sha256 does not fit the registry is not placed.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Planned:
     spec: FileSpec
 
 
-def import_weights(spec: ModelSpec, source: Path | str, home: Path | str | None = None, link: bool = True) -> Path:
+def import_weights(spec: ModelSpec, source: Path | str, home: Path | str | None = None, link: bool = False) -> Path:
     """Verify `source` (a file, or a folder holding the model's files) and place it in the cache."""
     source = Path(source).expanduser()
     if not source.exists():
