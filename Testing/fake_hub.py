@@ -8,8 +8,9 @@ It serves real files with HTTP Range support the way the Hub does:
 - `/plain/<name>`: a plain file server (no Hub headers, no HEAD).
 
 Per-file switches (`FakeHub.behave(path, mode)`): "cut" (stop half-way, once), "cut_always", "401", "403",
-"bad_token" (401 for an invalid token), "404", "corrupt" (one byte flipped), "500_once", "no_range"
-(ignore Range). Bytes served are counted per repository path in `served`; request headers are logged in `requests_seen`.
+"bad_token" (401 for an invalid token), "404", "corrupt" (one byte flipped), "short" (a whole answer one byte
+short of the published size), "500_once", "no_range" (ignore Range). Bytes served are counted per repository
+path in `served`; request headers are logged in `requests_seen`.
 """
 
 from __future__ import annotations
@@ -230,16 +231,17 @@ class _Handler(BaseHTTPRequestHandler):
         mode = None if head else self.state.mode(entry.path)  # HEAD never triggers a switch
         if mode == "500_once":
             return self._status(500)
-        start, end, partial = self._range(entry.size, mode)
+        size = entry.size - 1 if mode == "short" else entry.size
+        start, end, partial = self._range(size, mode)
         if start is None:
-            return self._status(416, {"Content-Range": f"bytes */{entry.size}"})
+            return self._status(416, {"Content-Range": f"bytes */{size}"})
         self.send_response(206 if partial else 200)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start))
         if partial:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{entry.size}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if head:
             return

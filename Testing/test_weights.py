@@ -334,6 +334,23 @@ def test_checksum_mismatch_sets_the_file_aside(env: Path, hub: FakeHub) -> None:
         resolve_weights("t-clip")
 
 
+@pytest.mark.parametrize(("model_id", "path", "mode", "why"), [
+    ("t-clip", "models/clip.pt", "short", f"expected {len(CLIP)} bytes, got {len(CLIP) - 1} bytes"),
+    ("t-llm", "model-00002-of-00003.safetensors", "corrupt", f"expected sha256 {sha(LLM_SHARDS[1])}"),
+], ids=["size from HEAD", "sha256 from the folder listing"])
+def test_bytes_that_differ_from_what_the_hub_publishes_are_refused(env: Path, hub: FakeHub, model_id: str, path: str,
+                                                                   mode: str, why: str) -> None:
+    """The Hub's LFS sha256 and size (HEAD headers, or the folder listing) are checked; no registry hash needed."""
+    hub.behave(path, mode)
+    with pytest.raises(WeightsError, match=f"checksum mismatch .*{why}"):
+        get(model_id, options=fast(retries=0))
+    name = path.rsplit("/", 1)[-1]
+    folder = model_dir(model_id, env)
+    assert not (folder / name).exists() and (folder / f"{name}.corrupt").is_file()
+    assert name not in Manifest(model_id, env).files
+    assert model_status(load_registry().get(model_id)).state != INSTALLED
+
+
 def test_registry_sha256_wins_over_the_server(env: Path, hub: FakeHub, tmp_path: Path) -> None:
     get("t-pinned")
     assert Manifest("t-pinned", env).files["pinned.pt"].hash_origin == "registry"
