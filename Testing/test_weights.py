@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import fixtures_root  # noqa: E402
-from fake_hub import FakeHub  # noqa: E402
+from fake_hub import FakeHub, SilentServer  # noqa: E402
 from small_models import fullsize_layout  # noqa: E402
 
 from CTFoundationLib import cli  # noqa: E402
@@ -393,6 +394,80 @@ def test_connection_refused_means_offline(env: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CTFOUNDATION_MIRROR", f"http://127.0.0.1:{port}")
     with pytest.raises(WeightsError, match=r"cannot reach 127\.0\.0\.1.*offline\?.*weights import t-clip"):
         get("t-clip", options=fast(retries=1))
+
+
+@pytest.fixture
+def silent(monkeypatch: pytest.MonkeyPatch):
+    """A server that accepts connections and never answers, as the mirror."""
+    server = SilentServer()
+    monkeypatch.setenv("CTFOUNDATION_MIRROR", server.url)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("model_id", "what", "gave_up"), [
+    ("t-pinned", "t-pinned/pinned.pt", "could not get 'pinned.pt' of model 't-pinned': "),  # sha256 pinned: GET
+    ("t-clip", "t-clip/clip.pt", "model 't-clip': "),  # asks the Hub for the sha256 first: HEAD
+])
+def test_a_server_that_never_answers_is_given_up_within_the_deadline(
+    env: Path, silent: SilentServer, monkeypatch: pytest.MonkeyPatch, model_id: str, what: str, gave_up: str
+) -> None:
+    monkeypatch.setenv("CTFOUNDATION_DOWNLOAD_DEADLINE_S", "2")
+    events: list[str] = []
+    options = DownloadOptions(read_timeout_s=0.3, backoff_s=0.1, retries=50, on_event=events.append)
+    assert options.deadline_s == 2
+    started = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        download_model(model_id, accept_licenses=True, options=options)
+    elapsed = time.monotonic() - started
+    assert events[:2] == [
+        f"{what}: no answer from 127.0.0.1 within 0.3 s (read timeout); retrying in 0.1 s (retry 1 of 50)",
+        f"{what}: no answer from 127.0.0.1 within 0.3 s (read timeout); retrying in 0.2 s (retry 2 of 50)",
+    ]
+    message = str(info.value)
+    assert message.startswith(f"{gave_up}no answer from 127.0.0.1 within 0.3 s (read timeout); gave up after ")
+    assert message.endswith("s without progress; CTFOUNDATION_DOWNLOAD_DEADLINE_S allows 2 s; try again later")
+    assert elapsed < 2 + 1  # the deadline, plus a little to start
+    assert silent.accepted.is_set()
+
+
+def test_deadline_from_the_environment_must_be_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTFOUNDATION_DOWNLOAD_DEADLINE_S", "soon")
+    with pytest.raises(WeightsError, match="CTFOUNDATION_DOWNLOAD_DEADLINE_S='soon' is not a positive number"):
+        DownloadOptions()
+
+
+def _interrupt_download(model_id: str, when: Callable[[str], bool]) -> tuple[subprocess.Popen, str, float]:
+    """Run `ctfoundation weights download MODEL`, send SIGINT once `when(stderr line)`: (process, stderr, seconds
+    from the signal to the end)."""
+    command = [sys.executable, "-m", "CTFoundationLib", "weights", "download", model_id, "--yes"]
+    # SIGINT as at a terminal, whatever an earlier test of this pytest process left its disposition at
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if when(line):
+            break
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    return process, "".join(lines) + rest, time.monotonic() - sent
+
+
+def test_ctrl_c_ends_a_download_waiting_for_an_answer_at_once(env: Path, silent: SilentServer) -> None:
+    """Ctrl-C while the server holds the request (the read timeout is 30 s): 'interrupted', exit 130 at once."""
+    process, stderr, took = _interrupt_download("t-pinned", lambda line: silent.accepted.wait(60))
+    assert process.returncode == 130 and stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+    assert took < 10, f"{took:.1f} s"
+
+
+def test_ctrl_c_ends_the_pause_before_a_retry_at_once(env: Path, hub: FakeHub) -> None:
+    hub.behave("models/clip.pt", "500")
+    process, stderr, took = _interrupt_download("t-clip", lambda line: "retrying in 4 s (retry 3 of 5)" in line)
+    assert "t-clip/clip.pt: HTTP 500 from http://127.0.0.1:" in stderr and "retrying in 4 s" in stderr
+    assert process.returncode == 130 and stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+    assert took < 3, f"{took:.1f} s"  # the pause was 4 s
 
 
 def test_disk_full_is_reported_and_the_part_kept(env: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
