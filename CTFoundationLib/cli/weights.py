@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hard-link instead of copying when on the same filesystem (the cache then shares the file)")
     p.set_defaults(run=run_import)
 
-    p = actions.add_parser("verify", parents=[common], help="re-hash installed files; bad ones are set aside")
+    p = actions.add_parser("verify", parents=[common],
+                           help="re-hash installed files and check CT-CLIP/fVLM checkpoints; bad ones are set aside")
     p.add_argument("models", nargs="*", metavar="MODEL", help="default: every model with files in the cache")
     p.set_defaults(run=run_verify)
 

@@ -182,6 +182,7 @@ def verify_model(spec: ModelSpec, home: Path | str | None = None) -> VerifyResul
 
 
 def _set_aside(manifest: Manifest, rel: str, why: str, result: VerifyResult) -> None:
+    """Rename a file that failed verification to `.corrupt` (never used) and record why."""
     path = manifest.dir / rel
     os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
     manifest.forget(rel)
