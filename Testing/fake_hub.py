@@ -8,8 +8,11 @@ It serves real files with HTTP Range support the way the Hub does:
 - `/plain/<name>`: a plain file server (no Hub headers, no HEAD).
 
 Per-file switches (`FakeHub.behave(path, mode)`): "cut" (stop half-way, once), "cut_always", "401", "403",
-"bad_token" (401 for an invalid token), "404", "corrupt" (one byte flipped), "500_once", "no_range"
-(ignore Range). Bytes served are counted per repository path in `served`; request headers are logged in `requests_seen`.
+"bad_token" (401 for an invalid token), "404", "corrupt" (one byte flipped), "short" (a whole answer one byte
+short of the published size), "500", "500_once", "no_range" (ignore Range). Bytes served are counted per
+repository path in `served`; request headers are logged in `requests_seen`.
+
+`SilentServer` accepts connections on 127.0.0.1 and never answers, as a hung server or proxy does.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import threading
 import time
 from collections import defaultdict
@@ -228,18 +232,19 @@ class _Handler(BaseHTTPRequestHandler):
     # --- bodies ---
     def _body(self, entry: HubFile, head: bool, extra: dict[str, str] | None = None) -> None:
         mode = None if head else self.state.mode(entry.path)  # HEAD never triggers a switch
-        if mode == "500_once":
+        if mode in ("500", "500_once"):
             return self._status(500)
-        start, end, partial = self._range(entry.size, mode)
+        size = entry.size - 1 if mode == "short" else entry.size
+        start, end, partial = self._range(size, mode)
         if start is None:
-            return self._status(416, {"Content-Range": f"bytes */{entry.size}"})
+            return self._status(416, {"Content-Range": f"bytes */{size}"})
         self.send_response(206 if partial else 200)
         for key, value in (extra or {}).items():
             self.send_header(key, value)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(end - start))
         if partial:
-            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{entry.size}")
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         self.end_headers()
         if head:
             return
@@ -303,3 +308,37 @@ def _sendfile(sock, handle, start: int, count: int) -> int:
             break
         sent += n
     return sent
+
+
+class SilentServer:
+    """Accepts connections on 127.0.0.1 and never sends a byte; `accepted` is set at the first connection."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.connections: list[socket.socket] = []
+        self.accepted = threading.Event()
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        host, port = self.listener.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop()
+                return
+            self.connections.append(connection)  # kept open, never read from or written to
+            self.accepted.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.listener.close()
+        for connection in self.connections:
+            connection.close()

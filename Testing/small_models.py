@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from conftest import data_root
+from conftest import data_root, fixtures_root
 from CTFoundationTesting.small_ctclip import make_small_ctclip  # noqa: F401  (used by the tests)
 
 from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
@@ -46,3 +46,17 @@ def make_small_fvlm(folder: Path, seed: int = 0) -> tuple[Path, Path, FVLMConfig
     config_path = folder / "fvlm_constructors.json"
     config_path.write_text(json.dumps(constructors))
     return checkpoint, config_path, config
+
+
+def fullsize_layout(manifest: str, path: Path) -> Path:
+    """The full-size released checkpoint's layout (every key, shape and dtype a `*_fullsize_keys.json` lists) in a
+    file of a few hundred KB: each tensor is a broadcast zero, so only one value per tensor is stored.
+
+    manifest: "ctclip_v2" (a plain state dict) or "fvlm" (`{"model": ...}` as fVLM saves, without type embeddings).
+    """
+    listing = json.loads((fixtures_root() / f"{manifest}_fullsize_keys.json").read_text())
+    entries = listing["keys"] if manifest == "ctclip_v2" else (
+        listing["variants"]["add_type_embeddings=False"]["keys_in_saved_checkpoint_model_entry"])
+    state = {e["key"]: torch.zeros((), dtype=getattr(torch, e["dtype"])).expand(e["shape"]) for e in entries}
+    torch.save(state if manifest == "ctclip_v2" else {"model": state}, path)
+    return path

@@ -23,7 +23,7 @@ from CTFoundationLib.errors import WeightsError
 from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
-from CTFoundationLib.weights import resolve_weights
+from CTFoundationLib.weights import import_model, resolve_weights
 from training.demo import build
 from training.demo.findings import DEMO_FINDINGS, IN_PLANE, INSERTERS, find_anatomy
 from training.demo.reports import NEGATIVE
@@ -170,11 +170,15 @@ def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_refuse
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True,
                          check=False)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
-    record_file = tmp_path / "models" / "ct-clip-demo" / "training_record.json"
-    record = json.loads(record_file.read_text())
-    record_file.write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
+    older = tmp_path / "older_build"  # an earlier version's build, installed as train-demo installs one
+    shutil.copytree(tmp_path / "models" / "ct-clip-demo", older, ignore=shutil.ignore_patterns("manifest.json"))
+    record = json.loads((older / "training_record.json").read_text())
+    (older / "training_record.json").write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
+    refused = r"older build \(3, this version needs 4\); rebuild it with `python -m training.demo build`"
+    with pytest.raises(WeightsError, match=refused):
+        import_model("ct-clip-demo", older, home=tmp_path, accept_licenses=True)
     assert build.installed_demo(tmp_path) is None
-    with pytest.raises(WeightsError, match=r"older build .* rebuild it with `python -m training.demo build`"):
+    with pytest.raises(WeightsError, match=refused):
         resolve_weights("ct-clip-demo", home=tmp_path)
 
 

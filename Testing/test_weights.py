@@ -15,13 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fake_hub import FakeHub  # noqa: E402
+from conftest import fixtures_root  # noqa: E402
+from fake_hub import FakeHub, SilentServer  # noqa: E402
+from small_models import fullsize_layout  # noqa: E402
 
 from CTFoundationLib import cli  # noqa: E402
 from CTFoundationLib.errors import WeightsError  # noqa: E402
@@ -42,6 +45,7 @@ from CTFoundationLib.weights import (  # noqa: E402
 )
 from CTFoundationLib.weights import download as download_module  # noqa: E402
 from CTFoundationLib.weights import registry as registry_module  # noqa: E402
+from CTFoundationLib.weights.cache import FileRecord  # noqa: E402
 from CTFoundationLib.weights.registry import BUILTIN_REGISTRY, SCHEMA_PATH  # noqa: E402
 
 SECRET = "hf_TESTsecretTOKEN_0123456789"
@@ -79,7 +83,12 @@ def hf(repo: str, path: str, repo_type: str = "dataset", **extra) -> dict:
 
 
 def site_registry_data() -> dict:
-    """Models that mirror the real entries' shapes, pointed at the fake Hub."""
+    """Models that mirror the real entries' shapes, pointed at the fake Hub.
+
+    The single-file models that serve blobs (t-clip, t-pinned, t-plain) are of a family checked by format only,
+    as their bytes are no real checkpoints; the structural checks are tested with real layouts (t-small-clip and
+    the built-in ct-clip-v2 and fvlm entries).
+    """
     model = {"license": "CC-BY-NC-SA-4.0", "gated": True, "page": "https://example.org/ct-rate",
              "depends_on": [], "resources": {"approx_ram_gb": 1}}
     return {
@@ -87,9 +96,9 @@ def site_registry_data() -> dict:
         "licenses": {"TEST-OPEN": {"name": "Open test licence", "url": "https://example.org/l",
                                    "summary": "anything goes", "acknowledge": False}},
         "models": {
-            "t-clip": {**model, "title": "test clip", "family": "ct-clip",
+            "t-clip": {**model, "title": "test clip", "family": "text-encoder",
                        "files": [{"name": "clip.pt", "format": "torch", "source": hf(CTRATE, "models/clip.pt")}]},
-            "t-pinned": {**model, "title": "pinned", "family": "ct-clip", "files": [
+            "t-pinned": {**model, "title": "pinned", "family": "text-encoder", "files": [
                 {"name": "pinned.pt", "format": "torch", "source": hf(CTRATE, "models/pinned.pt"),
                  "size": len(PINNED), "sha256": sha(PINNED)}]},
             "t-encoder": {**model, "title": "encoder", "family": "text-encoder", "license": "TEST-OPEN",
@@ -108,9 +117,13 @@ def site_registry_data() -> dict:
             "t-manual": {**model, "title": "manual", "family": "fvlm", "files": [
                 {"name": "m.pth", "format": "torch", "source": {
                     "type": "manual", "url": "https://example.org/drive", "instructions": "ask the authors"}}]},
-            "t-plain": {**model, "title": "plain", "family": "ct-clip", "license": "TEST-OPEN", "gated": False,
+            "t-plain": {**model, "title": "plain", "family": "text-encoder", "license": "TEST-OPEN", "gated": False,
                         "files": [{"name": "plain.pt", "sha256": sha(PLAIN),
                                    "source": {"type": "url", "url": "http://127.0.0.1:1/plain/plain.pt"}}]},
+            "t-small-clip": {**model, "title": "small clip", "family": "ct-clip", "entry": "small.pt",
+                             "runtime": {"constructors": "constructors.json"}, "files": [
+                {"name": "small.pt", "format": "torch", "source": hf(CTRATE, "models/small.pt")},
+                {"name": "constructors.json", "format": "json", "source": hf(CTRATE, "models/constructors.json")}]},
         },
     }
 
@@ -322,6 +335,23 @@ def test_checksum_mismatch_sets_the_file_aside(env: Path, hub: FakeHub) -> None:
         resolve_weights("t-clip")
 
 
+@pytest.mark.parametrize(("model_id", "path", "mode", "why"), [
+    ("t-clip", "models/clip.pt", "short", f"expected {len(CLIP)} bytes, got {len(CLIP) - 1} bytes"),
+    ("t-llm", "model-00002-of-00003.safetensors", "corrupt", f"expected sha256 {sha(LLM_SHARDS[1])}"),
+], ids=["size from HEAD", "sha256 from the folder listing"])
+def test_bytes_that_differ_from_what_the_hub_publishes_are_refused(env: Path, hub: FakeHub, model_id: str, path: str,
+                                                                   mode: str, why: str) -> None:
+    """The Hub's LFS sha256 and size (HEAD headers, or the folder listing) are checked; no registry hash needed."""
+    hub.behave(path, mode)
+    with pytest.raises(WeightsError, match=f"checksum mismatch .*{why}"):
+        get(model_id, options=fast(retries=0))
+    name = path.rsplit("/", 1)[-1]
+    folder = model_dir(model_id, env)
+    assert not (folder / name).exists() and (folder / f"{name}.corrupt").is_file()
+    assert name not in Manifest(model_id, env).files
+    assert model_status(load_registry().get(model_id)).state != INSTALLED
+
+
 def test_registry_sha256_wins_over_the_server(env: Path, hub: FakeHub, tmp_path: Path) -> None:
     get("t-pinned")
     assert Manifest("t-pinned", env).files["pinned.pt"].hash_origin == "registry"
@@ -364,6 +394,80 @@ def test_connection_refused_means_offline(env: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("CTFOUNDATION_MIRROR", f"http://127.0.0.1:{port}")
     with pytest.raises(WeightsError, match=r"cannot reach 127\.0\.0\.1.*offline\?.*weights import t-clip"):
         get("t-clip", options=fast(retries=1))
+
+
+@pytest.fixture
+def silent(monkeypatch: pytest.MonkeyPatch):
+    """A server that accepts connections and never answers, as the mirror."""
+    server = SilentServer()
+    monkeypatch.setenv("CTFOUNDATION_MIRROR", server.url)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("model_id", "what", "gave_up"), [
+    ("t-pinned", "t-pinned/pinned.pt", "could not get 'pinned.pt' of model 't-pinned': "),  # sha256 pinned: GET
+    ("t-clip", "t-clip/clip.pt", "model 't-clip': "),  # asks the Hub for the sha256 first: HEAD
+])
+def test_a_server_that_never_answers_is_given_up_within_the_deadline(
+    env: Path, silent: SilentServer, monkeypatch: pytest.MonkeyPatch, model_id: str, what: str, gave_up: str
+) -> None:
+    monkeypatch.setenv("CTFOUNDATION_DOWNLOAD_DEADLINE_S", "2")
+    events: list[str] = []
+    options = DownloadOptions(read_timeout_s=0.3, backoff_s=0.1, retries=50, on_event=events.append)
+    assert options.deadline_s == 2
+    started = time.monotonic()
+    with pytest.raises(WeightsError) as info:
+        download_model(model_id, accept_licenses=True, options=options)
+    elapsed = time.monotonic() - started
+    assert events[:2] == [
+        f"{what}: no answer from 127.0.0.1 within 0.3 s (read timeout); retrying in 0.1 s (retry 1 of 50)",
+        f"{what}: no answer from 127.0.0.1 within 0.3 s (read timeout); retrying in 0.2 s (retry 2 of 50)",
+    ]
+    message = str(info.value)
+    assert message.startswith(f"{gave_up}no answer from 127.0.0.1 within 0.3 s (read timeout); gave up after ")
+    assert message.endswith("s without progress; CTFOUNDATION_DOWNLOAD_DEADLINE_S allows 2 s; try again later")
+    assert elapsed < 2 + 1  # the deadline, plus a little to start
+    assert silent.accepted.is_set()
+
+
+def test_deadline_from_the_environment_must_be_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTFOUNDATION_DOWNLOAD_DEADLINE_S", "soon")
+    with pytest.raises(WeightsError, match="CTFOUNDATION_DOWNLOAD_DEADLINE_S='soon' is not a positive number"):
+        DownloadOptions()
+
+
+def _interrupt_download(model_id: str, when: Callable[[str], bool]) -> tuple[subprocess.Popen, str, float]:
+    """Run `ctfoundation weights download MODEL`, send SIGINT once `when(stderr line)`: (process, stderr, seconds
+    from the signal to the end)."""
+    command = [sys.executable, "-m", "CTFoundationLib", "weights", "download", model_id, "--yes"]
+    # SIGINT as at a terminal, whatever an earlier test of this pytest process left its disposition at
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if when(line):
+            break
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=60)
+    return process, "".join(lines) + rest, time.monotonic() - sent
+
+
+def test_ctrl_c_ends_a_download_waiting_for_an_answer_at_once(env: Path, silent: SilentServer) -> None:
+    """Ctrl-C while the server holds the request (the read timeout is 30 s): 'interrupted', exit 130 at once."""
+    process, stderr, took = _interrupt_download("t-pinned", lambda line: silent.accepted.wait(60))
+    assert process.returncode == 130 and stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+    assert took < 10, f"{took:.1f} s"
+
+
+def test_ctrl_c_ends_the_pause_before_a_retry_at_once(env: Path, hub: FakeHub) -> None:
+    hub.behave("models/clip.pt", "500")
+    process, stderr, took = _interrupt_download("t-clip", lambda line: "retrying in 4 s (retry 3 of 5)" in line)
+    assert "t-clip/clip.pt: HTTP 500 from http://127.0.0.1:" in stderr and "retrying in 4 s" in stderr
+    assert process.returncode == 130 and stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr
+    assert took < 3, f"{took:.1f} s"  # the pause was 4 s
 
 
 def test_disk_full_is_reported_and_the_part_kept(env: Path, hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -453,16 +557,20 @@ def test_licence_must_be_acknowledged(env: Path, hub: FakeHub) -> None:
 # --- import, verify, status, remove -----------------------------------------------------------------------
 
 
-def test_import_file_hard_links_and_verifies(env: Path, tmp_path: Path) -> None:
+def test_import_copies_so_damage_to_the_cache_spares_the_source(env: Path, tmp_path: Path, run_cli) -> None:
     source = tmp_path / "download" / "whatever-name.pt"
     source.parent.mkdir()
     source.write_bytes(PINNED)
     path = import_model("t-pinned", source, accept_licenses=True)
     assert path.read_bytes() == PINNED and path.name == "pinned.pt"
-    assert os.stat(path).st_ino == os.stat(source).st_ino  # same filesystem: hard link, no copy
     assert Manifest("t-pinned", env).files["pinned.pt"].hash_origin == "registry"
-    copied = import_model("t-clip", _write(tmp_path / "c.pt", CLIP), accept_licenses=True, link=False)
-    assert os.stat(copied).st_ino != os.stat(tmp_path / "c.pt").st_ino
+    with open(path, "r+b") as cached:  # the disk damages the cached copy in place
+        cached.seek(1000)
+        cached.write(b"\xff" * 16)
+    assert source.read_bytes() == PINNED
+    assert list(verify_model(load_registry().get("t-pinned")).bad) == ["pinned.pt"]
+    code, _, err = run_cli("weights", "import", "t-clip", str(_write(tmp_path / "c.pt", CLIP)), "--yes", "--link")
+    assert code == 0 and os.stat(model_dir("t-clip", env) / "clip.pt").st_ino == os.stat(tmp_path / "c.pt").st_ino
     assert Manifest("t-clip", env).files["clip.pt"].sha256 == sha(CLIP)
 
 
@@ -514,6 +622,78 @@ def test_import_folders(env: Path, tmp_path: Path) -> None:
     assert model_status(load_registry().get("t-llm")).state == INSTALLED
 
 
+@pytest.fixture
+def checkpoints(tmp_path: Path) -> dict[str, Path]:
+    """Real state-dict files: the full-size CT-CLIP v2 and fVLM layouts and the small reference fixtures."""
+    if not (fixtures_root() / "ctclip_v2_fullsize_keys.json").is_file():
+        pytest.skip(f"golden fixtures not found at {fixtures_root()}; set CTFOUNDATION_FIXTURES")
+    return {
+        "ct-clip": fullsize_layout("ctclip_v2", tmp_path / "CT-CLIP_v2.pt"),
+        "fvlm": fullsize_layout("fvlm", tmp_path / "fvlm_checkpoint.pth"),
+        "small ct-clip": fixtures_root() / "ctclip_v2_small" / "state_dict.pt",
+        "small fvlm": fixtures_root() / "fvlm_small" / "state_dict.pt",
+    }
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_import_refuses_a_checkpoint_of_another_model(env: Path, checkpoints: dict[str, Path], run_cli) -> None:
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["fvlm"]), "--yes")
+    line = _error_line(err)
+    assert code == 2 and f"{checkpoints['fvlm']} looks like an fVLM checkpoint (keys visual_encoder.*), " \
+                         "not model 'ct-clip-v2'" in line and "nothing was imported" in line
+    code, _, err = run_cli("weights", "import", "fvlm", str(checkpoints["ct-clip"]), "--yes")
+    assert code == 2 and "looks like a CT-CLIP checkpoint (keys visual_transformer.*), not model 'fvlm'" in err
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["small ct-clip"]), "--yes")
+    line = _error_line(err)  # the right family at other sizes: the loader's own reason, without its advice
+    assert code == 2 and "model 'ct-clip-v2' cannot load" in line and "wrong shapes" in line and "Use a" not in line
+    for model_id in ("ct-clip-v2", "fvlm"):
+        assert model_status(load_registry().get(model_id)).state == MISSING
+        assert not model_dir(model_id, env).exists()
+    code, _, err = run_cli("weights", "import", "ct-clip-v2", str(checkpoints["ct-clip"]), "--yes")
+    assert code == 0 and "imported and verified" in err
+    code, _, err = run_cli("weights", "import", "fvlm", str(checkpoints["fvlm"]), "--yes")
+    assert code == 0 and "imported and verified" in err
+    code, _, err = run_cli("weights", "verify", "ct-clip-v2", "fvlm")
+    assert code == 0 and "ct-clip-v2: 1 file(s) OK" in err and "fvlm: 1 file(s) OK" in err
+
+
+def test_verify_sets_aside_a_checkpoint_of_another_model(env: Path, checkpoints: dict[str, Path], run_cli) -> None:
+    """A wrong file that an import let through before the check existed: verify finds it and sets it aside."""
+    folder = model_dir("ct-clip-v2", env)
+    folder.mkdir(parents=True)
+    placed = folder / "CT-CLIP_v2.pt"
+    placed.write_bytes(checkpoints["fvlm"].read_bytes())
+    manifest = Manifest("ct-clip-v2", env)
+    manifest.record_file(placed.name, FileRecord(sha(placed.read_bytes()), placed.stat().st_size, "2024-01-01T00:00:00",
+                                                 f"import:{checkpoints['fvlm']}", "computed"))
+    manifest.save()
+    spec = load_registry().get("ct-clip-v2")
+    assert model_status(spec).state == INSTALLED
+    code, _, err = run_cli("weights", "verify", "ct-clip-v2")
+    assert code == 1 and "BAD CT-CLIP_v2.pt" in err and "looks like an fVLM checkpoint" in err
+    assert model_status(spec).state == MISSING and placed.with_name("CT-CLIP_v2.pt.corrupt").is_file()
+
+
+def test_import_checks_at_the_sizes_the_registry_entry_names(env: Path, checkpoints: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """An entry with its own constructors file (not the released sizes) is checked at those sizes."""
+    source = tmp_path / "small-clip"
+    source.mkdir()
+    _write(source / "small.pt", checkpoints["small ct-clip"].read_bytes())
+    _write(source / "constructors.json", (checkpoints["small ct-clip"].parent / "config.json").read_bytes())
+    assert import_model("t-small-clip", source, accept_licenses=True).name == "small.pt"
+    assert verify_model(load_registry().get("t-small-clip")).ok == ["constructors.json", "small.pt"]
+    _write(source / "small.pt", checkpoints["small fvlm"].read_bytes())
+    with pytest.raises(WeightsError, match=r"small.pt looks like an fVLM checkpoint .*not model 't-small-clip'"):
+        import_model("t-small-clip", source, home=tmp_path / "other", accept_licenses=True)
+    assert not (tmp_path / "other" / "models" / "t-small-clip").exists()
+
+
 def test_verify_sets_a_changed_file_aside(env: Path, hub: FakeHub) -> None:
     path = get("t-clip")
     assert verify_model(load_registry().get("t-clip")).ok == ["clip.pt"]
@@ -521,7 +701,7 @@ def test_verify_sets_a_changed_file_aside(env: Path, hub: FakeHub) -> None:
     data[10] ^= 1
     path.write_bytes(bytes(data))
     result = verify_model(load_registry().get("t-clip"))
-    assert result.bad == ["clip.pt"] and path.with_name("clip.pt.corrupt").is_file()
+    assert list(result.bad) == ["clip.pt"] and path.with_name("clip.pt.corrupt").is_file()
     status = model_status(load_registry().get("t-clip"))
     assert status.state == MISSING and status.corrupt == ["clip.pt.corrupt"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub
-from small_models import bert_vocab, make_small_ctclip
+from small_models import bert_vocab, fullsize_layout, make_small_ctclip
 
 from CTFoundationLib import cli
 from CTFoundationLib.errors import WorkerError
@@ -182,14 +182,17 @@ def test_download_reports_progress_and_places_the_file(hub_env) -> None:
     assert hashlib.sha256(placed.read_bytes()).hexdigest() == hashlib.sha256(CHECKPOINT).hexdigest()
 
 
-def test_import_checks_and_places_a_file(hub_env, tmp_path) -> None:
+def test_import_checks_and_copies_a_checkpoint(hub_env, tmp_path) -> None:
     env, home = hub_env
-    source = tmp_path / "downloaded-elsewhere.pt"
-    source.write_bytes(CHECKPOINT)
-    process = worker("import", "t-clip", str(source), "--home", str(home), "--accept-licenses", "--copy", env=env)
+    source = fullsize_layout("ctclip_v2", tmp_path / "downloaded-elsewhere.pt")
+    process = worker("import", "t-clip", str(source), "--home", str(home), "--accept-licenses", env=env)
     assert process.wait(timeout_s=120) == 0, "\n".join(process.log_tail)
     placed = Path(process.outcome()["path"])
-    assert placed.read_bytes() == CHECKPOINT and placed.parent == home / "models" / "t-clip"
+    assert placed.read_bytes() == source.read_bytes() and placed.parent == home / "models" / "t-clip"
+    assert placed.stat().st_ino != source.stat().st_ino  # copied by default: damage to the cache spares the source
+    wrong = fullsize_layout("fvlm", tmp_path / "fvlm.pth")
+    process = worker("import", "t-clip", str(wrong), "--home", str(home), "--accept-licenses", "--link", env=env)
+    assert process.wait(timeout_s=120) == 2 and "looks like an fVLM checkpoint" in process.last("error")["message"]
 
 
 def test_the_compute_processes_keep_freed_memory_for_reuse(monkeypatch, capsys):

@@ -65,6 +65,9 @@ def parse_shard(text: str) -> Shard:
 def run_report(args: argparse.Namespace) -> int:
     found = discover_cases(args.inputs)
     cases = found.cases
+    notice = load_registry().get(args.model).runtime.notice
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
     bar = tqdm(total=0, desc="report", unit="case", file=sys.stderr, disable=None, dynamic_ncols=True, smoothing=0)
     current = {"case": "loading model"}
 

@@ -64,10 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("source", type=Path, metavar="FILE_OR_FOLDER")
     p.add_argument("--yes", action="store_true", help="accept the licence shown (for scripts)")
-    p.add_argument("--copy", action="store_true", help="always copy (default: hard-link when on the same filesystem)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link instead of copying when on the same filesystem (the cache then shares the file)")
     p.set_defaults(run=run_import)
 
-    p = actions.add_parser("verify", parents=[common], help="re-hash installed files; bad ones are set aside")
+    p = actions.add_parser("verify", parents=[common],
+                           help="re-hash installed files and check CT-CLIP/fVLM checkpoints; bad ones are set aside")
     p.add_argument("models", nargs="*", metavar="MODEL", help="default: every model with files in the cache")
     p.set_defaults(run=run_verify)
 
@@ -263,7 +265,7 @@ def run_import(args: argparse.Namespace) -> int:
     spec = registry.get(args.model)
     confirm_licenses(pending_licenses([spec], args.home), args.yes)
     path = import_model(
-        args.model, args.source, home=args.home, accept_licenses=True, link=not args.copy, registry=registry
+        args.model, args.source, home=args.home, accept_licenses=True, link=args.link, registry=registry
     )
     say(f"{args.model}: imported and verified, at {path}")
     return 0
@@ -285,8 +287,8 @@ def run_verify(args: argparse.Namespace) -> int:
     for spec in specs:
         result = verify_model(spec, args.home)
         say(f"{spec.id}: {len(result.ok)} file(s) OK")
-        for rel in result.bad:
-            say(f"  BAD {rel}: sha256 changed; set aside as {rel}.corrupt — download or import it again")
+        for rel, why in result.bad.items():
+            say(f"  BAD {rel}: {why}; set aside as {rel}.corrupt — download or import the right file again")
         for rel in result.missing:
             say(f"  MISSING {rel}: recorded but gone")
         state = model_status(spec, args.home).state

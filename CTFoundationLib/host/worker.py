@@ -5,7 +5,7 @@ Tasks:
   ground REQUEST.json                    one CT -> grounded.json + masks/ as `ctfoundation ground` writes
   report REQUEST.json                    batch reports exactly as `ctfoundation report` writes them
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
-  import MODEL FILE_OR_FOLDER            weights obtained elsewhere, checked and placed in the cache
+  import MODEL FILE_OR_FOLDER [--link]   weights obtained elsewhere, checked and copied into the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
 
 Progress goes to stdout as event lines (`host.process.format_event`): started, step, warning, file,
@@ -179,7 +179,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser, importing: bool) -> N
     parser.add_argument("model", help="model id from the registry, e.g. ct-clip-v2")
     if importing:
         parser.add_argument("source", type=Path, help="file or folder holding the model's files")
-        parser.add_argument("--copy", action="store_true", help="always copy (default: hard-link when possible)")
+        parser.add_argument("--link", action="store_true", help="hard-link instead of copying (same filesystem)")
     else:
         parser.add_argument("--no-deps", action="store_true", help="not the models this one depends on")
     parser.add_argument("--home", type=Path, help="weights cache root (default: $CTFOUNDATION_HOME)")
@@ -212,7 +212,7 @@ def run_import(args: argparse.Namespace) -> Path:
 
     emit("note", message=f"checking {args.source}")
     return import_model(
-        args.model, args.source, home=args.home, accept_licenses=args.accept_licenses, link=not args.copy
+        args.model, args.source, home=args.home, accept_licenses=args.accept_licenses, link=args.link
     )
 
 

@@ -25,6 +25,7 @@ from CTFoundationLib.models.ctclip import (
     CTCLIPConfig,
     encode_zero_shot_prompts,
     load_ctclip,
+    read_ctclip_config,
     tokenize,
     zero_shot_probabilities,
 )
@@ -244,20 +245,6 @@ class CTCLIPRuntime:
         vocab = sorted(self._require_tokenizer().get_vocab().items())
         vocab_hash = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
         return self.cache_dir / "prompt_latents" / f"{self.checkpoint_sha256[:16]}-{vocab_hash}.safetensors"
-
-
-def read_ctclip_config(path: Path) -> CTCLIPConfig:
-    """A CT-CLIP constructor JSON (the reference's "CTViT", "BertConfig", "CTCLIP" sections, optionally under
-    "constructors") as a config."""
-    try:
-        constructors = json.loads(Path(path).read_text())
-        section = constructors.get("constructors", constructors) if isinstance(constructors, dict) else constructors
-        return CTCLIPConfig.from_reference_constructors(section)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise CTFoundationError(
-            f"model config {path}: not a usable CT-CLIP constructor JSON ({error}); it needs the sections "
-            '"CTViT", "BertConfig" and "CTCLIP" as in a fixture config.json'
-        ) from error
 
 
 def preprocess_spec(model_id: str, name: str) -> PreprocessSpec:

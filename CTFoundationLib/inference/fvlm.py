@@ -16,7 +16,6 @@ Pipeline (`prepare_fvlm_input`, then `score_windows`):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,13 +25,21 @@ import numpy as np
 import torch
 
 from CTFoundationLib import __version__
-from CTFoundationLib.errors import AnatomyError, CheckpointError, CTFoundationError
+from CTFoundationLib.errors import AnatomyError, CheckpointError
 from CTFoundationLib.inference.common import Progress, StepTimer, default_cache_dir, file_sha256
 from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.inference.results import Finding
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.models.devices import select_device
-from CTFoundationLib.models.fvlm import FVLM, ZERO_SHOT_ITEMS, FVLMConfig, ZeroShotItem, encode_prompt_pairs, load_fvlm
+from CTFoundationLib.models.fvlm import (
+    FVLM,
+    ZERO_SHOT_ITEMS,
+    FVLMConfig,
+    ZeroShotItem,
+    encode_prompt_pairs,
+    load_fvlm,
+    read_fvlm_config,
+)
 from CTFoundationLib.preprocess import FVLM as FVLM_SPEC
 from CTFoundationLib.preprocess import (
     FVLM_WINDOWS,
@@ -282,15 +289,3 @@ class FVLMRuntime:
         self.timings_s["score_total"] = round(time.perf_counter() - started, 3)
         return FVLMResult("fvlm", str(self.checkpoint), self.checkpoint_sha256, str(self.device), mode,
                           [scores.statuses[o] for o in self.organs], findings, dict(self.timings_s))
-
-
-def read_fvlm_config(path: Path) -> FVLMConfig:
-    """An fVLM constructor JSON (the reference's "ViT", "BertConfig", "BlipPretrain" sections) as a config."""
-    try:
-        constructors = json.loads(path.read_text())
-        return FVLMConfig.from_reference_constructors(constructors.get("constructors", constructors))
-    except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError) as error:
-        raise CTFoundationError(
-            f"fVLM config {path}: not a usable fVLM constructor JSON ({error}); it needs the sections "
-            '"ViT", "BertConfig" and "BlipPretrain" as in a fixture config.json'
-        ) from error

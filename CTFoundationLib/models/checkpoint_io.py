@@ -74,7 +74,23 @@ def apply_state_dict(
     extra_is_error: bool = False,
     other_sizes_advice: str = "pick the matching configuration or file",
 ) -> None:
-    """Copy `state` into `module` after checking names and shapes.
+    """Copy `state` into `module` after `check_state_dict`."""
+    check_state_dict(module, state, source=source, what=what, ignore=ignore, extra_is_error=extra_is_error,
+                     other_sizes_advice=other_sizes_advice)
+    module.load_state_dict({k: state[k] for k in module.state_dict()}, strict=True)
+
+
+def check_state_dict(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: object,
+    what: str,
+    ignore: Callable[[str], bool] = lambda key: False,
+    extra_is_error: bool = False,
+    other_sizes_advice: str = "pick the matching configuration or file",
+) -> None:
+    """Check that `state` fits `module` (which may live on the meta device): names and shapes.
 
     Missing weights and shape mismatches raise CheckpointError (the latter ends with `other_sizes_advice`: how the
     user passes the file's sizes); keys the module does not have are silently skipped when `ignore(key)`,
@@ -102,4 +118,3 @@ def apply_state_dict(
         )
     if extra:
         log.warning("%s %s: %d unused weights ignored, e.g. %s", what, source, len(extra), extra[:5])
-    module.load_state_dict({k: state[k] for k in expected}, strict=True)

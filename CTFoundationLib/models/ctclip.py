@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import BertConfig, BertModel
 
-from CTFoundationLib.errors import CheckpointError
+from CTFoundationLib.errors import CheckpointError, CTFoundationError
 from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
@@ -184,6 +185,20 @@ class CTCLIPConfig:
 
     def bert_config(self) -> BertConfig:
         return BertConfig(**self.text)
+
+
+def read_ctclip_config(path: Path) -> CTCLIPConfig:
+    """A CT-CLIP constructor JSON (the reference's "CTViT", "BertConfig", "CTCLIP" sections, optionally under
+    "constructors") as a config."""
+    try:
+        constructors = json.loads(Path(path).read_text())
+        section = constructors.get("constructors", constructors) if isinstance(constructors, dict) else constructors
+        return CTCLIPConfig.from_reference_constructors(section)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CTFoundationError(
+            f"model config {path}: not a usable CT-CLIP constructor JSON ({error}); it needs the sections "
+            '"CTViT", "BertConfig" and "CTCLIP" as in a fixture config.json'
+        ) from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -559,7 +574,20 @@ def load_ctclip(
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    path = Path(path)
+    model, tensors = _checked_checkpoint(Path(path), config)
+    model.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True, assign=True)
+    _restore_text_index_buffers(model.text_transformer)
+    model.autocast_dtype = None if dtype == torch.float32 else dtype
+    return model.to(device).eval()
+
+
+def check_ctclip_checkpoint(path: str | Path, config: CTCLIPConfig | None = None) -> None:
+    """CheckpointError unless load_ctclip(path, config) would accept the file; no weight is read or materialised."""
+    _checked_checkpoint(Path(path), config)
+
+
+def _checked_checkpoint(path: Path, config: CTCLIPConfig | None) -> tuple[CTCLIP, dict[str, Tensor]]:
+    """The model built on the meta device and the file's tensors under its key names, after every check."""
     config = CTCLIPConfig.full_size() if config is None else config
     tensors, strays, lipro = _split_layout(_read_checkpoint(path))
     _reject_v1(path, tensors, config)
@@ -571,10 +599,7 @@ def load_ctclip(
             classes = weight.shape[0] if weight is not None and weight.ndim == 2 else len(CT_RATE_ABNORMALITIES)
             model.attach_lipro_classifier(classes)
     _check_keys(path, model, tensors, strays)
-    model.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True, assign=True)
-    _restore_text_index_buffers(model.text_transformer)
-    model.autocast_dtype = None if dtype == torch.float32 else dtype
-    return model.to(device).eval()
+    return model, tensors
 
 
 def _read_checkpoint(path: Path) -> dict[str, Tensor]:
@@ -608,7 +633,7 @@ def _reject_v1(path: Path, tensors: Mapping[str, Tensor], config: CTCLIPConfig) 
     patch_len = patch.shape[-1] if patch is not None and patch.ndim == 2 else config.vision.patch_dim
     cells, rest = divmod(width, config.vision.dim)
     side = round(cells ** (1 / 3))
-    v1_head = width != config.dim_image and rest == 0 and side**3 == cells
+    v1_head = width != config.dim_image and rest == 0 and cells > 1 and side**3 == cells  # 1: a smaller v2 head
     v1_patch = patch_len != config.vision.patch_dim and patch_len == _V1_PATCH_VECTOR * config.vision.channels
     if v1_head or v1_patch:
         raise CheckpointError(

@@ -10,18 +10,22 @@ State-dict names are those of the reference BlipPretrain; dropout layers are omi
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.models.checkpoint_io import (
     StateSource,
     apply_state_dict,
     as_state_dict,
+    check_state_dict,
     load_torch_file,
     source_name,
 )
@@ -125,6 +129,18 @@ class FVLMConfig:
             max_position_embeddings=bert["max_position_embeddings"],
             text_layer_norm_eps=bert.get("layer_norm_eps", 1e-12), max_txt_len=blip["max_txt_len"],
         )
+
+
+def read_fvlm_config(path: Path) -> FVLMConfig:
+    """An fVLM constructor JSON (the reference's "ViT", "BertConfig", "BlipPretrain" sections) as a config."""
+    try:
+        constructors = json.loads(path.read_text())
+        return FVLMConfig.from_reference_constructors(constructors.get("constructors", constructors))
+    except (OSError, ValueError, TypeError, KeyError, StopIteration, AttributeError) as error:
+        raise CTFoundationError(
+            f"fVLM config {path}: not a usable fVLM constructor JSON ({error}); it needs the sections "
+            '"ViT", "BertConfig" and "BlipPretrain" as in a fixture config.json'
+        ) from error
 
 
 # ---------------------------------------------------------------- image tower
@@ -426,13 +442,25 @@ def load_fvlm(source: StateSource, config: FVLMConfig | None = None) -> FVLM:
     Returns the model in eval mode (float32, CPU).
     """
     state = read_state_dict(source)
-    if config is None:
-        config = FVLMConfig()
-        table = state.get("text_encoder.embeddings.word_embeddings.weight")
-        positions = state.get("text_encoder.embeddings.position_embeddings.weight")
-        if table is not None and positions is not None:
-            config = replace(config, vocab_size=table.shape[0], max_position_embeddings=positions.shape[0])
-    model = FVLM(config)
+    model = FVLM(config or _released_config(state))
     apply_state_dict(model, state, source=source_name(source), what=WHAT, ignore=is_unused_checkpoint_key,
                      other_sizes_advice=OTHER_SIZES_ADVICE)
     return model.eval()
+
+
+def check_fvlm_checkpoint(source: StateSource, config: FVLMConfig | None = None) -> None:
+    """CheckpointError unless load_fvlm(source, config) would accept it; no weight is read or materialised."""
+    state = read_state_dict(source)
+    with torch.device("meta"):
+        model = FVLM(config or _released_config(state))
+    check_state_dict(model, state, source=source_name(source), what=WHAT, ignore=is_unused_checkpoint_key,
+                     other_sizes_advice=OTHER_SIZES_ADVICE)
+
+
+def _released_config(state: Mapping[str, Tensor]) -> FVLMConfig:
+    """The released sizes, with the vocabulary and position count the checkpoint has."""
+    table = state.get("text_encoder.embeddings.word_embeddings.weight")
+    positions = state.get("text_encoder.embeddings.position_embeddings.weight")
+    if table is None or positions is None:
+        return FVLMConfig()
+    return replace(FVLMConfig(), vocab_size=table.shape[0], max_position_embeddings=positions.shape[0])

@@ -4,7 +4,7 @@ Public API (Slicer and other commands use these; nothing here imports slicer or 
 
     resolve_weights(model_id, override=None, *, home=None) -> Path
     download_model(model_id, *, home=None, with_deps=True, accept_licenses=False, options=None) -> Path
-    import_model(model_id, source, *, home=None, accept_licenses=False, link=True) -> Path
+    import_model(model_id, source, *, home=None, accept_licenses=False, link=False) -> Path
     model_status(spec, home) / all_status(registry, home), verify_model(spec, home), remove_model(model_id, home)
     pending_licenses(model_ids, ...) and acknowledge_license(licence, home) for the one-time licence prompt
 
@@ -104,9 +104,12 @@ def download_model(
 
 def import_model(
     model_id: str, source: Path | str, *, home: Path | str | None = None, accept_licenses: bool = False,
-    link: bool = True, registry: Registry | None = None,
+    link: bool = False, registry: Registry | None = None,
 ) -> Path:
-    """Import weights obtained elsewhere (offline) after checking them; return the model's entry path."""
+    """Import weights obtained elsewhere (offline) after checking them; return the model's entry path.
+
+    The files are copied; `link=True` hard-links them instead (then the cache and `source` share their bytes).
+    """
     registry = registry or load_registry()
     spec = registry.get(model_id)
     _require_licenses([spec], home, accept_licenses)

@@ -4,6 +4,10 @@ A file is written to `<name>.part` (with `<name>.part.json` remembering what it 
 it arrives, and renamed into place only when its sha256 matches. After an interruption the bytes already
 in `.part` are hashed once and the transfer continues with an HTTP Range request. A checksum mismatch sets
 the data aside as `<name>.corrupt`; it is never used.
+
+A server that does not answer costs at most the connect or read timeout per try; each retry is announced with
+what is retried and why, and a file that makes no progress for `deadline_s` ($CTFOUNDATION_DOWNLOAD_DEADLINE_S)
+is given up. Ctrl-C (KeyboardInterrupt) is never caught here: it ends a read or a pause at once.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 import urllib3
@@ -37,16 +42,19 @@ from CTFoundationLib.weights.cache import (
     read_json,
 )
 from CTFoundationLib.weights.hub import (
+    CONNECT_TIMEOUT_S,
+    READ_TIMEOUT_S,
     NotFoundError,
     Remote,
     RetryableError,
     auth_headers,
     check_response,
+    connection_trouble,
     display_url,
     folder_remotes,
     head_metadata,
     list_folder,
-    offline_message,
+    next_step,
     resolve_url,
     short_reason,
 )
@@ -56,16 +64,39 @@ CHUNK_BYTES = 8 * 1024 * 1024  # bytes per write + hash update
 READ_PIECE_BYTES = 256 * 1024  # most bytes taken from the socket per read (measured best on loopback)
 MAX_BACKOFF_S = 60.0
 USER_AGENT = "ctfoundation-weights"
+DEADLINE_ENV = "CTFOUNDATION_DOWNLOAD_DEADLINE_S"
+DEFAULT_DEADLINE_S = 180.0
 
 ProgressFn = Callable[[int, "int | None"], None]
 
 
+def deadline_from_environment() -> float:
+    """$CTFOUNDATION_DOWNLOAD_DEADLINE_S, else 180: the seconds one file may go without progress."""
+    raw = os.environ.get(DEADLINE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_DEADLINE_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise WeightsError(f"{DEADLINE_ENV}={raw!r} is not a positive number of seconds; set e.g. 300 or unset it")
+    return seconds
+
+
 @dataclass
 class DownloadOptions:
-    """How to download. `progress(done_bytes, total_bytes)` is called per file (total None if unknown)."""
+    """How to download. `progress(done_bytes, total_bytes)` is called per file (total None if unknown).
+
+    A try waits at most `connect_timeout_s` for a connection and `read_timeout_s` for each answer or piece of
+    data; a file is given up after `retries` failed tries in a row or `deadline_s` without progress.
+    """
 
     retries: int = 5
     backoff_s: float = 1.0
+    connect_timeout_s: float = CONNECT_TIMEOUT_S
+    read_timeout_s: float = READ_TIMEOUT_S
+    deadline_s: float = field(default_factory=deadline_from_environment)
     chunk_bytes: int = CHUNK_BYTES
     progress: ProgressFn | None = None
     on_file: Callable[[str, int | None], None] | None = None  # a file starts: (name, size)
@@ -96,7 +127,7 @@ def plan_model(
         if file.folder:
             headers = _base_headers(token, True)
             listing = partial(list_folder, session, registry.endpoint, file, spec, headers)
-            folder, entries = _retrying(listing, spec, options)
+            folder, entries = _retrying(listing, f"{spec.id}/{file.name} (file list)", spec, options)
             found = folder_remotes(registry.endpoint, file, folder, entries, auth=True)
             folders[file.name] = (f"hf:{file.source.repo}@{file.source.revision}/{folder}", [r.rel for r in found])
             remotes.extend(found)
@@ -120,7 +151,7 @@ def _plan_file(
         headers = _base_headers(token, auth)
         try:
             metadata = partial(head_metadata, session, url, headers, spec, f"'{file.name}'")
-            hub_sha, hub_size = _retrying(metadata, spec, options)
+            hub_sha, hub_size = _retrying(metadata, f"{spec.id}/{file.name}", spec, options)
         except NotFoundError:
             if file.optional:
                 options.event(f"{spec.id}: optional file {file.name} is not on the server; skipped")
@@ -145,24 +176,53 @@ def _base_headers(token: str | None, auth: bool) -> dict[str, str]:
     return {"User-Agent": USER_AGENT, **auth_headers(token, auth)}
 
 
-def _retrying(call: Callable, spec: ModelSpec, options: DownloadOptions):
-    """Run `call`, retrying RetryableError with exponential back-off; then fail with its message."""
-    for attempt in range(options.retries + 1):
+class Attempts:
+    """The tries at one file (or file list): each retry announced with what and why, after a growing pause.
+
+    There is no next try after `retries` failures in a row, or when it would start `deadline_s` after the last
+    progress; the timeouts of a try are cut to the time left, so giving up comes within the deadline.
+    """
+
+    def __init__(self, what: str, options: DownloadOptions):
+        self.what, self.options = what, options
+        self.failures = 0
+        self.last_progress = time.monotonic()
+
+    def timeout(self) -> tuple[float, float]:
+        """(connect, read) timeouts for the next request."""
+        left = max(0.01, self.options.deadline_s - (time.monotonic() - self.last_progress))
+        return min(self.options.connect_timeout_s, left), min(self.options.read_timeout_s, left)
+
+    def progressed(self) -> None:
+        self.failures, self.last_progress = 0, time.monotonic()
+
+    def pause_or_stop(self, error: RetryableError) -> str | None:
+        """Announce the retry and pause before it (None), or say why there is none."""
+        self.failures += 1
+        retries, deadline = self.options.retries, self.options.deadline_s
+        delay = min(MAX_BACKOFF_S, self.options.backoff_s * 2 ** (self.failures - 1))
+        if error.retry_after is not None:
+            delay = min(MAX_BACKOFF_S, max(delay, error.retry_after))
+        idle = time.monotonic() - self.last_progress
+        if self.failures > retries:
+            return f"gave up after {self.failures} tries in a row" if retries else "no retries were asked for"
+        if idle + delay >= deadline:
+            return f"gave up after {idle:.1f} s without progress; {DEADLINE_ENV} allows {deadline:g} s"
+        self.options.event(f"{self.what}: {error}; retrying in {delay:g} s (retry {self.failures} of {retries})")
+        time.sleep(delay)  # Ctrl-C ends it at once (KeyboardInterrupt)
+        return None
+
+
+def _retrying(call: Callable, what: str, spec: ModelSpec, options: DownloadOptions):
+    """`call(timeout)`, retried on RetryableError as `Attempts` allows; then a WeightsError saying why."""
+    attempts = Attempts(what, options)
+    while True:
         try:
-            return call()
+            return call(attempts.timeout())
         except RetryableError as error:
-            if attempt == options.retries:
-                message = str(error) if error.connect else f"model '{spec.id}': {error}; try again later"
-                raise WeightsError(message) from None
-            _sleep(options, attempt, error.retry_after)
-
-
-def _sleep(options: DownloadOptions, attempt: int, retry_after: float | None) -> None:
-    delay = min(MAX_BACKOFF_S, options.backoff_s * 2**attempt)
-    if retry_after is not None:
-        delay = min(MAX_BACKOFF_S, max(delay, retry_after))
-    options.event(f"retrying in {delay:.1f} s")
-    time.sleep(delay)
+            stop = attempts.pause_or_stop(error)
+            if stop:
+                raise WeightsError(f"model '{spec.id}': {error}; {stop}; {next_step(spec, error)}") from None
 
 
 # --- one file ------------------------------------------------------------------------------------------
@@ -254,46 +314,47 @@ def fetch_file(
     part = PartFile(dest, remote)
     part.resume(options.chunk_bytes, options)
     part.start()
-    failures = 0
+    attempts = Attempts(f"{spec.id}/{remote.rel}", options)
     while True:
         before = part.done
         try:
-            _transfer(session, remote, part, spec, token, options)
+            _transfer(session, remote, part, spec, token, options, attempts.timeout())
             return part.finish(remote, spec.id)
         except RetryableError as error:
-            failures = 1 if part.done > before else failures + 1  # progress resets the count
-            if failures > options.retries:
-                raise WeightsError(_gave_up(spec, remote, part, error)) from None
-            _sleep(options, failures - 1, error.retry_after)
+            if part.done > before:
+                attempts.progressed()
+            stop = attempts.pause_or_stop(error)
+            if stop:
+                raise WeightsError(_gave_up(spec, remote, part, error, stop)) from None
 
 
-def _gave_up(spec: ModelSpec, remote: Remote, part: PartFile, error: RetryableError) -> str:
-    if error.connect and part.done == 0:
-        return str(error)
+def _gave_up(spec: ModelSpec, remote: Remote, part: PartFile, error: RetryableError, stop: str) -> str:
+    if part.done == 0:
+        return f"could not get '{remote.rel}' of model '{spec.id}': {error}; {stop}; {next_step(spec, error)}"
     return (
         f"download of '{remote.rel}' of model '{spec.id}' stopped after {mib(part.done)} of {mib(remote.size)} "
-        f"({error}); the partial file is kept: run the same command again to resume"
+        f"({error}; {stop}); the partial file is kept: run the same command again to resume"
     )
 
 
 def _transfer(
     session: requests.Session, remote: Remote, part: PartFile, spec: ModelSpec, token: str | None,
-    options: DownloadOptions,
+    options: DownloadOptions, timeout: tuple[float, float],
 ) -> None:
     """One GET from `part.done` to the end (or to the first failure)."""
     headers = {**_base_headers(token, remote.auth), "Accept-Encoding": "identity"}
     if part.done:
         headers["Range"] = f"bytes={part.done}-"
     try:
-        response = session.get(remote.url, headers=headers, stream=True, timeout=(15.0, 60.0))
+        response = session.get(remote.url, headers=headers, stream=True, timeout=timeout)
     except (requests.ConnectionError, requests.Timeout) as error:
-        raise RetryableError(offline_message(spec, remote.url, short_reason(error)), connect=True) from None
+        raise connection_trouble(error, remote.url, timeout) from None
     with response:
         if not _accept_range(response, part, remote):
             return
         check_response(response, spec, f"'{remote.rel}'", bool(token) and remote.auth)
         total = _total(response, part.done, remote.size)
-        _stream(response, part, total, options)
+        _stream(response, part, total, options, timeout[1])
 
 
 def _accept_range(response: requests.Response, part: PartFile, remote: Remote) -> bool:
@@ -318,11 +379,14 @@ def _total(response: requests.Response, done: int, expected: int | None) -> int 
     return done + int(length) if length and length.isdigit() else expected
 
 
-def _stream(response: requests.Response, part: PartFile, total: int | None, options: DownloadOptions) -> None:
+def _stream(
+    response: requests.Response, part: PartFile, total: int | None, options: DownloadOptions, read_timeout: float
+) -> None:
     """Copy the body into the part file, hashing it; bytes that arrived before a failure are kept.
 
     The socket is read on this thread while a helper thread hashes and writes the previous chunks.
     """
+    host = urlsplit(response.url).hostname
     encoding = response.headers.get("Content-Encoding", "identity").lower()
     if encoding not in ("", "identity"):
         raise WeightsError(
@@ -341,7 +405,9 @@ def _stream(response: requests.Response, part: PartFile, total: int | None, opti
                 except (urllib3.exceptions.HTTPError, OSError) as error:
                     writer.put(pending)
                     writer.close()
-                    raise RetryableError(f"connection lost ({short_reason(error)})") from None
+                    if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+                        raise RetryableError(f"no data from {host} for {read_timeout:g} s (read timeout)") from None
+                    raise RetryableError(f"connection to {host} lost ({short_reason(error)})") from None
                 if not piece:
                     break
                 pending += piece

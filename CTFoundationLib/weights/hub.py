@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import requests
@@ -23,8 +25,8 @@ from CTFoundationLib.errors import WeightsError
 from CTFoundationLib.weights.registry import FileSpec, ModelSpec, Source
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-CONNECT_TIMEOUT_S = 15.0
-READ_TIMEOUT_S = 60.0
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
 TOKEN_URL = "https://huggingface.co/settings/tokens"
 
 
@@ -33,7 +35,8 @@ class NotFoundError(WeightsError):
 
 
 class RetryableError(Exception):
-    """A failure worth retrying: connection trouble, 5xx, 429. Carries a message without secrets."""
+    """A failure worth retrying: connection trouble, 5xx, 429. Its message says in a few words what happened
+    and with which server (no secrets): it is shown with every retry."""
 
     def __init__(self, message: str, retry_after: float | None = None, connect: bool = False):
         super().__init__(message)
@@ -121,16 +124,29 @@ def _retry_after(response: requests.Response) -> float | None:
     return float(value) if value.isdigit() else None
 
 
-def offline_message(spec: ModelSpec, url: str, reason: str) -> str:
+def next_step(spec: ModelSpec, error: RetryableError) -> str:
+    """What to do after giving up: offline help when no connection was made, else try later."""
+    if not error.connect:
+        return "try again later"
+    return (f"offline? copy the files from a machine that has them and use "
+            f"`ctfoundation weights import {spec.id} FILE-OR-FOLDER`")
+
+
+def connection_trouble(error: requests.RequestException, url: str, timeout: tuple[float, float]) -> RetryableError:
+    """What went wrong before an answer came, in a few words: no connection, no answer in time, or the OS's reason."""
     host = urlsplit(url).hostname or url
-    return (
-        f"cannot reach {host} to get model '{spec.id}' ({reason}); offline? copy the files from a machine "
-        f"that has them and use `ctfoundation weights import {spec.id} FILE-OR-FOLDER`"
-    )
+    if isinstance(error, requests.ConnectTimeout):
+        return RetryableError(f"no connection to {host} within {timeout[0]:g} s (connect timeout)", connect=True)
+    if isinstance(error, requests.ReadTimeout):
+        return RetryableError(f"no answer from {host} within {timeout[1]:g} s (read timeout)")
+    return RetryableError(f"cannot reach {host} ({short_reason(error)})", connect=True)
 
 
 def short_reason(error: Exception) -> str:
-    """A one-line cause without URLs' query strings or headers."""
+    """A one-line cause without URLs' query strings or headers: the OS's words when it gave some."""
+    os_words = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(error))
+    if os_words:
+        return os_words.group(1).strip()
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     text = re.sub(r"https?://\S+", lambda m: display_url(m.group(0)), text)
     return text[:200]
@@ -140,16 +156,17 @@ def short_reason(error: Exception) -> str:
 
 
 def head_metadata(
-    session: requests.Session, url: str, headers: dict[str, str], spec: ModelSpec, what: str
+    session: requests.Session, url: str, headers: dict[str, str], spec: ModelSpec, what: str,
+    timeout: tuple[float, float],
 ) -> tuple[str | None, int | None]:
     """(sha256, size) from a HEAD request: the LFS `X-Linked-Etag`/`X-Linked-Size` when the Hub sends them."""
-    response = _request(session, "HEAD", url, headers, spec, allow_redirects=False)
+    response = _request(session, "HEAD", url, headers, timeout, allow_redirects=False)
     hops = 0
     while response.is_redirect and not response.headers.get("X-Linked-Etag") and hops < 5:
         location = response.headers.get("Location", "")
         if not location.startswith("/"):
             break  # redirect to a CDN: its headers are not Hub metadata
-        response = _request(session, "HEAD", _same_host(url, location), headers, spec, allow_redirects=False)
+        response = _request(session, "HEAD", _same_host(url, location), headers, timeout, allow_redirects=False)
         hops += 1
     if response.status_code == 405:
         return None, None  # plain server that does not do HEAD: learn the size from the GET
@@ -168,24 +185,27 @@ def _same_host(url: str, location: str) -> str:
 
 
 def _request(
-    session: requests.Session, method: str, url: str, headers: dict[str, str], spec: ModelSpec, **kwargs
+    session: requests.Session, method: str, url: str, headers: dict[str, str], timeout: tuple[float, float],
+    **kwargs,
 ) -> requests.Response:
-    """One request; connection problems become RetryableError (connect=True)."""
+    """One request with (connect, read) timeouts; connection problems become RetryableError."""
     try:
-        return session.request(method, url, headers=headers, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S), **kwargs)
+        return session.request(method, url, headers=headers, timeout=timeout, **kwargs)
     except (requests.ConnectionError, requests.Timeout) as error:
-        raise RetryableError(offline_message(spec, url, short_reason(error)), connect=True) from None
+        raise connection_trouble(error, url, timeout) from None
 
 
 def list_folder(
-    session: requests.Session, endpoint: str, file: FileSpec, spec: ModelSpec, headers: dict[str, str]
+    session: requests.Session, endpoint: str, file: FileSpec, spec: ModelSpec, headers: dict[str, str],
+    timeout: tuple[float, float],
 ) -> tuple[str, list[dict]]:
     """Expand a folder entry: (repository folder used, its file entries after select/include/exclude)."""
     source = file.source
     folder = source.path.strip("/")
+    listing = partial(_tree, session, endpoint, source, spec=spec, headers=headers, timeout=timeout)
     if source.select:
-        folder = _select_subfolder(session, endpoint, source, folder, spec, headers)
-    entries = [e for e in _tree(session, endpoint, source, folder, spec, headers) if e.get("type") == "file"]
+        folder = _select_subfolder(listing, source, folder, spec)
+    entries = [e for e in listing(folder) if e.get("type") == "file"]
     chosen = [e for e in entries if _wanted(e["path"].rsplit("/", 1)[-1], source)]
     if not chosen:
         raise WeightsError(
@@ -200,10 +220,8 @@ def _wanted(name: str, source: Source) -> bool:
     return included and not any(fnmatch.fnmatch(name, g) for g in source.exclude)
 
 
-def _select_subfolder(
-    session: requests.Session, endpoint: str, source: Source, folder: str, spec: ModelSpec, headers: dict[str, str]
-) -> str:
-    dirs = [e["path"] for e in _tree(session, endpoint, source, folder, spec, headers) if e.get("type") == "directory"]
+def _select_subfolder(listing: Callable[[str], list[dict]], source: Source, folder: str, spec: ModelSpec) -> str:
+    dirs = [e["path"] for e in listing(folder) if e.get("type") == "directory"]
     pattern = source.select.lower()
     matches = [d for d in dirs if fnmatch.fnmatch(d.rsplit("/", 1)[-1].lower(), pattern)]
     if len(matches) != 1:
@@ -217,14 +235,15 @@ def _select_subfolder(
 
 
 def _tree(
-    session: requests.Session, endpoint: str, source: Source, folder: str, spec: ModelSpec, headers: dict[str, str]
+    session: requests.Session, endpoint: str, source: Source, folder: str, *, spec: ModelSpec,
+    headers: dict[str, str], timeout: tuple[float, float],
 ) -> list[dict]:
     """All entries of one repository folder (not recursive), following the pagination links."""
     url = f"{endpoint}/api/{source.repo_type}s/{source.repo}/tree/{quote(source.revision, safe='')}"
     url += f"/{quote(folder, safe='/')}" if folder else ""
     entries: list[dict] = []
     while url:
-        response = _request(session, "GET", url, headers, spec)
+        response = _request(session, "GET", url, headers, timeout)
         check_response(response, spec, f"the file list of '{folder or '/'}'", "Authorization" in headers)
         try:
             page = response.json()

@@ -1,8 +1,8 @@
 """Offline import: check a file or folder obtained elsewhere against the registry and place it in the cache.
 
-Each file is read once: hashed (and copied, unless it can be hard-linked because it lives on the same
-filesystem). A file whose size, sha256 or basic format does not fit the registry is rejected and nothing
-is placed for it.
+Sizes, formats and the checkpoint's structure (`structure.py`) are checked before anything is placed. Each file
+is then copied while it is hashed, so the cached copy and the user's file never share their bytes (`link=True`
+hard-links instead, on the same filesystem). A file whose sha256 does not fit the registry is not placed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from CTFoundationLib.io.files import sha256_file
 from CTFoundationLib.weights.cache import PART_SUFFIX, FileRecord, Manifest, now_iso
 from CTFoundationLib.weights.download import CHUNK_BYTES, mib
 from CTFoundationLib.weights.registry import FileSpec, ModelSpec
+from CTFoundationLib.weights.structure import structure_problem
 
 FORMAT_BY_SUFFIX = {".safetensors": "safetensors", ".json": "json", ".bin": "torch", ".pt": "torch", ".pth": "torch"}
 LINK_FAILURES = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -36,12 +37,18 @@ class Planned:
     spec: FileSpec
 
 
-def import_weights(spec: ModelSpec, source: Path | str, home: Path | str | None = None, link: bool = True) -> Path:
+def import_weights(spec: ModelSpec, source: Path | str, home: Path | str | None = None, link: bool = False) -> Path:
     """Verify `source` (a file, or a folder holding the model's files) and place it in the cache."""
     source = Path(source).expanduser()
     if not source.exists():
         raise WeightsError(f"cannot import into '{spec.id}': {source} does not exist")
     planned, folders = _plan(spec, source)
+    for item in planned:
+        _check_size_and_format(item, spec)
+    problem = structure_problem(spec, {item.rel: item.src for item in planned})
+    if problem:
+        raise WeightsError(f"{problem}; nothing was imported: give the file of model '{spec.id}', or import this one "
+                           f"as the model it is (`ctfoundation weights list` shows them)")
     manifest = Manifest(spec.id, home)
     for item in planned:
         record = _place(item, manifest.dir / item.rel, spec, link)
@@ -110,8 +117,8 @@ def _wanted(name: str, file: FileSpec) -> bool:
 # --- checking and placing -------------------------------------------------------------------------------
 
 
-def _place(item: Planned, dest: Path, spec: ModelSpec, link: bool) -> FileRecord:
-    """Check size and format, then hard-link (same filesystem) or copy while hashing; verify the hash."""
+def _check_size_and_format(item: Planned, spec: ModelSpec) -> None:
+    """The registry's size (when it has one) and a look at the first bytes."""
     size = item.src.stat().st_size
     expected_size = None if item.spec.folder else item.spec.size
     if expected_size is not None and size != expected_size:
@@ -120,6 +127,11 @@ def _place(item: Planned, dest: Path, spec: ModelSpec, link: bool) -> FileRecord
     problem = check_format(item.src, fmt)
     if problem:
         raise WeightsError(_rejected(item, spec, problem))
+
+
+def _place(item: Planned, dest: Path, spec: ModelSpec, link: bool) -> FileRecord:
+    """Copy (or hard-link) while hashing, then verify the hash before the file replaces an installed one."""
+    size = item.src.stat().st_size
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp, digest = _link_or_copy(item.src, dest, link)
     expected = None if item.spec.folder else item.spec.sha256

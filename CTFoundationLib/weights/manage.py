@@ -12,6 +12,7 @@ from CTFoundationLib.errors import WeightsError
 from CTFoundationLib.io.files import sha256_file
 from CTFoundationLib.weights.cache import CORRUPT_SUFFIX, PART_SUFFIX, Manifest, cache_root, model_dir, now_iso
 from CTFoundationLib.weights.registry import FileSpec, ModelSpec, Registry, load_registry
+from CTFoundationLib.weights.structure import structure_problem
 
 INSTALLED, PARTIAL, MISSING = "installed", "partial", "missing"
 BUILD_RECORD = "training_record.json"  # written beside a model built on this machine
@@ -149,12 +150,15 @@ def not_installed_message(spec: ModelSpec, status: ModelStatus) -> str:
 class VerifyResult:
     model_id: str
     ok: list[str] = field(default_factory=list)
-    bad: list[str] = field(default_factory=list)  # set aside as .corrupt
+    bad: dict[str, str] = field(default_factory=dict)  # file -> why; set aside as .corrupt
     missing: list[str] = field(default_factory=list)
 
 
 def verify_model(spec: ModelSpec, home: Path | str | None = None) -> VerifyResult:
-    """Re-hash every recorded file. A file that no longer matches is set aside as `.corrupt`."""
+    """Re-hash every recorded file and check the checkpoint's structure (`structure.py`).
+
+    A file that no longer matches, or a checkpoint that is not the model, is set aside as `.corrupt`.
+    """
     manifest = Manifest(spec.id, home)
     result = VerifyResult(spec.id)
     expected = {f.name: f.sha256 for f in spec.files if f.sha256}
@@ -169,11 +173,22 @@ def verify_model(spec: ModelSpec, home: Path | str | None = None) -> VerifyResul
             record.verified_at = now_iso()
             result.ok.append(rel)
         else:
-            os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
-            manifest.forget(rel)
-            result.bad.append(rel)
+            _set_aside(manifest, rel, "its sha256 changed", result)
+    problem = structure_problem(spec, {rel: manifest.dir / rel for rel in result.ok})
+    if problem:
+        _set_aside(manifest, spec.entry_name(), problem, result)
     manifest.save()
     return result
+
+
+def _set_aside(manifest: Manifest, rel: str, why: str, result: VerifyResult) -> None:
+    """Rename a file that failed verification to `.corrupt` (never used) and record why."""
+    path = manifest.dir / rel
+    os.replace(path, path.with_name(path.name + CORRUPT_SUFFIX))
+    manifest.forget(rel)
+    if rel in result.ok:
+        result.ok.remove(rel)
+    result.bad[rel] = why
 
 
 # --- remove -------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     for recipe in STAGES:
         shutil.rmtree(staging / f"run_{recipe}", ignore_errors=True)
         (staging / f"{recipe}.pt").unlink(missing_ok=True)
-    import_model(MODEL_ID, staging, home=home, accept_licenses=True)
+    import_model(MODEL_ID, staging, home=home, accept_licenses=True, link=True)  # our own staging: no copy needed
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
     return record
 
