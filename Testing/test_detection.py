@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from small_models import bert_vocab, make_small_ctclip
 
 from CTFoundationLib.errors import CheckpointError, CTFoundationError
@@ -72,6 +73,21 @@ def test_prompt_latents_are_cached_per_checkpoint(small_checkpoint, runtime, ric
     other, _, _ = make_small_ctclip(tmp_path, seed=1)
     fresh = CTCLIPRuntime(other, bert_vocab(), config=config, device="cpu", cache_dir=runtime.cache_dir)
     assert not torch.allclose(fresh.prompt_latents(), first)
+
+
+def test_a_damaged_prompt_cache_is_computed_again(small_checkpoint, runtime, tmp_path, caplog):
+    checkpoint, _, config = small_checkpoint
+    expected = runtime.prompt_latents()
+    cache = next((runtime.cache_dir / "prompt_latents").glob(f"{runtime.checkpoint_sha256[:16]}-*.safetensors"))
+    for damage in (b"not a safetensors file", None):  # unreadable, then readable but of another shape
+        if damage is None:
+            save_file({"prompt_latents": torch.zeros(3, 2, 7)}, cache)
+        else:
+            cache.write_bytes(damage)
+        again = CTCLIPRuntime(checkpoint, bert_vocab(), config=config, device="cpu", cache_dir=runtime.cache_dir)
+        torch.testing.assert_close(again.prompt_latents(), expected)
+        assert "encode_prompts" in again.timings_s and "computing it again" in caplog.text
+        torch.testing.assert_close(load_file(cache)["prompt_latents"], expected)  # the cache is whole again
 
 
 def test_thresholds_set_positive_flags(runtime, ricord, tmp_path):

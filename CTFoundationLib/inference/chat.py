@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from CTFoundationLib.anatomy.sentences import GroundedSentence, SentenceGrounder, default_grounder
 from CTFoundationLib.dependencies import missing_requirements
 from CTFoundationLib.errors import ChatError, DependencyError, WeightsError
-from CTFoundationLib.inference.common import default_cache_dir
+from CTFoundationLib.inference.common import cached_tensor, default_cache_dir
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
@@ -163,8 +163,9 @@ def cached_token_grid(encoder: CTCLIPRuntime, volume: CTVolume, cache_dir: Path)
     Keyed by the volume hash and the CT-CLIP checkpoint's sha256.
     """
     path = cache_dir / "ctchat_tokens" / f"{volume_sha256(volume)[:32]}-{encoder.checkpoint_sha256[:16]}.safetensors"
-    if path.is_file():
-        return load_file(path)["token_grid"]
+    tokens = cached_tensor(path, "token_grid")
+    if tokens is not None:
+        return tokens
     _, tokens = encoder.encode_volume(volume, return_tokens=True)
     with atomic_path(path) as temporary:
         save_file({"token_grid": tokens.contiguous()}, temporary)

@@ -1,12 +1,17 @@
-"""What the runtimes share: device choice, step timing with progress, checkpoint hashes, thresholds files."""
+"""What the runtimes share: step timing with progress, checkpoint hashes, thresholds files, their cache files."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.io.files import sha256_file, write_json_atomic
@@ -14,6 +19,7 @@ from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights.cache import cache_root, read_json
 
 Progress = Callable[[str], None]
+log = logging.getLogger(__name__)
 
 
 class StepTimer:
@@ -75,3 +81,21 @@ def file_sha256(path: Path, cache_file: Path | None = None) -> str:
 def default_cache_dir() -> Path:
     """Runtime caches (prompt latents, checkpoint hashes) inside the weights cache ($CTFOUNDATION_HOME)."""
     return cache_root() / "runtime"
+
+
+def cached_tensor(path: Path, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
+    """Tensor `name` of a cache file this program wrote; None when the file is absent or damaged (unreadable, or
+    not of `shape`): a damaged cache file is removed, logged and computed again, never trusted or fatal."""
+    if not path.is_file():
+        return None
+    try:
+        tensor = load_file(path)[name]
+    except (SafetensorError, OSError, KeyError) as error:
+        problem = f"unreadable ({error})"
+    else:
+        if shape is None or tuple(tensor.shape) == tuple(shape):
+            return tensor
+        problem = f"of shape {tuple(tensor.shape)}, not {tuple(shape)}"
+    log.warning("cache file %s is %s; computing it again", path, problem)
+    path.unlink(missing_ok=True)
+    return None

@@ -14,10 +14,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from CTFoundationLib.errors import CheckpointError, CTFoundationError, WeightsError
-from CTFoundationLib.inference.common import Progress, StepTimer, default_cache_dir, file_sha256, load_thresholds
+from CTFoundationLib.inference.common import (
+    Progress,
+    StepTimer,
+    cached_tensor,
+    default_cache_dir,
+    file_sha256,
+    load_thresholds,
+)
 from CTFoundationLib.inference.results import DetectionResult, Finding
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
@@ -195,8 +202,9 @@ class CTCLIPRuntime:
             path = self._prompt_cache_path()
             if path.is_file():
                 with self._timed("encode_prompts_cached"):
-                    self._prompt_latents = load_file(path)["prompt_latents"]
-            else:
+                    self._prompt_latents = cached_tensor(path, "prompt_latents",
+                                                         (len(CT_RATE_ABNORMALITIES), 2, self.latent_dim))
+            if self._prompt_latents is None:
                 with self._timed("encode_prompts"):
                     latents = encode_zero_shot_prompts(self.model, self._require_tokenizer()).float().cpu()
                 with atomic_path(path) as temporary:
