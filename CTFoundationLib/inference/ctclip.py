@@ -141,7 +141,8 @@ class CTCLIPRuntime:
             """`given`, else the file the registry names in the installed model's folder (None: neither)."""
             if given is not None or not name:
                 return Path(given) if given is not None else None
-            return resolve_weights(model_id, home=home).parent / name
+            folder = checkpoint.parent if weights is None else resolve_weights(model_id, home=home).parent
+            return folder / name
 
         config_file = installed(runtime.constructors, model_config)
         config = read_ctclip_config(config_file) if config_file else None
