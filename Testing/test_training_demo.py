@@ -175,7 +175,8 @@ def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_refuse
     record = json.loads((older / "training_record.json").read_text())
     (older / "training_record.json").write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))
     version = build.DEMO_VERSION
-    refused = rf"older build \({version - 1}, this version needs {version}\); rebuild it with `python -m training.demo build`"
+    refused = (rf"older build \({version - 1}, this version needs {version}\); "
+               r"rebuild it with `python -m training.demo build`")
     with pytest.raises(WeightsError, match=refused):
         import_model("ct-clip-demo", older, home=tmp_path, accept_licenses=True)
     assert build.installed_demo(tmp_path) is None
