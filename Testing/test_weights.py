@@ -574,6 +574,21 @@ def test_import_copies_so_damage_to_the_cache_spares_the_source(env: Path, tmp_p
     assert Manifest("t-clip", env).files["clip.pt"].sha256 == sha(CLIP)
 
 
+def test_a_verified_checkpoint_is_not_hashed_again_until_it_changes(env: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtimes take the sha256 the weights manager recorded; a file changed since is hashed again."""
+    from CTFoundationLib.inference import common
+
+    path = import_model("t-pinned", _write(tmp_path / "p.pt", PINNED), accept_licenses=True)
+    hashed: list[Path] = []
+    monkeypatch.setattr(common, "sha256_file", lambda file: hashed.append(file) or sha(file.read_bytes()))
+    assert common.file_sha256(path, tmp_path / "hashes.json") == sha(PINNED) and hashed == []
+    with open(path, "r+b") as cached:  # changed in place after verification: the record no longer holds
+        cached.write(b"\xff" * 16)
+    assert common.file_sha256(path, tmp_path / "hashes.json") == sha(path.read_bytes()) != sha(PINNED)
+    assert hashed == [path]
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

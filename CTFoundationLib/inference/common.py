@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.io.files import sha256_file, write_json_atomic
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
-from CTFoundationLib.weights.cache import cache_root, read_json
+from CTFoundationLib.weights.cache import cache_root, read_json, verified_sha256
 
 Progress = Callable[[str], None]
 log = logging.getLogger(__name__)
@@ -65,7 +65,11 @@ def load_thresholds(source: Path | Mapping[str, float] | None, names: Sequence[s
 
 
 def file_sha256(path: Path, cache_file: Path | None = None) -> str:
-    """sha256 of a file, remembered in `cache_file` by (path, size, mtime) so big checkpoints hash once."""
+    """sha256 of a file: the one the weights manager verified for an unchanged installed file, else computed and
+    remembered in `cache_file` by (path, size, mtime) so that big checkpoints are hashed once."""
+    recorded = verified_sha256(path)
+    if recorded:
+        return recorded
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     known = read_json(cache_file, {}) if cache_file else {}

@@ -8,7 +8,6 @@ token grids and findings; texts into text latents. Zero-shot checkpoints (CT-CLI
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,16 +43,22 @@ from CTFoundationLib.weights import load_registry, resolve_weights
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_tokenizer(folder: Path):
-    """The CXR-BERT (BERT WordPiece) tokenizer from a local folder holding vocab.txt, lower-casing as CT-CLIP."""
-    from transformers import BertTokenizerFast
-
+def vocab_file(folder: Path) -> Path:
+    """The vocab.txt of a CXR-BERT folder (or the file itself); a clear error when there is none."""
     vocab = folder / "vocab.txt" if folder.is_dir() else folder
     if not vocab.is_file():
         raise CheckpointError(
             f"text encoder {folder}: no vocab.txt found. Give the CXR-BERT folder "
             "(`ctfoundation weights download cxr-bert`) or a vocab.txt file."
         )
+    return vocab
+
+
+def load_tokenizer(folder: Path):
+    """The CXR-BERT (BERT WordPiece) tokenizer from a local folder holding vocab.txt, lower-casing as CT-CLIP."""
+    from transformers import BertTokenizerFast
+
+    vocab = vocab_file(folder)
     with open(vocab, encoding="utf-8") as handle:
         size = len({line.rstrip("\r\n") for line in handle})  # distinct tokens: a repeated line adds none
     # transformers 4 takes the file as `vocab_file`; transformers 5 ignores that silently (a 5-token vocabulary that
@@ -107,7 +112,9 @@ class CTCLIPRuntime:
         with self._timed("load_model"):
             self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype])
             self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
-        self.tokenizer = load_tokenizer(Path(tokenizer_source)) if tokenizer_source else None
+        # transformers is imported only when text is encoded: cached prompt latents need the vocabulary's hash alone
+        self.vocab = vocab_file(Path(tokenizer_source)) if tokenizer_source else None
+        self._tokenizer = None
         self._prompt_latents: torch.Tensor | None = None
         self.keep_tokens = False  # True: keep the last volume's token grid, for a second reader of the same CT
         self._kept: tuple[CTVolume, torch.Tensor, torch.Tensor] | None = None
@@ -162,6 +169,13 @@ class CTCLIPRuntime:
             thresholds=None if weights else load_thresholds(installed(runtime.thresholds, None)),
             notice=runtime.notice,
         )
+
+    @property
+    def tokenizer(self):
+        """The WordPiece tokenizer of `vocab`, loaded on first use (None without a vocabulary)."""
+        if self._tokenizer is None and self.vocab is not None:
+            self._tokenizer = load_tokenizer(self.vocab)
+        return self._tokenizer
 
     @property
     def latent_dim(self) -> int:
@@ -251,8 +265,9 @@ class CTCLIPRuntime:
         return self.tokenizer
 
     def _prompt_cache_path(self) -> Path:
-        vocab = sorted(self._require_tokenizer().get_vocab().items())
-        vocab_hash = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:12]
+        if self.vocab is None:
+            self._require_tokenizer()
+        vocab_hash = hashlib.sha256(self.vocab.read_bytes()).hexdigest()[:12]
         return self.cache_dir / "prompt_latents" / f"{self.checkpoint_sha256[:16]}-{vocab_hash}.safetensors"
 
 

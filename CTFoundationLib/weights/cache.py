@@ -67,6 +67,7 @@ class FileRecord:
     verified_at: str
     source: str
     hash_origin: str  # "registry", "hub" (LFS metadata), or "computed" (no published hash)
+    mtime_ns: int | None = None  # the file's modification time when verified (older manifests: unknown)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,6 +109,22 @@ class Manifest:
         record = self.files.get(rel)
         target = self.dir / rel
         return record is not None and target.is_file() and target.stat().st_size == record.size
+
+
+def verified_sha256(path: Path) -> str | None:
+    """The sha256 the weights manager verified for an installed file, when the file is still the one it verified
+    (same size and modification time); None otherwise, so that the caller hashes it (big checkpoints hash once)."""
+    path = Path(path).absolute()
+    for folder in path.parents[:3]:
+        if (folder / MANIFEST).is_file():
+            try:
+                record = read_json(folder / MANIFEST, {}).get("files", {}).get(path.relative_to(folder).as_posix())
+                stat = path.stat()
+            except (WeightsError, OSError):
+                return None
+            same = isinstance(record, dict) and record.get("mtime_ns") == stat.st_mtime_ns
+            return record.get("sha256") if same and record.get("size") == stat.st_size else None
+    return None
 
 
 # --- settings and token ---------------------------------------------------------------------------

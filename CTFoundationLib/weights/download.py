@@ -303,7 +303,7 @@ class PartFile:
         os.replace(self.path, self.dest)
         self.meta.unlink(missing_ok=True)
         origin = remote.hash_origin if remote.sha256 else "computed"
-        return FileRecord(digest, self.done, now_iso(), display_url(remote.url), origin)
+        return FileRecord(digest, self.done, now_iso(), display_url(remote.url), origin, self.dest.stat().st_mtime_ns)
 
 
 def fetch_file(

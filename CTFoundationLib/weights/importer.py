@@ -140,7 +140,7 @@ def _place(item: Planned, dest: Path, spec: ModelSpec, link: bool) -> FileRecord
         raise WeightsError(_rejected(item, spec, f"its sha256 is {digest}, the registry expects {expected}"))
     os.replace(tmp, dest)
     origin = "registry" if expected else "computed"
-    return FileRecord(digest, size, now_iso(), f"import:{item.src.resolve()}", origin)
+    return FileRecord(digest, size, now_iso(), f"import:{item.src.resolve()}", origin, dest.stat().st_mtime_ns)
 
 
 def _rejected(item: Planned, spec: ModelSpec, why: str) -> str:
