@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from conftest import REPO_ROOT
 from safetensors import safe_open
 from small_models import bert_vocab, make_small_ctclip
 
-from CTFoundationLib.cli import main
+from CTFoundationLib.cli import COMMAND_GROUPS, build_parser, command_of, main
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -36,6 +41,30 @@ def test_detect_writes_json_and_prints_a_table(ct_dir, tmp_path, small, capsys):
     assert [f["name"] for f in findings] == list(CT_RATE_ABNORMALITIES)
     assert result["input"]["shape_ijk"] == [512, 512, 255] and result["input"]["warnings"] == []
     assert result["detection"]["method"] == "zero-shot" and result["detection"]["device"] == "cpu"
+
+
+def test_a_detect_with_cached_prompts_imports_neither_transformers_nor_scikit_learn(ct_dir, tmp_path, small):
+    """Fast start: the first detect encodes the prompts (text tower, transformers) and caches them; the next one
+    needs only the image tower, so its process never imports transformers or scikit-learn."""
+    script = ("import sys; from CTFoundationLib.cli import main; code = main(sys.argv[1:]); "
+              "print('imported:', sorted(m for m in ('transformers', 'sklearn') if m in sys.modules))")
+    command = [sys.executable, "-c", script, "detect", str(ct_dir / RICORD_3MM), *small, "--device", "cpu"]
+    environment = {**os.environ, "CTFOUNDATION_HOME": str(tmp_path / "home")}
+    first, second = (subprocess.run(command, capture_output=True, text=True, env=environment, cwd=REPO_ROOT,
+                                    timeout=300) for _ in range(2))
+    assert first.returncode == 0 and "imported: ['transformers']" in first.stdout, first.stderr
+    assert second.returncode == 0 and "imported: []" in second.stdout, second.stderr
+    assert first.stdout.split("imported")[0] == second.stdout.split("imported")[0]  # the same findings table
+
+
+def test_every_command_is_built_by_the_group_that_registers_it():
+    """COMMAND_GROUPS names each group's commands: a command line builds its own group's parser only."""
+    for group, commands in COMMAND_GROUPS.items():
+        choices = next(action.choices for action in build_parser(commands[0])._actions
+                       if isinstance(action, argparse._SubParsersAction))
+        assert sorted(choices) == sorted(commands), group
+    assert command_of(["--version"]) is None and len(build_parser(None)._actions[-1].choices) == sum(
+        map(len, COMMAND_GROUPS.values()))
 
 
 def test_detect_without_weights_says_which_file_is_missing(ct_dir, capsys):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from CTFoundationLib.evaluation.labeller import TEXT_COLUMN, load_or_train, read_report_csv, write_labelled_csv
+from CTFoundationLib.io.tables import REPORT_TEXT_COLUMN as TEXT_COLUMN
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 
@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_label_reports(args: argparse.Namespace) -> int:
+    from CTFoundationLib.evaluation.labeller import load_or_train, read_report_csv, write_labelled_csv  # scikit-learn
+
     header, rows = read_report_csv(args.reports, args.text_column)
     labeller = load_or_train(args.train_csv)
     labels = labeller.labels([row[args.text_column] or "" for row in rows])

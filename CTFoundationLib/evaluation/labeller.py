@@ -34,13 +34,20 @@ from tqdm import tqdm
 
 from CTFoundationLib.errors import ReportLabelError
 from CTFoundationLib.io.files import atomic_write, sha256_file
-from CTFoundationLib.io.tables import binary_matrix, finding_columns, read_csv_rows, require_columns, write_csv
+from CTFoundationLib.io.tables import (
+    REPORT_TEXT_COLUMN,
+    binary_matrix,
+    finding_columns,
+    read_csv_rows,
+    require_columns,
+    write_csv,
+)
 from CTFoundationLib.resources import shared_data_root
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights.cache import cache_root, now_iso
 
 LABELLER_FORMAT = "ctfoundation-report-labeller-2"
-TEXT_COLUMN = "report_text"
+TEXT_COLUMN = REPORT_TEXT_COLUMN
 TRAINING_CSV = Path("reports") / "ctclip_text_classifier" / "train.csv"  # under the shared data folder
 NEGATION_CUES = re.compile(
     r"\b(?:no|not|none|without|absent|neither|nor|free of|negative for|ruled out|rule out|unremarkable)\b|n't",

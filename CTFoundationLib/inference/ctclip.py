@@ -109,8 +109,9 @@ class CTCLIPRuntime:
         self._timed = StepTimer(progress, label=lambda step: step.replace("_", " "))
         self.timings_s = self._timed.seconds
         require_input_size(config or CTCLIPConfig.full_size(), spec, model_id)
-        with self._timed("load_model"):
-            self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype])
+        self._config = config
+        with self._timed("load_model"):  # the image tower; the text tower follows when text is first encoded
+            self.model = load_ctclip(self.checkpoint, config, device=self.device, dtype=DTYPES[dtype], with_text=False)
             self.checkpoint_sha256 = file_sha256(self.checkpoint, self.cache_dir / "checkpoint_hashes.json")
         # transformers is imported only when text is encoded: cached prompt latents need the vocabulary's hash alone
         self.vocab = vocab_file(Path(tokenizer_source)) if tokenizer_source else None
@@ -209,7 +210,7 @@ class CTCLIPRuntime:
         """Free texts -> L2-normalised latents (K, 512); each text tokenised without padding to 512."""
         with self._timed("encode_text"):
             ids, mask = tokenize(self._require_tokenizer(), texts)
-            return self.model.encode_text(ids, mask).float().cpu()
+            return self._text_model().encode_text(ids, mask).float().cpu()
 
     def prompt_latents(self) -> torch.Tensor:
         """(18, 2, 512) [present, not present] latents, cached on disk per checkpoint and vocabulary."""
@@ -221,7 +222,7 @@ class CTCLIPRuntime:
                                                          (len(CT_RATE_ABNORMALITIES), 2, self.latent_dim))
             if self._prompt_latents is None:
                 with self._timed("encode_prompts"):
-                    latents = encode_zero_shot_prompts(self.model, self._require_tokenizer()).float().cpu()
+                    latents = encode_zero_shot_prompts(self._text_model(), self._require_tokenizer()).float().cpu()
                 with atomic_path(path) as temporary:
                     save_file({"prompt_latents": latents.contiguous()}, temporary)
                 self._prompt_latents = latents
@@ -255,6 +256,13 @@ class CTCLIPRuntime:
             findings=findings,
             timings_s=dict(self.timings_s),
         )
+
+    def _text_model(self):
+        """The model with its text tower, loaded from the checkpoint on first need (transformers comes with it)."""
+        if self.model.text_transformer is None:
+            with self._timed("load_text_tower"):
+                self.model = load_ctclip(self.checkpoint, self._config, device=self.device, dtype=DTYPES[self.dtype])
+        return self.model
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

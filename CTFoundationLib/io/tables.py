@@ -27,6 +27,7 @@ FINDING_ALIASES: dict[str, str] = {
     "mosaic attenuation": "Mosaic attenuation pattern",
     "lung nodules": "Lung nodule",
 }
+REPORT_TEXT_COLUMN = "report_text"  # the free-text report column of a reports CSV
 CASE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".json", ".npz")
 
 

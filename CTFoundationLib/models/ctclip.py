@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import BertConfig, BertModel
 
 from CTFoundationLib.errors import CheckpointError, CTFoundationError
 from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
@@ -28,6 +27,8 @@ from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 ATTENTION_LOGIT_SCALE = 8.0  # CTViT multiplies the cosine attention logits by a fixed 8, not 1/sqrt(d)
 V1_MESSAGE = "v1 weights are not supported by the v2 runtime"
 LIPRO_PREFIX = "trained_model."
+BERT_BASE_HIDDEN_SIZE = 768  # transformers' BertConfig default
+TEXT_TOWER_PREFIX = "text_transformer."  # the BERT tower's keys (left out by with_text=False)
 
 # Reference keys that inference does not use: accepted in a checkpoint, then dropped (never kept in memory).
 IGNORED_CHECKPOINT_KEYS = re.compile(
@@ -146,7 +147,7 @@ class CTCLIPConfig:
                 f"dim_image {self.dim_image} must be h*w*dim = {h}*{w}*{self.vision.dim} = {h * w * self.vision.dim} "
                 f"for v2 axial-mean pooling ({V1_MESSAGE} if this is a v1 configuration)"
             )
-        hidden = self.bert_config().hidden_size
+        hidden = self.text.get("hidden_size", BERT_BASE_HIDDEN_SIZE)  # image work needs no transformers
         if self.dim_text != hidden:
             raise ValueError(f"dim_text {self.dim_text} differs from the BERT hidden_size {hidden}")
 
@@ -183,7 +184,10 @@ class CTCLIPConfig:
         """The released CT-CLIP v2 (CTViT 512-d, 24x24 in-plane tokens, CXR-BERT, 512-d latents)."""
         return cls.from_reference_constructors(FULL_SIZE_CONSTRUCTORS)
 
-    def bert_config(self) -> BertConfig:
+    def bert_config(self):
+        """The text tower's transformers BertConfig (imports transformers)."""
+        from transformers import BertConfig
+
         return BertConfig(**self.text)
 
 
@@ -439,12 +443,18 @@ class CTCLIP(nn.Module):
 
     `classifier` is the LiPro head (Linear(dim_latent, 18)) when a LiPro checkpoint was loaded, else None.
     `autocast_dtype` None computes in float32; torch.bfloat16 runs the towers under autocast.
+    `with_text=False` leaves the BERT tower out (`text_transformer` None): image work needs neither it nor
+    transformers.
     """
 
-    def __init__(self, config: CTCLIPConfig) -> None:
+    def __init__(self, config: CTCLIPConfig, with_text: bool = True) -> None:
         super().__init__()
         self.config = config
-        self.text_transformer = BertModel(config.bert_config(), add_pooling_layer=False)
+        self.text_transformer = None
+        if with_text:
+            from transformers import BertModel
+
+            self.text_transformer = BertModel(config.bert_config(), add_pooling_layer=False)
         self.visual_transformer = CTViT(config.vision)
         self.to_text_latent = nn.Linear(config.dim_text, config.dim_latent, bias=False)
         self.to_visual_latent = nn.Linear(config.dim_image, config.dim_latent, bias=False)
@@ -493,6 +503,8 @@ class CTCLIP(nn.Module):
 
     def text_cls(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(K, L) ids and 0/1 mask -> (K, dim_text) last-layer [CLS] state (token type 0, positions 0..L-1)."""
+        if self.text_transformer is None:
+            raise RuntimeError("this CTCLIP was loaded without its text tower (with_text=False)")
         out = self.text_transformer(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
         return out.last_hidden_state[:, 0].float()
 
@@ -562,6 +574,7 @@ def load_ctclip(
     config: CTCLIPConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    with_text: bool = True,
 ) -> CTCLIP:
     """Load a CT-CLIP v2 checkpoint written by the reference, unchanged, into an eval-mode CTCLIP.
 
@@ -570,13 +583,15 @@ def load_ctclip(
     Keys matching IGNORED_CHECKPOINT_KEYS (the unused _extra projections, decoder, pooler, ...) are accepted
     and dropped; the file is memory-mapped so they are never read. config defaults to the full-size v2.
     dtype: torch.float32, or torch.bfloat16 autocast (weights stay float32; VQ, pooling and latents in float32).
+    with_text=False: the image tower and heads only; the text tower's tensors are neither checked nor read.
     Raises CheckpointError for a missing, unreadable, v1 or mismatching file.
     """
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-    model, tensors = _checked_checkpoint(Path(path), config)
+    model, tensors = _checked_checkpoint(Path(path), config, with_text)
     model.load_state_dict({key: value.float() for key, value in tensors.items()}, strict=True, assign=True)
-    _restore_text_index_buffers(model.text_transformer)
+    if with_text:
+        _restore_text_index_buffers(model.text_transformer)
     model.autocast_dtype = None if dtype == torch.float32 else dtype
     return model.to(device).eval()
 
@@ -586,14 +601,16 @@ def check_ctclip_checkpoint(path: str | Path, config: CTCLIPConfig | None = None
     _checked_checkpoint(Path(path), config)
 
 
-def _checked_checkpoint(path: Path, config: CTCLIPConfig | None) -> tuple[CTCLIP, dict[str, Tensor]]:
+def _checked_checkpoint(path: Path, config: CTCLIPConfig | None,
+                        with_text: bool = True) -> tuple[CTCLIP, dict[str, Tensor]]:
     """The model built on the meta device and the file's tensors under its key names, after every check."""
     config = CTCLIPConfig.full_size() if config is None else config
     tensors, strays, lipro = _split_layout(_read_checkpoint(path))
     _reject_v1(path, tensors, config)
-    tensors = {key: value for key, value in tensors.items() if not IGNORED_CHECKPOINT_KEYS.fullmatch(key)}
+    tensors = {key: value for key, value in tensors.items() if not IGNORED_CHECKPOINT_KEYS.fullmatch(key)
+               and (with_text or not key.startswith(TEXT_TOWER_PREFIX))}
     with torch.device("meta"):
-        model = CTCLIP(config)
+        model = CTCLIP(config, with_text)
         if lipro:
             weight = tensors.get("classifier.weight")
             classes = weight.shape[0] if weight is not None and weight.ndim == 2 else len(CT_RATE_ABNORMALITIES)
@@ -665,7 +682,7 @@ def _check_keys(path: Path, model: CTCLIP, tensors: Mapping[str, Tensor], strays
         raise CheckpointError(f"{path} does not match the CT-CLIP v2 model: {'; '.join(problems)}. {_ADVICE}")
 
 
-def _restore_text_index_buffers(bert: BertModel) -> None:
+def _restore_text_index_buffers(bert: nn.Module) -> None:
     """Recreate BERT's non-persistent position/token-type index buffers after the meta-device build."""
     embeddings = bert.embeddings
     positions = torch.arange(bert.config.max_position_embeddings).expand(1, -1)

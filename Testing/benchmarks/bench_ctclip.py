@@ -109,7 +109,8 @@ def _reference_prompt_pair_seconds(runtime, name: str) -> float:
         [f"{name} is present.", f"{name} is not present."],
         padding="max_length", truncation=True, max_length=512, return_tensors="pt",
     )
-    return _timed(lambda: runtime.model.encode_text(encoded["input_ids"], encoded["attention_mask"]))
+    model = runtime._text_model()
+    return _timed(lambda: model.encode_text(encoded["input_ids"], encoded["attention_mask"]))
 
 
 def report(figures: dict) -> None:
