@@ -17,12 +17,15 @@ axis's own spacing (identical for the square pixels of real CTs, and right for t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from CTFoundationLib.io.volume import CTVolume
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,14 @@ SPECS = {spec.name: spec for spec in (CTCLIP_V2, FVLM, CTCLIP_DEMO)}
 
 def preprocess(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
     """CT volume -> model-ready float32 array (1, *spec axes)."""
+    return preprocess_tensor(volume, spec).numpy()
+
+
+def preprocess_tensor(volume: CTVolume, spec: PreprocessSpec, device: str | torch.device = "cpu") -> torch.Tensor:
+    """CT volume -> model-ready float32 tensor (1, *spec axes) on `device`, where the work is done (the HU go there
+    as read; on CUDA the same float64 maths as on CPU)."""
     oriented = volume.reoriented(spec.axis_codes)
-    values = resample_hu(oriented.hu, oriented.spacing_ijk_mm, spec)
+    values = resample_hu_tensor(oriented.hu, oriented.spacing_ijk_mm, spec, device)
     if spec.shape is not None:
         values = centre_crop_or_pad(values, spec.shape, spec.pad_value)
     if spec.pad_multiple is not None:
@@ -90,15 +99,21 @@ def preprocess(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
 
 def resample_hu(hu: np.ndarray, spacing_mm: tuple[float, float, float], spec: PreprocessSpec) -> np.ndarray:
     """Clip, resample to `spec.spacing_mm` (floor sizing, trilinear, float64), map to `spec.value_range`."""
+    return resample_hu_tensor(hu, spacing_mm, spec).numpy()
+
+
+def resample_hu_tensor(hu: np.ndarray, spacing_mm: tuple[float, float, float], spec: PreprocessSpec,
+                       device: str | torch.device = "cpu") -> torch.Tensor:
+    """`resample_hu` computed on `device`: a float32 tensor there."""
     size = output_size(hu.shape, spacing_mm, spec.spacing_mm)
     low, high = spec.hu_range
-    tensor = torch.from_numpy(np.ascontiguousarray(hu)).to(torch.float64)
+    tensor = torch.from_numpy(np.ascontiguousarray(hu)).to(device).to(torch.float64)
     if spec.clip_before_resampling:
         tensor.clamp_(low, high)
     resampled = F.interpolate(tensor[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
     del tensor
     resampled.clamp_(low, high)
-    return spec.hu_to_value_(resampled).to(torch.float32).numpy()
+    return spec.hu_to_value_(resampled).to(torch.float32)
 
 
 def output_size(shape, spacing_mm, target_mm) -> tuple[int, int, int]:
@@ -106,14 +121,17 @@ def output_size(shape, spacing_mm, target_mm) -> tuple[int, int, int]:
     return tuple(max(1, int(n * current / target)) for n, current, target in zip(shape, spacing_mm, target_mm))
 
 
-def centre_crop_or_pad(values: np.ndarray, shape: tuple[int, ...], pad_value: float) -> np.ndarray:
-    """Centre crop (start = (n - t) // 2) then centre pad (before = (t - n) // 2) each axis to `shape`."""
+def centre_crop_or_pad(values: Array, shape: tuple[int, ...], pad_value: float) -> Array:
+    """Centre crop (start = (n - t) // 2) then centre pad (before = (t - n) // 2) each axis to `shape`; a numpy
+    array or a tensor (on its device)."""
+    if isinstance(values, np.ndarray):
+        return centre_crop_or_pad(torch.from_numpy(values), shape, pad_value).numpy()
     crop = tuple(slice(max((n - t) // 2, 0), max((n - t) // 2, 0) + t) for n, t in zip(values.shape, shape))
     values = values[crop]
     pads = [((t - n) // 2, t - n - (t - n) // 2) for n, t in zip(values.shape, shape)]
     if any(p for pair in pads for p in pair):
-        values = np.pad(values, pads, mode="constant", constant_values=pad_value)
-    return np.ascontiguousarray(values)
+        values = F.pad(values, [p for pair in reversed(pads) for p in pair], value=pad_value)  # last axis first
+    return values.contiguous()
 
 
 @dataclass(frozen=True)
@@ -161,12 +179,15 @@ def pad_symmetric(values: np.ndarray, min_shape: tuple[int, ...], pad_value: flo
     return np.asarray(pad(torch.from_numpy(values)[None]))[0]
 
 
-def pad_end_to_multiple(values: np.ndarray, multiple: tuple[int, ...], pad_value: float) -> np.ndarray:
-    """MONAI DivisiblePad (method 'end'): pad each axis at its end to a multiple of `multiple`."""
+def pad_end_to_multiple(values: Array, multiple: tuple[int, ...], pad_value: float) -> Array:
+    """MONAI DivisiblePad (method 'end'): pad each axis at its end to a multiple of `multiple`; a numpy array or a
+    tensor (on its device)."""
     from monai.transforms import DivisiblePad
 
     pad = DivisiblePad(multiple, method="end", mode="constant", value=pad_value)
-    return np.asarray(pad(torch.from_numpy(np.ascontiguousarray(values))[None]))[0]
+    if isinstance(values, np.ndarray):
+        return np.asarray(pad(torch.from_numpy(np.ascontiguousarray(values))[None]))[0]
+    return pad(values[None])[0].as_subclass(torch.Tensor)
 
 
 def organ_window(organ: np.ndarray, roi: tuple[int, ...]) -> tuple[slice, ...]:

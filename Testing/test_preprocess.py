@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from anatomy_checks import (
     body_mask,
     bowel_gas_axis0,
@@ -32,6 +33,7 @@ from CTFoundationLib.preprocess import (
     pad_end_to_multiple,
     pad_symmetric,
     preprocess,
+    preprocess_tensor,
 )
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
@@ -216,3 +218,15 @@ def test_crop_and_pads_follow_monai_rules():
     assert padded.shape == (6, 5, 6) and padded[:1].sum() == 0 and padded[1:4].all() and padded[4:].sum() == 0
     ended = pad_end_to_multiple(values, (4, 4, 4), 0.0)
     assert ended.shape == (4, 8, 8) and ended[:3, :5, :6].all() and ended.sum() == values.sum()
+
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CPU path is the one the fixtures check")
+def test_preprocessing_on_cuda_equals_the_cpu_result(ct_dir, ricord_nifti_tensor):
+    """One implementation: on CUDA the tensor path gives the CPU arrays within 1e-4 (CT-CLIP crop/pad; fVLM pad
+    to a multiple) and stays on the device."""
+    volume = read_ct(ct_dir / RICORD / "ct_3mm_iso.nii.gz")
+    for spec, expected in ((CTCLIP_V2, ricord_nifti_tensor), (FVLM, preprocess(volume, FVLM))):
+        tensor = preprocess_tensor(volume, spec, "cuda")
+        assert tensor.is_cuda and tensor.dtype == torch.float32 and type(tensor) is torch.Tensor
+        np.testing.assert_allclose(tensor.cpu().numpy(), expected, rtol=0, atol=1e-4)

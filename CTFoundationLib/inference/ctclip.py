@@ -36,7 +36,7 @@ from CTFoundationLib.models.ctclip import (
     zero_shot_probabilities,
 )
 from CTFoundationLib.models.devices import select_device
-from CTFoundationLib.preprocess import CTCLIP_V2, SPECS, PreprocessSpec, preprocess
+from CTFoundationLib.preprocess import CTCLIP_V2, SPECS, PreprocessSpec, preprocess_tensor
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import load_registry, resolve_weights
 
@@ -187,9 +187,9 @@ class CTCLIPRuntime:
         return "lipro" if self.model.classifier is not None else "zero-shot"
 
     def prepare(self, volume: CTVolume) -> torch.Tensor:
-        """CT volume -> (1, 1, 240, 480, 480) model input."""
+        """CT volume -> (1, 1, 240, 480, 480) model input, preprocessed on the model's device."""
         with self._timed("preprocess"):
-            return torch.from_numpy(preprocess(volume, self.spec))[None]
+            return preprocess_tensor(volume, self.spec, self.device)[None]
 
     def encode_volume(self, volume: CTVolume, return_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One image pass: L2-normalised latent (1, 512) and, on request, the quantised token grid (1, 24, 24, 24, 512).
