@@ -26,6 +26,7 @@ from CTFoundationLib.cli import main
 from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.io.cases import Case, discover_cases
+from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.report import (
     RESULT_SCHEMA,
     MarkedPoint,
@@ -35,6 +36,7 @@ from CTFoundationLib.report import (
     Shard,
     run_batch,
 )
+from CTFoundationLib.report.narrative import narrative_section
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
@@ -352,3 +354,12 @@ def test_resume_key_follows_section_settings(ct_dir):
     assert key(model="a", generation={"temperature": 0.0}) != key(model="b", generation={"temperature": 0.0})
     assert key(model="a", generation={"temperature": 0.0}) != key(model="a", generation={"temperature": 0.7})
     assert key() != run_key(runtime, case, None, [])
+
+    def narrative_key(**chat_options) -> str:  # the section the pipeline builds, with the chat model's options
+        section = narrative_section(None, "ct-chat-llama3.1-8b", GenerationSettings(), chat_options)
+        return run_key(runtime, case, None, [section])
+
+    assert narrative_key(llm=Path("a"), precision="bf16") == narrative_key(llm=Path("a"), precision="bf16")
+    for other in ({"llm": Path("b"), "precision": "bf16"}, {"llm": Path("a"), "precision": "4bit"},
+                  {"llm": Path("a"), "precision": "bf16", "lora": Path("l")}):
+        assert narrative_key(llm=Path("a"), precision="bf16") != narrative_key(**other)

@@ -77,6 +77,6 @@ def report_cases(
                                 **dict(chat or {}))
         runtime.keep_tokens = True  # detection's image pass also gives CT-CHAT its token grid: one pass per CT
         chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
-        sections.append(narrative_section(chat_runtime, narrative, generation))
+        sections.append(narrative_section(chat_runtime, narrative, generation, chat))
     return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
                      progress=on_case_step, skipped_inputs=skipped_inputs)
