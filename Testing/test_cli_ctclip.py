@@ -77,7 +77,7 @@ def test_detect_without_weights_says_which_file_is_missing(ct_dir, capsys):
 def test_bad_model_config_and_missing_weights_file(ct_dir, tmp_path, capsys):
     (tmp_path / "c.json").write_text("{}")
     code = main(["detect", str(ct_dir / RICORD_3MM), "--weights", str(tmp_path / "nope.pt")])
-    assert code == 2 and "nope.pt: no such file" in capsys.readouterr().err
+    assert code == 2 and "nope.pt (given for ct-clip-v2): no such file" in capsys.readouterr().err
     (tmp_path / "w.pt").write_bytes(b"junk")
     code = main(["detect", str(ct_dir / RICORD_3MM), "--weights", str(tmp_path / "w.pt"),
                  "--model-config", str(tmp_path / "c.json")])

@@ -199,10 +199,10 @@ class ChatRuntime:
 
         model_options: load_chat_model's (llm, lora, use_lora, projector, template, precision).
         """
-        model = load_chat_model(model_id, device=device, home=home, progress=progress, **model_options)
         encoder = CTCLIPRuntime.from_registry(chat_dependency(model_id, "ct-clip"), weights=ctclip,
                                               model_config=ctclip_config, with_text=False, device=device, home=home,
-                                              progress=progress)
+                                              progress=progress)  # first: it loads in seconds, the LLM in minutes
+        model = load_chat_model(model_id, device=device, home=home, progress=progress, **model_options)
         return cls(model, encoder, progress=progress)
 
     def image_embeddings(self, volume: CTVolume) -> torch.Tensor:

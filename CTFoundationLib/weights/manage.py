@@ -96,13 +96,14 @@ def resolve_weights(
 ) -> Path:
     """The local path of a model's weights (file or folder) for other commands.
 
-    `override` (a `--weights FILE` option) wins when given and must exist. Otherwise the model must be
-    installed; if not, the WeightsError says what is missing and how to get it.
+    `override` (a local file or folder given instead, e.g. by `--weights` or `--llm`) wins when given and must
+    exist. Otherwise the model must be installed; if not, the WeightsError says what is missing and how to get it.
     """
     if override is not None:
         path = Path(override).expanduser()
         if not path.exists():
-            raise WeightsError(f"--weights {path}: no such file or folder; give an existing path or leave it out")
+            raise WeightsError(f"{path} (given for {model_id}): no such file or folder; give an existing path or "
+                               "leave the option out to use the installed model")
         return path.resolve()
     registry = registry or load_registry()
     spec = registry.get(model_id)
