@@ -68,7 +68,8 @@ def test_round_trip_and_incremental_rerun(tmp_path: Path) -> None:
     np.testing.assert_allclose(final.latents[1], changed, atol=1e-6)  # stored re-normalised
     np.testing.assert_array_equal(final.latents[[0, 2]], index.latents[[0, 2]])
     # Only the current generation's data files remain.
-    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy",
+                                                        "text_latents.2.npy"]
 
 
 def test_latents_are_renormalised_and_bad_latents_refused(tmp_path: Path) -> None:
@@ -136,7 +137,8 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     index.save()  # a later save succeeds and clears the leftovers of the crashed ones
     assert CaseIndex.open(folder).case_ids == ("case0", "case1", "case2", "case9")
-    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy",
+                                                        "text_latents.2.npy"]
 
 
 def test_missing_or_damaged_index(tmp_path: Path) -> None:
