@@ -73,7 +73,8 @@ def loadSimilarCase(hit: dict) -> vtkMRMLScalarVolumeNode:
     if source.suffix == ".safetensors":
         raise CTInputError(f"{source}: the case was indexed from an embedding file; there is no image to load")
     node = slicer.util.loadVolume(str(source))
-    node.SetName(slicer.mrmlScene.GenerateUniqueName(hit["case_id"]))
+    if node.GetName() != hit["case_id"]:  # named by the case, not by the file (often ct.nii.gz or a DICOM file)
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(hit["case_id"]))
     return node
 
 
