@@ -443,12 +443,14 @@ class IndexMetrics:
 
     report_cases: cases with a report latent (the Recall@K population); labelled_cases: cases with labels (the
     mAP@K queries); candidates: labelled cases with at least one positive label (the mAP@K candidates);
-    skipped: why a metric or some K were left out.
+    image_to_image_chance: the mAP@K of a random ranking (any K): the mean over queries of the mean label
+    overlap with every candidate (None when mAP is not computed); skipped: why a metric or some K were left out.
     """
 
     report_to_image: dict[int, float]
     image_to_report: dict[int, float]
     image_to_image: dict[int, float]
+    image_to_image_chance: float | None
     report_cases: int
     labelled_cases: int
     candidates: int
@@ -476,7 +478,8 @@ def index_metrics(index: CaseIndex, ks: Sequence[int] = (1, 5, 10, 50)) -> Index
         skipped.append(f"mAP@K: cases carry label vectors of different lengths {sorted(widths)}")
     map_ks = _fitting(ks, candidates - 1, "labelled candidate cases (less the query)", skipped)
     to_image_image = map_at_k(index.latents[labelled], flags, map_ks) if map_ks else {}
-    return IndexMetrics(to_image, to_report, to_image_image, len(with_report), len(labelled), candidates,
+    chance = _chance_overlap(flags.astype(bool)) if map_ks else None
+    return IndexMetrics(to_image, to_report, to_image_image, chance, len(with_report), len(labelled), candidates,
                         tuple(skipped))
 
 
@@ -491,10 +494,23 @@ def format_index_metrics(metrics: IndexMetrics) -> str:
              row("image->report Recall", metrics.image_to_report, reports),
              row("image->image mAP (shared findings)", metrics.image_to_image,
                  f"{metrics.labelled_cases} labelled queries, {metrics.candidates} candidates")]
-    if metrics.report_cases:
-        lines.append(f"{'chance Recall':<34} " + "  ".join(
+    if metrics.report_to_image:
+        lines.append(f"{'chance Recall (K / cases)':<34} " + "  ".join(
             f"@{k}={k / metrics.report_cases:.3f}" for k in metrics.report_to_image))
+    if metrics.image_to_image_chance is not None:
+        lines.append(f"{'chance mAP (random ranking)':<34} {metrics.image_to_image_chance:.3f}")
     return "\n".join(lines + [f"note: {why}" for why in metrics.skipped])
+
+
+def _chance_overlap(flags: np.ndarray) -> float:
+    """Mean over queries of the mean Jaccard overlap with every candidate but the query: a random ranking's mAP."""
+    pool = np.flatnonzero(flags.any(axis=1))
+    overlap = _jaccard(flags, flags[pool])
+    counts = np.full(len(flags), float(len(pool)))
+    in_pool = np.isin(np.arange(len(flags)), pool)
+    counts[in_pool] -= 1  # the query is not its own candidate; its self-overlap is 1
+    sums = overlap.sum(axis=1) - in_pool.astype(float)
+    return float(np.mean(sums / counts))
 
 
 def _fitting(ks: Sequence[int], available: int, what: str, skipped: list[str]) -> tuple[int, ...]:

@@ -419,6 +419,8 @@ def test_index_metrics_hand_computed(tmp_path: Path) -> None:
     # c3 -> c0 (.71), c1 (.71; tie, lower row first): 0, 1/2.   mAP@1 = 1/2 / 4, mAP@2 = (1/4 + 1/2 + 1/4) / 4
     assert metrics.image_to_image == pytest.approx({1: 0.125, 2: 0.25})
     assert (metrics.report_cases, metrics.labelled_cases, metrics.candidates) == (3, 4, 3)
+    # chance: c0 (c1 1/2, c3 0) 1/4, c1 (1/2, 1/2) 1/2, c2 0, c3 (c0 0, c1 1/2) 1/4 -> 1/4
+    assert metrics.image_to_image_chance == pytest.approx(0.25)
     assert metrics.skipped == ("K = 5 left out: only 3 report cases",
                                "K = 5 left out: only 2 labelled candidate cases (less the query)")
     printed = retrieval.format_index_metrics(metrics)
