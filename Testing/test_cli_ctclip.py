@@ -149,7 +149,7 @@ def test_index_keeps_reports_labels_and_thumbnails_and_searches_every_way(ct_dir
     index = tmp_path / "index"
     assert main(["index", str(listing), "--index", str(index), "--reports", str(reports), "--labels", str(labels),
                  *small]) == 0
-    assert "3 cases, 3 with a report, 3 with labels" in capsys.readouterr().out
+    assert "3 cases (0 could not be read); 3 with a report, 3 with labels" in capsys.readouterr().out
 
     stored = CaseIndex.open(index)
     assert [stored.metadata(name).report for name in names] == [
@@ -183,3 +183,8 @@ def test_index_keeps_reports_labels_and_thumbnails_and_searches_every_way(ct_dir
     assert metrics["report_to_image"] == {str(k): v for k, v in reference.report_to_image.items()}
     assert metrics["image_to_image"] == {str(k): v for k, v in reference.image_to_image.items()}
     assert "image->image mAP" in printed and "3 cases with a report" in printed
+
+    # The folder itself: the report file beside a CT is no stray file, and known reports and labels are kept.
+    stamp = (index / "index.json").stat().st_mtime_ns
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0
+    assert "skipped" not in capsys.readouterr().err and (index / "index.json").stat().st_mtime_ns == stamp

@@ -16,6 +16,7 @@ from CTFoundationLib.io.cases import discover_cases
 from CTFoundationLib.io.files import write_json_atomic
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.reports import case_annotations
+from CTFoundationLib.report.keyimages import thumbnail_png
 from CTFoundationLib.retrieval import TARGETS, CaseIndex, describe_hit, format_index_metrics, index_metrics
 
 
@@ -65,13 +66,14 @@ def run_index(args: argparse.Namespace) -> int:
         runtime = load_ctclip(args, progress, with_text=with_reports)
         bar = tqdm(total=len(cases), desc="index", unit="case", file=sys.stderr, disable=None)
         with bar:
-            index, unreadable = index_cases(cases, args.index, runtime, annotations, on_case=lambda case: bar.update())
+            index, unreadable = index_cases(cases, args.index, runtime, annotations, thumbnail_png,
+                                            on_case=lambda case: bar.update())
     for case_id, why in unreadable.items():
         print(f"skipped {case_id}: {why}", file=sys.stderr)
     reports = len(index.with_report_latent())
     labelled = sum(index.metadata(case_id).labels is not None for case_id in index.case_ids)
-    print(f"{args.index}: {len(index)} cases, {reports} with a report, {labelled} with labels "
-          f"({len(unreadable)} could not be read)")
+    print(f"{args.index}: {len(index)} cases ({len(unreadable)} could not be read); {reports} with a report, "
+          f"{labelled} with labels")
     return 1 if unreadable else 0
 
 

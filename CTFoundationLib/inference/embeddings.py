@@ -2,7 +2,8 @@
 
     save_embedding("case.safetensors", {"image_latent": latent}, runtime, source="ct.nii.gz")
     cases = discover_cases(["cases/"], embeddings=True).cases
-    index, skipped = index_cases(cases, "index/", runtime, case_annotations(cases, reports_csv=Path("reports.csv")))
+    index, skipped = index_cases(cases, "index/", runtime, case_annotations(cases, reports_csv=Path("reports.csv")),
+                                 thumbnail=keyimages.thumbnail_png)
     hits = index.search(runtime.encode_texts(["Emphysema."])[0].numpy(), k=5)
 """
 
@@ -22,10 +23,11 @@ from CTFoundationLib.io.cases import EMBEDDING_SUFFIX, Case
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.reports import CaseAnnotation
-from CTFoundationLib.report.keyimages import thumbnail_png
+from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.retrieval import CaseIndex, CaseMetadata, source_fingerprint
 
 INDEX_SAVE_INTERVAL_S = 60.0  # `index_cases` writes the index at most this often while it runs, and at the end
+Thumbnail = Callable[[CTVolume], bytes]  # a CT -> PNG bytes, e.g. report.keyimages.thumbnail_png
 
 
 def save_embedding(path: Path, tensors: dict[str, torch.Tensor], runtime: CTCLIPRuntime, **metadata: str) -> None:
@@ -43,11 +45,12 @@ def case_latent(path: Path, runtime: CTCLIPRuntime) -> torch.Tensor:
     return case_latent_and_thumbnail(path, runtime)[0]
 
 
-def case_latent_and_thumbnail(path: Path, runtime: CTCLIPRuntime) -> tuple[torch.Tensor, bytes | None]:
-    """`case_latent` and a PNG thumbnail of the CT (`thumbnail_png`; None for an embedding file, which has no image)."""
+def case_latent_and_thumbnail(path: Path, runtime: CTCLIPRuntime,
+                              thumbnail: Thumbnail | None = None) -> tuple[torch.Tensor, bytes | None]:
+    """`case_latent` and `thumbnail(volume)` of the CT (None without `thumbnail`, or for an embedding file)."""
     if path.suffix != EMBEDDING_SUFFIX:
         volume = read_ct(path)
-        return runtime.encode_volume(volume)[0][0], thumbnail_png(volume)
+        return runtime.encode_volume(volume)[0][0], (thumbnail(volume) if thumbnail is not None else None)
     try:
         with safe_open(str(path), "pt") as stored:
             sha256 = (stored.metadata() or {}).get("checkpoint_sha256")
@@ -65,12 +68,13 @@ def case_latent_and_thumbnail(path: Path, runtime: CTCLIPRuntime) -> tuple[torch
 
 
 def index_cases(cases: Sequence[Case], folder: Path, runtime: CTCLIPRuntime,
-                annotations: Mapping[str, CaseAnnotation] | None = None,
+                annotations: Mapping[str, CaseAnnotation] | None = None, thumbnail: Thumbnail | None = None,
                 on_case: Callable[[Case], None] | None = None) -> tuple[CaseIndex, dict[str, str]]:
-    """Add the cases to the index in `folder` (created for this checkpoint if new): image latent, thumbnail and,
-    from `annotations` (case id -> report, labels; see `io.reports.case_annotations`), the report, its text latent
-    (the runtime needs its text tower then) and the labels. A case whose source and annotation are unchanged since
-    it was added is skipped; a changed annotation alone re-encodes only the report. Returns the index and
+    """Add the cases to the index in `folder` (created for this checkpoint if new): image latent, `thumbnail(CT)`
+    when given and, from `annotations` (case id -> report, labels; see `io.reports.case_annotations`), the report,
+    its text latent (the runtime needs its text tower then) and the labels; a report or labels not given keep the
+    ones stored. A case whose source and annotation are unchanged since it was added is skipped; a changed
+    annotation alone re-encodes only the report. Returns the index and
     {case id: why it was skipped} for cases that could not be read. The index is saved at the end and at most
     every INDEX_SAVE_INTERVAL_S."""
     index = CaseIndex.open_or_create(Path(folder), model_id=runtime.model_id,
@@ -82,24 +86,25 @@ def index_cases(cases: Sequence[Case], folder: Path, runtime: CTCLIPRuntime,
             on_case(case)
         annotation = (annotations or {}).get(case.case_id, CaseAnnotation())
         stored = index.metadata(case.case_id) if case.case_id in index.case_ids else None
-        if stored is not None and annotation == CaseAnnotation():  # nothing given this time: keep what is known
-            annotation = CaseAnnotation(stored.report, stored.labels)
+        if stored is not None:  # what is not given this time stays as stored
+            annotation = CaseAnnotation(annotation.report or stored.report,
+                                        stored.labels if annotation.labels is None else annotation.labels)
         try:
             fingerprint = source_fingerprint(case.path)
             if stored is not None and stored.fingerprint == fingerprint:
                 if (stored.report, stored.labels) == (annotation.report, annotation.labels):
                     continue
-                latent, thumbnail = index.latent(case.case_id), None  # the image is unchanged: keep its thumbnail
+                latent, png = index.latent(case.case_id), None  # the image is unchanged: keep its thumbnail
                 kept_thumbnail = stored.thumbnail
             else:
-                tensor, thumbnail = case_latent_and_thumbnail(case.path, runtime)
+                tensor, png = case_latent_and_thumbnail(case.path, runtime, thumbnail)
                 latent, kept_thumbnail = tensor.numpy(), None
         except CTFoundationError as error:
             unreadable[case.case_id] = str(error)
             continue
         text_latent = runtime.encode_texts([annotation.report])[0].numpy() if annotation.report else None
         metadata = CaseMetadata(str(case.path), fingerprint, annotation.report, annotation.labels, kept_thumbnail)
-        index.add(case.case_id, latent, metadata, text_latent=text_latent, thumbnail_png=thumbnail)
+        index.add(case.case_id, latent, metadata, text_latent=text_latent, thumbnail_png=png)
         added += 1
         if time.monotonic() - last_save > INDEX_SAVE_INTERVAL_S:  # an interrupted run keeps most of its work
             index.save()

@@ -95,10 +95,18 @@ def _cases_below(folder: Path, suffixes: tuple[str, ...], skipped: list[SkippedI
             cases.append(child)
         elif child.is_dir():
             cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes, skipped)
+        elif _is_report_beside_a_ct(child):
+            continue  # the case's report (io.reports.report_beside), not a stray file
         else:
             kind = child.suffix.lower() or "without an extension"
             skipped.append(SkippedInput(child, f"not a CT file ({kind}): reads .nii, .nii.gz, .nrrd and DICOM folders"))
     return cases
+
+
+def _is_report_beside_a_ct(path: Path) -> bool:
+    """`case.txt` beside `case.nii.gz` (or .nii, .nrrd): the report file `ctfoundation index` reads."""
+    return path.suffix.lower() == ".txt" and any(path.with_name(path.stem + suffix).is_file()
+                                                  for suffix in CT_SUFFIXES)
 
 
 def require_outside_series(out: Path, cases: list[Case]) -> None:
