@@ -171,10 +171,10 @@ class SimilarCasesPanel:
         self.table.setRowCount(len(hits))
         for row, hit in enumerate(hits):
             if hit["thumbnail"]:
-                image = qt.QLabel()
-                image.setPixmap(qt.QPixmap(hit["thumbnail"]))
+                pixmap, image = qt.QPixmap(hit["thumbnail"]), qt.QLabel()
+                image.setPixmap(pixmap)
                 self.table.setCellWidget(row, 0, image)
-                self.table.setRowHeight(row, image.pixmap.height() + 4)
+                self.table.setRowHeight(row, pixmap.height() + 4)
             findings = _("not recorded") if hit["findings"] is None else (", ".join(hit["findings"]) or _("none"))
             for column, text in enumerate((f"{hit['score']:.3f}", hit["case_id"], findings, hit["report"] or ""), 1):
                 item = qt.QTableWidgetItem(text)
@@ -184,7 +184,7 @@ class SimilarCasesPanel:
         self.updateLoadButton()
 
     def selectedHit(self) -> dict | None:
-        rows = {index.row() for index in self.table.selectedIndexes()}
+        rows = {item.row() for item in self.table.selectedItems()}
         return self.hits[rows.pop()] if len(rows) == 1 else None
 
     def updateLoadButton(self) -> None:
