@@ -440,3 +440,39 @@ def test_describe_hit_names_findings_and_cuts_the_report(tmp_path: Path) -> None
     assert x["reachable"] and Path(x["thumbnail"]).read_bytes() == PNG and x["score"] == 1.0
     assert y == {"case_id": "y", "score": 0.0, "source_path": "/elsewhere/y.nii.gz", "reachable": False,
                  "thumbnail": None, "findings": None, "report": None}
+
+
+def test_case_reports_come_from_the_list_the_csv_or_a_file_beside(tmp_path: Path, ct_dir: Path) -> None:
+    from CTFoundationLib.errors import CTInputError
+    from CTFoundationLib.io.cases import discover_cases
+    from CTFoundationLib.io.reports import case_annotations
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b", "c"):
+        (cases / f"{name}.nii.gz").write_bytes(b"")
+    (cases / "s1").symlink_to(ct_dir / "ricord1a_419639-000082_chest_noncontrast" / "dicom")
+    (cases / "b.txt").write_text("Beside b (ignored: the CSV names one).")
+    (cases / "c.txt").write_text("  'Beside' c.  ")
+    (cases / "s1.txt").write_text("Beside the series.")
+    (cases / "notes.txt").write_text("a stray file")
+    reports = tmp_path / "reports.csv"
+    reports.write_text("VolumeName,Findings_EN\na.nii.gz,\"CSV (a).\"\nb.nii.gz,CSV b.\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("VolumeName," + ",".join(retrieval.CT_RATE_ABNORMALITIES) + "\na.nii.gz," + ",".join(
+        ["1"] + ["0"] * 17) + "\n")
+    found = discover_cases([cases])
+    assert [c.case_id for c in found.cases] == ["a", "b", "c", "s1"]
+    assert [s.path.name for s in found.skipped] == ["notes.txt"]  # the reports beside the CTs are not strays
+    annotations = case_annotations(found.cases, reports, labels)
+    assert {case_id: a.report for case_id, a in annotations.items()} == {
+        "a": "CSV a.", "b": "CSV b.", "c": "Beside c.", "s1": "Beside the series."}
+    assert annotations["a"].labels == (1,) + (0,) * 17 and annotations["b"].labels is None
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,report\ncases/a.nii.gz,From the list.\n")
+    assert case_annotations(discover_cases([listing]).cases, reports)["a"].report == "From the list."
+    labels.write_text("VolumeName," + ",".join(retrieval.CT_RATE_ABNORMALITIES) + "\na.nii.gz," + ",".join(
+        ["0.7"] + ["0"] * 17) + "\n")
+    with pytest.raises(CTInputError, match=r"labels.csv, line 2: labels must be 0 or 1"):
+        case_annotations(found.cases, labels_csv=labels)

@@ -104,9 +104,11 @@ def _cases_below(folder: Path, suffixes: tuple[str, ...], skipped: list[SkippedI
 
 
 def _is_report_beside_a_ct(path: Path) -> bool:
-    """`case.txt` beside `case.nii.gz` (or .nii, .nrrd): the report file `ctfoundation index` reads."""
-    return path.suffix.lower() == ".txt" and any(path.with_name(path.stem + suffix).is_file()
-                                                  for suffix in CT_SUFFIXES)
+    """`case.txt` beside `case.nii.gz` (.nii, .nrrd) or a DICOM folder `case/`: the report `index` reads."""
+    if path.suffix.lower() != ".txt":
+        return False
+    return _holds_dicom(path.with_suffix("")) or any(path.with_name(path.stem + suffix).is_file()
+                                                     for suffix in CT_SUFFIXES)
 
 
 def require_outside_series(out: Path, cases: list[Case]) -> None:

@@ -17,8 +17,7 @@ from CTFoundationLib.io.cases import Case, case_name
 from CTFoundationLib.io.tables import read_csv_rows, require_columns
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
-REPORT_SUFFIX = ".txt"  # `case.nii.gz` -> `case.txt` beside it
-SERIES_REPORT = "report.txt"  # inside a DICOM series folder
+REPORT_SUFFIX = ".txt"  # `case.nii.gz` -> `case.txt` beside it; DICOM folder `series/` -> `series.txt` beside it
 STRIPPED_CHARACTERS = "\"'()"  # what CT-CLIP's data loader strips from report text
 
 
@@ -58,19 +57,19 @@ def read_ctrate_labels(path: Path) -> dict[str, tuple[int, ...]]:
     labels = {}
     for number, row in enumerate(rows, start=2):
         try:
-            flags = tuple(int(float(row[name])) for name in CT_RATE_ABNORMALITIES)
+            values = [float(row[name]) for name in CT_RATE_ABNORMALITIES]
         except (TypeError, ValueError):
-            flags = ()
-        if len(flags) != len(CT_RATE_ABNORMALITIES) or any(flag not in (0, 1) for flag in flags):
+            values = []
+        if len(values) != len(CT_RATE_ABNORMALITIES) or any(value not in (0.0, 1.0) for value in values):
             raise CTInputError(f"{path}, line {number}: labels must be 0 or 1 in every abnormality column")
-        labels[row["VolumeName"].strip()] = flags
+        labels[row["VolumeName"].strip()] = tuple(int(value) for value in values)
     return labels
 
 
 def report_beside(path: Path) -> str | None:
-    """The cleaned text of `<name>.txt` beside a CT file, or of `report.txt` inside a DICOM folder; None if absent."""
+    """The cleaned text of `<name>.txt` beside a CT file or a DICOM folder (never inside the series); None if absent."""
     path = Path(path)
-    candidate = path / SERIES_REPORT if path.is_dir() else path.with_name(case_name(path) + REPORT_SUFFIX)
+    candidate = path.with_name((path.name if path.is_dir() else case_name(path)) + REPORT_SUFFIX)
     if not candidate.is_file():
         return None
     try:
