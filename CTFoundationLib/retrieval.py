@@ -170,6 +170,9 @@ class CaseIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._rows
+
     @property
     def case_ids(self) -> tuple[str, ...]:
         """Case ids in row order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 from safetensors import safe_open
@@ -188,3 +189,14 @@ def test_index_keeps_reports_labels_and_thumbnails_and_searches_every_way(ct_dir
     stamp = (index / "index.json").stat().st_mtime_ns
     assert main(["index", str(cases), "--index", str(index), *small]) == 0
     assert "skipped" not in capsys.readouterr().err and (index / "index.json").stat().st_mtime_ns == stamp
+
+    # A changed CT is encoded again; its known report and text latent stay (no text tower loaded for them).
+    report_latent = stored.text_latent(names[0])
+    (cases / f"{names[0]}.nii.gz").unlink()
+    (cases / f"{names[0]}.nii.gz").symlink_to(ct_dir / names[1] / "ct.nii.gz")
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0
+    changed = CaseIndex.open(index)
+    assert changed.metadata(names[0]).report == "Aortic wall calcification."
+    assert changed.metadata(names[0]).labels == stored.metadata(names[0]).labels
+    np.testing.assert_array_equal(changed.text_latent(names[0]), report_latent)
+    np.testing.assert_allclose(changed.latent(names[0]), changed.latent(names[1]), atol=1e-6)  # now the same CT

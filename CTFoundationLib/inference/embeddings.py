@@ -74,8 +74,8 @@ def index_cases(cases: Sequence[Case], folder: Path, runtime: CTCLIPRuntime,
     when given and, from `annotations` (case id -> report, labels; see `io.reports.case_annotations`), the report,
     its text latent (the runtime needs its text tower then) and the labels; a report or labels not given keep the
     ones stored. A case whose source and annotation are unchanged since it was added is skipped; a changed
-    annotation alone re-encodes only the report. Returns the index and
-    {case id: why it was skipped} for cases that could not be read. The index is saved at the end and at most
+    annotation alone re-encodes only the report, and an unchanged report keeps its text latent. Returns the index
+    and {case id: why it was skipped} for cases that could not be read. The index is saved at the end and at most
     every INDEX_SAVE_INTERVAL_S."""
     index = CaseIndex.open_or_create(Path(folder), model_id=runtime.model_id,
                                      checkpoint_sha256=runtime.checkpoint_sha256, dim=runtime.latent_dim)
@@ -85,7 +85,7 @@ def index_cases(cases: Sequence[Case], folder: Path, runtime: CTCLIPRuntime,
         if on_case is not None:
             on_case(case)
         annotation = (annotations or {}).get(case.case_id, CaseAnnotation())
-        stored = index.metadata(case.case_id) if case.case_id in index.case_ids else None
+        stored = index.metadata(case.case_id) if case.case_id in index else None
         if stored is not None:  # what is not given this time stays as stored
             annotation = CaseAnnotation(annotation.report or stored.report,
                                         stored.labels if annotation.labels is None else annotation.labels)
@@ -102,7 +102,10 @@ def index_cases(cases: Sequence[Case], folder: Path, runtime: CTCLIPRuntime,
         except CTFoundationError as error:
             unreadable[case.case_id] = str(error)
             continue
-        text_latent = runtime.encode_texts([annotation.report])[0].numpy() if annotation.report else None
+        if stored is not None and annotation.report == stored.report:
+            text_latent = index.text_latent(case.case_id)
+        else:
+            text_latent = runtime.encode_texts([annotation.report])[0].numpy() if annotation.report else None
         metadata = CaseMetadata(str(case.path), fingerprint, annotation.report, annotation.labels, kept_thumbnail)
         index.add(case.case_id, latent, metadata, text_latent=text_latent, thumbnail_png=png)
         added += 1
