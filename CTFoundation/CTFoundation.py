@@ -60,6 +60,7 @@ from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyEr
 from CTFoundationLib.host.process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationLib.weights import load_registry  # noqa: E402
 from CTFoundationMRML import anatomy  # noqa: E402
+from CTFoundationSimilar import SimilarCasesPanel, similarCases  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
@@ -674,6 +675,10 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         with open(outFolder / "summary.csv", newline="", encoding="utf-8") as summary:
             return ReportOutcome(indexHtml, list(csv.DictReader(summary)))
 
+    def similarCases(self, volumeNode: vtkMRMLScalarVolumeNode, indexFolder, k: int = 5, **options):
+        """The k most similar cases of a case index (CTFoundationSimilar.similarCases; computed by the worker)."""
+        return similarCases(self, volumeNode, indexFolder, k, **options)
+
     @staticmethod
     def jumpToAnatomyRow(tableNode: vtkMRMLTableNode, row: int) -> tuple[float, float, float] | None:
         """Centre the slice views on the segment of a findings-table row; returns that centre (RAS mm)."""
@@ -784,6 +789,8 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupDetectionSection()
         self.setupResultsSection()
         self.setupAnatomySection()
+        self.similarPanel = SimilarCasesPanel(self.logic, self.ui.resultsCollapsibleButton,
+                                              lambda: self._parameterNode.inputVolume)
         self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume, self.groundText)
         self.initializeParameterNode()
 
@@ -792,6 +799,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if task is not None:
                 task.cancel()
         self.chatPanel.cleanup()
+        self.similarPanel.cleanup()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -1067,6 +1075,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         summary = (_("Positive: {names}").format(names=", ".join(positives) or _("none")) if thresholds
                    else _("No decision thresholds set (Advanced): probabilities only."))
         self.ui.resultsSummaryLabel.text = f"{outcome.result.model} ({outcome.result.method}): {summary}"
+        self.similarPanel.onResultsShown()
 
 
     # --- Findings per anatomy section -----------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Case retrieval over CT-CLIP latents: an on-disk case index, cosine top-k search, retrieval metrics.
 
+Per case the index keeps the image latent and, when known, the report text, its text latent and a small
+thumbnail (PNG), so it answers image->image, image->report and report->image queries as CT-CLIP's retrieval.
 Pure library: it receives latents (CT-CLIP v2: 512-d, L2-normalised image and text latents) and never runs a
 model. Every latent is re-normalised here anyway, so scores are cosine similarities in [-1, 1].
 Ranking rule everywhere: score descending, exact ties to the lower row index (the CT-CLIP reference ranks with
@@ -13,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from CTFoundationLib.errors import RetrievalError
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 INDEX_FORMAT = "ctfoundation-case-index"
 INDEX_VERSION = 1
 MANIFEST_NAME = "index.json"
 _MANIFEST_KEYS = ("model_id", "checkpoint_sha256", "dim", "count", "generation",
                   "latents_file", "latents_sha256", "cases_file", "cases_sha256")
+THUMBNAILS = "thumbnails"  # sub-folder of PNG thumbnails, named by the sha256 of their bytes
+TARGETS = ("images", "reports")  # what a search ranks: the cases' image latents or their report text latents
 _ROW_BLOCK = 1024  # query rows scored at once: bounds the (block, N) score matrix to a few MB per 1000 cases
 _REBUILD = "the index is damaged: delete the folder and rebuild it"
 
@@ -38,12 +44,14 @@ class CaseMetadata:
     fingerprint: `source_fingerprint(source_path)` when the latent was computed; a re-run compares it.
     labels: optional 0/1 abnormality flags in a fixed order (e.g. the 18 CT-RATE abnormalities); `add` stores
     any 0/1 sequence (list, NumPy row) as a tuple of ints and a Path source as a string.
+    thumbnail: file name of the case's PNG thumbnail in the index's `thumbnails/` folder (set by `add`).
     """
 
     source_path: str
     fingerprint: str
     report: str | None = None
     labels: tuple[int, ...] | None = None
+    thumbnail: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,27 @@ class Hit:
     case_id: str
     score: float
     metadata: CaseMetadata
+
+
+def index_model_id(folder: str | Path) -> str:
+    """The model id a saved index was built with (from its manifest only; the latents are not read)."""
+    return str(_read_manifest(Path(folder))["model_id"])
+
+
+def describe_hit(index: CaseIndex, hit: Hit, excerpt_chars: int = 300) -> dict[str, Any]:
+    """A hit as plain JSON for lists (CLI, Slicer): case id, score, source path and whether it exists here,
+    thumbnail path (or None), findings (names of the positive CT-RATE labels; None when unlabelled) and the
+    report's first `excerpt_chars` characters (None when it has none)."""
+    labels = hit.metadata.labels
+    findings = ([name for name, flag in zip(CT_RATE_ABNORMALITIES, labels) if flag]
+                if labels is not None and len(labels) == len(CT_RATE_ABNORMALITIES) else None)
+    report = hit.metadata.report
+    if report is not None and len(report) > excerpt_chars:
+        report = report[:excerpt_chars].rsplit(" ", 1)[0] + " …"
+    thumbnail = index.thumbnail_path(hit.case_id)
+    return {"case_id": hit.case_id, "score": round(hit.score, 6), "source_path": hit.metadata.source_path,
+            "reachable": Path(hit.metadata.source_path).exists(),
+            "thumbnail": None if thumbnail is None else str(thumbnail), "findings": findings, "report": report}
 
 
 def source_fingerprint(path: str | Path) -> str:
@@ -77,11 +106,14 @@ class CaseIndex:
     """Image latents of many cases from ONE model checkpoint, kept in a folder and searchable by cosine.
 
     Folder layout: `index.json` (format, model id, checkpoint sha256, latent width, case count, names and
-    sha256 of the two data files), `latents.<generation>.npy` (float32 (N, dim), unit rows) and
-    `cases.<generation>.jsonl` (one JSON object per row: case_id, source_path, fingerprint, report, labels).
-    `save()` writes a new generation, fsyncs it, then swaps `index.json` with one atomic rename, so a kill at
-    any moment leaves the previous or the new index, never a mix; unreferenced generations are deleted by the
-    next successful save. One writer per folder at a time.
+    sha256 of the data files), `latents.<generation>.npy` (float32 (N, dim), unit rows),
+    `text_latents.<generation>.npy` (float32 (N, dim): the report's unit text latent, all-zero for a case
+    without one; absent in indexes written before reports were kept), `cases.<generation>.jsonl` (one JSON
+    object per row: case_id, source_path, fingerprint, report, labels, thumbnail) and `thumbnails/<sha256>.png`.
+    `save()` writes a new generation (thumbnails are content-named, so written before it), fsyncs it, then
+    swaps `index.json` with one atomic rename, so a kill at any moment leaves the previous or the new index,
+    never a mix; unreferenced generations and thumbnails are deleted by the next successful save.
+    One writer per folder at a time.
     Get one with `CaseIndex.open(folder)` or `CaseIndex.open_or_create(folder, model_id=..., ...)`.
     """
 
@@ -100,6 +132,8 @@ class CaseIndex:
         self.dim = dim
         self._generation = 0
         self._buffer = np.empty((0, dim), dtype=np.float32)
+        self._text_buffer = np.empty((0, dim), dtype=np.float32)
+        self._pending_thumbnails: dict[str, bytes] = {}
         self._ids: list[str] = []
         self._metadata: list[CaseMetadata] = []
         self._rows: dict[str, int] = {}
@@ -112,9 +146,11 @@ class CaseIndex:
         manifest = _read_manifest(folder)
         index = cls(folder, manifest["model_id"], manifest["checkpoint_sha256"], manifest["dim"])
         index._check_model(model_id, checkpoint_sha256)
-        latents = _read_latents(folder, manifest)
-        for (case_id, metadata), latent in zip(_read_cases(folder, manifest), latents):
-            index.add(case_id, latent, metadata)
+        latents = _read_latents(folder, manifest, "latents")
+        text_latents = (_read_latents(folder, manifest, "text_latents") if "text_latents_file" in manifest
+                        else np.zeros_like(latents))
+        for (case_id, metadata), latent, text in zip(_read_cases(folder, manifest), latents, text_latents):
+            index.add(case_id, latent, metadata, text_latent=text if text.any() else None)
         index._generation = manifest["generation"]
         return index
 
@@ -134,6 +170,9 @@ class CaseIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self._rows
+
     @property
     def case_ids(self) -> tuple[str, ...]:
         """Case ids in row order."""
@@ -143,6 +182,32 @@ class CaseIndex:
     def latents(self) -> np.ndarray:
         """A copy of the (N, dim) float32 unit latents, in row order."""
         return self._buffer[: len(self)].copy()
+
+    @property
+    def text_latents(self) -> np.ndarray:
+        """A copy of the (N, dim) float32 report text latents in row order; all-zero rows for cases without one."""
+        return self._text_buffer[: len(self)].copy()
+
+    def latent(self, case_id: str) -> np.ndarray:
+        """The (dim,) unit image latent of `case_id` (a copy)."""
+        self.metadata(case_id)  # a clear error for an unknown case
+        return self._buffer[self._rows[case_id]].copy()
+
+    def text_latent(self, case_id: str) -> np.ndarray | None:
+        """The (dim,) unit report latent of `case_id` (a copy), or None when it has none."""
+        self.metadata(case_id)
+        latent = self._text_buffer[self._rows[case_id]]
+        return latent.copy() if latent.any() else None
+
+    def with_report_latent(self) -> np.ndarray:
+        """Row numbers of the cases that have a report text latent, ascending."""
+        return np.flatnonzero(self._text_buffer[: len(self)].any(axis=1))
+
+    def thumbnail_path(self, case_id: str) -> Path | None:
+        """The saved PNG thumbnail of `case_id`, or None when it has none (or it is not saved yet)."""
+        name = self.metadata(case_id).thumbnail
+        path = None if name is None else self.folder / THUMBNAILS / name
+        return path if path is not None and path.is_file() else None
 
     def metadata(self, case_id: str) -> CaseMetadata:
         """The metadata stored for `case_id`."""
@@ -155,18 +220,29 @@ class CaseIndex:
         row = self._rows.get(case_id)
         return row is not None and self._metadata[row].fingerprint == fingerprint
 
-    def add(self, case_id: str, latent: ArrayLike, metadata: CaseMetadata) -> None:
+    def add(self, case_id: str, latent: ArrayLike, metadata: CaseMetadata, text_latent: ArrayLike | None = None,
+            thumbnail_png: bytes | None = None) -> None:
         """Insert a case, or replace its latent and metadata when `case_id` is already indexed.
 
-        latent: (dim,) image latent, stored re-normalised to unit length. Nothing is written until `save()`.
+        latent: (dim,) image latent, stored re-normalised to unit length. text_latent: (dim,) latent of the
+        case's report, likewise (None: the case has no report latent). thumbnail_png: the PNG bytes of its
+        thumbnail, which replace `metadata.thumbnail`. Nothing is written until `save()`.
         """
         if not isinstance(case_id, str) or not case_id:
             raise RetrievalError(f"{self.folder}: case id must be a non-empty string, got {case_id!r}")
         if np.shape(latent) != (self.dim,):
             raise RetrievalError(f"{self.folder}: latent of case {case_id!r} has shape {np.shape(latent)}, but "
                                  f"this index holds ({self.dim},) latents of {self.model_id}")
+        if thumbnail_png is not None:
+            if not bytes(thumbnail_png).startswith(b"\x89PNG\r\n\x1a\n"):
+                raise RetrievalError(f"{self.folder}: the thumbnail of case {case_id!r} is not a PNG image")
+            name = hashlib.sha256(thumbnail_png).hexdigest()[:32] + ".png"
+            self._pending_thumbnails[name] = bytes(thumbnail_png)
+            metadata = dataclasses.replace(metadata, thumbnail=name)
         metadata = _canonical(metadata, f"{self.folder}: case {case_id!r}")
         vector = _unit_rows(latent, self.dim, f"latent of case {case_id!r}")[0]
+        text = (np.zeros(self.dim, np.float32) if text_latent is None
+                else _unit_rows(text_latent, self.dim, f"report latent of case {case_id!r}")[0])
         row = self._rows.get(case_id)
         if row is None:
             row = len(self._ids)
@@ -177,6 +253,7 @@ class CaseIndex:
         else:
             self._metadata[row] = metadata
         self._buffer[row] = vector
+        self._text_buffer[row] = text
 
     def labels(self) -> np.ndarray:
         """(N, L) uint8 0/1 labels in row order, e.g. for `map_at_k(index.latents, index.labels())`."""
@@ -189,19 +266,22 @@ class CaseIndex:
             raise RetrievalError(f"{self.folder}: cases carry label vectors of different lengths {sorted(widths)}")
         return np.array([m.labels for m in self._metadata], dtype=np.uint8)
 
-    def search(self, query_latent: ArrayLike, k: int, exclude: str | Collection[str] = ()) -> list[Hit]:
+    def search(self, query_latent: ArrayLike, k: int, exclude: str | Collection[str] = (),
+               target: str = "images") -> list[Hit]:
         """Top-k cases by cosine to one (dim,) query, best first, skipping the case ids in `exclude`.
 
+        target: "images" ranks the cases' image latents (image->image with an image query, report->image with
+        a text query); "reports" ranks their report text latents (image->report), over the cases that have one.
         For volume->volume search pass the query's own case id as `exclude`. Fewer than k hits when fewer
         cases are eligible.
         """
         if np.shape(query_latent) != (self.dim,):
             raise RetrievalError(f"{self.folder}: query latent has shape {np.shape(query_latent)}, "
                                  f"expected ({self.dim},)")
-        return self.search_batch(np.asarray(query_latent)[None], k, [exclude])[0]
+        return self.search_batch(np.asarray(query_latent)[None], k, [exclude], target)[0]
 
     def search_batch(self, query_latents: ArrayLike, k: int,
-                     exclude: Sequence[str | Collection[str]] | None = None) -> list[list[Hit]]:
+                     exclude: Sequence[str | Collection[str]] | None = None, target: str = "images") -> list[list[Hit]]:
         """`search` for (Q, dim) queries at once; exclude, when given, holds one id or id set per query."""
         queries = _unit_rows(query_latents, self.dim, f"{self.folder}: query latents")
         excludes = [()] * len(queries) if exclude is None else exclude
@@ -209,9 +289,17 @@ class CaseIndex:
             raise RetrievalError(f"{self.folder}: {len(queries)} queries but {len(excludes)} exclude entries")
         if not isinstance(k, int) or k < 1:
             raise RetrievalError(f"{self.folder}: k must be a positive integer, got {k!r}")
+        if target not in TARGETS:
+            raise RetrievalError(f"{self.folder}: search target {target!r}, expected one of {TARGETS}")
+        candidates = self._buffer[: len(self)] if target == "images" else self._text_buffer[: len(self)]
+        if target == "reports" and not len(self.with_report_latent()):
+            raise RetrievalError(f"{self.folder}: no indexed case has a report; index the cases with their "
+                                 "reports (--reports CSV, a report file beside the CT or a 'report' column)")
         results: list[list[Hit]] = []
         for start, block in _blocks(queries):
-            scores = block @ self._buffer[: len(self)].T
+            scores = block @ candidates.T
+            if target == "reports":  # cases without a report latent (all-zero rows) are not candidates
+                scores[:, ~candidates.any(axis=1)] = -np.inf
             for offset, excluded in enumerate(excludes[start: start + len(block)]):
                 scores[offset, [self._rows[c] for c in _id_set(excluded) if c in self._rows]] = -np.inf
             for row_scores, order in zip(scores, _ranked(scores, k)):
@@ -224,8 +312,8 @@ class CaseIndex:
         self.folder.mkdir(parents=True, exist_ok=True)
         generation = self._generation + 1
         latents_file, cases_file = f"latents.{generation}.npy", f"cases.{generation}.jsonl"
-        buffer = io.BytesIO()
-        np.save(buffer, self._buffer[: len(self)], allow_pickle=False)
+        text_file = f"text_latents.{generation}.npy"
+        thumbnails = self._write_thumbnails()
         manifest = {
             "format": INDEX_FORMAT,
             "version": INDEX_VERSION,
@@ -235,7 +323,9 @@ class CaseIndex:
             "count": len(self),
             "generation": generation,
             "latents_file": latents_file,
-            "latents_sha256": _write_synced(self.folder / latents_file, buffer.getvalue()),
+            "latents_sha256": _write_synced(self.folder / latents_file, _npy_bytes(self._buffer[: len(self)])),
+            "text_latents_file": text_file,
+            "text_latents_sha256": _write_synced(self.folder / text_file, _npy_bytes(self._text_buffer[: len(self)])),
             "cases_file": cases_file,
             "cases_sha256": _write_synced(self.folder / cases_file, self._cases_jsonl()),
         }
@@ -244,9 +334,26 @@ class CaseIndex:
         os.replace(temporary, self.folder / MANIFEST_NAME)
         _sync_folder(self.folder)
         self._generation = generation
-        for stale in [*self.folder.glob("latents.*.npy"), *self.folder.glob("cases.*.jsonl")]:
-            if stale.name not in (latents_file, cases_file):
+        for stale in [*self.folder.glob("latents.*.npy"), *self.folder.glob("text_latents.*.npy"),
+                      *self.folder.glob("cases.*.jsonl")]:
+            if stale.name not in (latents_file, text_file, cases_file):
                 stale.unlink(missing_ok=True)
+        for stale in self.folder.glob(f"{THUMBNAILS}/*.png"):
+            if stale.name not in thumbnails:
+                stale.unlink(missing_ok=True)
+
+    def _write_thumbnails(self) -> set[str]:
+        """Write the thumbnails added since the last save; returns the names every case refers to."""
+        referenced = {m.thumbnail for m in self._metadata if m.thumbnail is not None}
+        pending = {name: png for name, png in self._pending_thumbnails.items() if name in referenced}
+        if pending:
+            (self.folder / THUMBNAILS).mkdir(exist_ok=True)
+        for name, png in pending.items():
+            _write_synced(self.folder / THUMBNAILS / name, png)
+        if pending:
+            _sync_folder(self.folder / THUMBNAILS)
+        self._pending_thumbnails.clear()
+        return referenced
 
     def _check_model(self, model_id: str | None, checkpoint_sha256: str | None) -> None:
         sha = None if checkpoint_sha256 is None else str(checkpoint_sha256).lower()
@@ -262,6 +369,9 @@ class CaseIndex:
             grown = np.empty((max(rows, 2 * len(self._buffer), 64), self.dim), dtype=np.float32)
             grown[: len(self)] = self._buffer[: len(self)]
             self._buffer = grown
+            text = np.zeros_like(grown)
+            text[: len(self)] = self._text_buffer[: len(self)]
+            self._text_buffer = text
 
     def _cases_jsonl(self) -> bytes:
         lines = [json.dumps({"case_id": case_id, **dataclasses.asdict(metadata)}, ensure_ascii=False)
@@ -328,6 +438,91 @@ def map_at_k(image_latents: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1
         for k in ks:
             totals[k] += float(overlap[:, :k].mean(axis=1).sum())
     return {k: totals[k] / len(latents) for k in ks}
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexMetrics:
+    """CT-CLIP's retrieval metrics of one index. Each dict maps K -> value in [0, 1]; empty when not computable.
+
+    report_cases: cases with a report latent (the Recall@K population); labelled_cases: cases with labels (the
+    mAP@K queries); candidates: labelled cases with at least one positive label (the mAP@K candidates);
+    image_to_image_chance: the mAP@K of a random ranking (any K): the mean over queries of the mean label
+    overlap with every candidate (None when mAP is not computed); skipped: why a metric or some K were left out.
+    """
+
+    report_to_image: dict[int, float]
+    image_to_report: dict[int, float]
+    image_to_image: dict[int, float]
+    image_to_image_chance: float | None
+    report_cases: int
+    labelled_cases: int
+    candidates: int
+    skipped: tuple[str, ...]
+
+
+def index_metrics(index: CaseIndex, ks: Sequence[int] = (1, 5, 10, 50)) -> IndexMetrics:
+    """Recall@K both ways over the cases with a report, mAP@K (`map_at_k`) over the labelled cases.
+
+    report->image is `recall_at_k` (CT-CLIP's report_to_volume); image->report is the same count with the
+    roles swapped (each volume's own report among its K best-scored reports; CT-CLIP publishes only the
+    report->volume direction). A K larger than the population is left out and named in `skipped`.
+    """
+    skipped: list[str] = []
+    with_report = index.with_report_latent()
+    texts, images = index.text_latents[with_report], index.latents[with_report]
+    recall_ks = _fitting(ks, len(with_report), "report cases", skipped)
+    to_image = recall_at_k(texts, images, recall_ks) if recall_ks else {}
+    to_report = recall_at_k(images, texts, recall_ks) if recall_ks else {}
+    labelled = [row for row, case_id in enumerate(index.case_ids) if index.metadata(case_id).labels is not None]
+    flags = np.array([index.metadata(index.case_ids[row]).labels for row in labelled], dtype=np.uint8)
+    widths = {len(index.metadata(index.case_ids[row]).labels) for row in labelled}
+    candidates = int(flags.any(axis=1).sum()) if labelled and len(widths) == 1 else 0
+    if len(widths) > 1:
+        skipped.append(f"mAP@K: cases carry label vectors of different lengths {sorted(widths)}")
+    map_ks = _fitting(ks, candidates - 1, "labelled candidate cases (less the query)", skipped)
+    to_image_image = map_at_k(index.latents[labelled], flags, map_ks) if map_ks else {}
+    chance = _chance_overlap(flags.astype(bool)) if map_ks else None
+    return IndexMetrics(to_image, to_report, to_image_image, chance, len(with_report), len(labelled), candidates,
+                        tuple(skipped))
+
+
+def format_index_metrics(metrics: IndexMetrics) -> str:
+    """The metrics as printed by `ctfoundation search-metrics`: one line per metric, K=value pairs."""
+    def row(name: str, values: dict[int, float], population: str) -> str:
+        pairs = "  ".join(f"@{k}={value:.3f}" for k, value in values.items()) or "not computed"
+        return f"{name:<34} {pairs}   ({population})"
+
+    reports = f"{metrics.report_cases} cases with a report"
+    lines = [row("report->image Recall", metrics.report_to_image, reports),
+             row("image->report Recall", metrics.image_to_report, reports),
+             row("image->image mAP (shared findings)", metrics.image_to_image,
+                 f"{metrics.labelled_cases} labelled queries, {metrics.candidates} candidates")]
+    if metrics.report_to_image:
+        lines.append(f"{'chance Recall (K / cases)':<34} " + "  ".join(
+            f"@{k}={k / metrics.report_cases:.3f}" for k in metrics.report_to_image))
+    if metrics.image_to_image_chance is not None:
+        lines.append(f"{'chance mAP (random ranking)':<34} {metrics.image_to_image_chance:.3f}")
+    return "\n".join(lines + [f"note: {why}" for why in metrics.skipped])
+
+
+def _chance_overlap(flags: np.ndarray) -> float:
+    """Mean over queries of the mean Jaccard overlap with every candidate but the query: a random ranking's mAP."""
+    pool = np.flatnonzero(flags.any(axis=1))
+    overlap = _jaccard(flags, flags[pool])
+    counts = np.full(len(flags), float(len(pool)))
+    in_pool = np.isin(np.arange(len(flags)), pool)
+    counts[in_pool] -= 1  # the query is not its own candidate; its self-overlap is 1
+    sums = overlap.sum(axis=1) - in_pool.astype(float)
+    return float(np.mean(sums / counts))
+
+
+def _fitting(ks: Sequence[int], available: int, what: str, skipped: list[str]) -> tuple[int, ...]:
+    """The Ks that fit `available` items; the others are named in `skipped`."""
+    kept = tuple(k for k in _check_ks(ks, sys.maxsize, what) if k <= available)
+    if len(kept) < len(tuple(ks)):
+        left = [k for k in ks if k > available]
+        skipped.append(f"K = {', '.join(map(str, left))} left out: only {max(available, 0)} {what}")
+    return kept
 
 
 def _unit_rows(latents: ArrayLike, dim: int | None, what: str) -> np.ndarray:
@@ -412,7 +607,8 @@ def _canonical(metadata: CaseMetadata, what: str) -> CaseMetadata:
             raise RetrievalError(f"{what}: labels must be a sequence of 0/1 flags, got {labels!r}")
         labels = tuple(int(v) for v in flags)
     report = None if metadata.report is None else str(metadata.report)
-    return CaseMetadata(str(metadata.source_path), str(metadata.fingerprint), report, labels)
+    thumbnail = None if metadata.thumbnail is None else str(metadata.thumbnail)
+    return CaseMetadata(str(metadata.source_path), str(metadata.fingerprint), report, labels, thumbnail)
 
 
 def _id_set(exclude: str | Collection[str]) -> Collection[str]:
@@ -470,10 +666,19 @@ def _read_checked(folder: Path, manifest: dict[str, Any], kind: str) -> bytes:
     return data
 
 
-def _read_latents(folder: Path, manifest: dict[str, Any]) -> np.ndarray:
-    path = folder / str(manifest["latents_file"])
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _read_latents(folder: Path, manifest: dict[str, Any], kind: str) -> np.ndarray:
+    """The manifest's `<kind>_file` (latents or text_latents), checked against its checksum, dtype and shape."""
+    if f"{kind}_sha256" not in manifest:
+        raise RetrievalError(f"{folder / MANIFEST_NAME}: lacks {kind}_sha256; {_REBUILD}")
+    path = folder / str(manifest[f"{kind}_file"])
     try:
-        latents = np.load(io.BytesIO(_read_checked(folder, manifest, "latents")), allow_pickle=False)
+        latents = np.load(io.BytesIO(_read_checked(folder, manifest, kind)), allow_pickle=False)
     except ValueError as error:
         raise RetrievalError(f"{path}: not a NumPy array file ({error}); {_REBUILD}") from error
     if latents.dtype != np.float32 or latents.shape != (manifest["count"], manifest["dim"]):
@@ -490,7 +695,7 @@ def _read_cases(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, CaseM
             record = json.loads(line)
             labels = record["labels"]
             metadata = CaseMetadata(record["source_path"], record["fingerprint"], record["report"],
-                                    None if labels is None else tuple(labels))
+                                    None if labels is None else tuple(labels), record.get("thumbnail"))
             cases.append((record["case_id"], metadata))
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise RetrievalError(f"{path}, line {number}: bad case record ({error}); {_REBUILD}") from error

@@ -8,12 +8,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 from safetensors import safe_open
 from small_models import bert_vocab, make_small_ctclip
 
 from CTFoundationLib.cli import COMMAND_GROUPS, build_parser, command_of, main
+from CTFoundationLib.retrieval import CaseIndex, index_metrics
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -153,3 +156,76 @@ def test_embedding_from_another_checkpoint_is_refused(ct_dir, tmp_path, small, c
     assert main(["embed", str(ct_dir / RICORD_3MM), *other_args, "--out", str(embedded)]) == 0
     assert main(["index", str(tmp_path / "cases"), "--index", str(tmp_path / "index"), *small]) == 1
     assert "re-embed it with this model" in capsys.readouterr().err
+
+
+def test_index_keeps_reports_labels_and_thumbnails_and_searches_every_way(ct_dir, tmp_path, small, capsys):
+    """Reports from a case-list column, a CT-RATE CSV and a file beside the CT; labels from a CT-RATE CSV."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    names = ("totalseg_chest_crop_aorta", "totalseg_chest_crop_pulmonary", "totalseg_abdomen_control")
+    for name in names:
+        (cases / f"{name}.nii.gz").symlink_to(ct_dir / name / "ct.nii.gz")
+    (cases / f"{names[2]}.txt").write_text("Liver (normal).\n")  # beside the CT; cleaned as CT-CLIP does
+    listing = tmp_path / "cases.csv"
+    listing.write_text("path,report\n" + "".join(
+        f"cases/{name}.nii.gz,{'Aortic wall calcification.' if i == 0 else ''}\n" for i, name in enumerate(names)))
+    reports = tmp_path / "reports.csv"
+    reports.write_text("VolumeName,Findings_EN,Impressions_EN\n"
+                       f"{names[0]}.nii.gz,Ignored: the case list names a report.,x\n"
+                       f"{names[1]}.nii.gz,\"Pulmonary \"\"embolism\"\".\",x\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("VolumeName," + ",".join(CT_RATE_ABNORMALITIES) + "\n" + "".join(
+        f"{name}.nii.gz," + ",".join("1" if j == i else "0" for j in range(18)) + "\n" for i, name in enumerate(names)))
+    index = tmp_path / "index"
+    assert main(["index", str(listing), "--index", str(index), "--reports", str(reports), "--labels", str(labels),
+                 *small]) == 0
+    assert "3 cases (0 could not be read); 3 with a report, 3 with labels" in capsys.readouterr().out
+
+    stored = CaseIndex.open(index)
+    assert [stored.metadata(name).report for name in names] == [
+        "Aortic wall calcification.", "Pulmonary embolism.", "Liver normal."]
+    thumbnail = Image.open(stored.thumbnail_path(names[0]))
+    assert thumbnail.format == "PNG" and max(thumbnail.size) == 128
+
+    out = tmp_path / "hits.json"
+    assert main(["search", "--index", str(index), "--case", names[0], "-k", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    hits = json.loads(out.read_text())["hits"]
+    assert [hit["case_id"] for hit in hits] == [h.case_id for h in stored.search(
+        stored.latent(names[0]), 2, exclude=names[0])] and names[0] not in [hit["case_id"] for hit in hits]
+    assert f"findings: {CT_RATE_ABNORMALITIES[1]}" in printed or f"findings: {CT_RATE_ABNORMALITIES[2]}" in printed
+    assert main(["search", "--index", str(index), "--case", names[0], "--target", "reports", "-k", "3",
+                 "--json", str(out)]) == 0
+    expected = stored.search(stored.latent(names[0]), 3, exclude=names[0], target="reports")  # its own left out
+    assert len(expected) == 2 and [hit["score"] for hit in json.loads(out.read_text())["hits"]] == pytest.approx(
+        [h.score for h in expected], abs=1e-6)
+    assert main(["search", "--index", str(index), "--text", "Pulmonary embolism.", "-k", "3", "--json", str(out),
+                 *small]) == 0
+    by_text = json.loads(out.read_text())["hits"]
+    # the query text is case 1's report: its score against every image equals that stored report latent's
+    expected = stored.latents @ stored.text_latent(names[1])
+    assert {hit["case_id"]: hit["score"] for hit in by_text} == pytest.approx(dict(zip(names, expected)), abs=1e-5)
+
+    assert main(["retrieval-metrics", "--index", str(index), "-k", "1", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(out.read_text())
+    reference = index_metrics(stored, (1, 2))
+    assert metrics["report_to_image"] == {str(k): v for k, v in reference.report_to_image.items()}
+    assert metrics["image_to_image"] == {str(k): v for k, v in reference.image_to_image.items()}
+    assert "image->image mAP" in printed and "3 cases with a report" in printed
+
+    # The folder itself: the report file beside a CT is no stray file, and known reports and labels are kept.
+    stamp = (index / "index.json").stat().st_mtime_ns
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0
+    assert "skipped" not in capsys.readouterr().err and (index / "index.json").stat().st_mtime_ns == stamp
+
+    # A changed CT is encoded again; its known report and text latent stay (no text tower loaded for them).
+    report_latent = stored.text_latent(names[0])
+    (cases / f"{names[0]}.nii.gz").unlink()
+    (cases / f"{names[0]}.nii.gz").symlink_to(ct_dir / names[1] / "ct.nii.gz")
+    assert main(["index", str(cases), "--index", str(index), *small]) == 0
+    changed = CaseIndex.open(index)
+    assert changed.metadata(names[0]).report == "Aortic wall calcification."
+    assert changed.metadata(names[0]).labels == stored.metadata(names[0]).labels
+    np.testing.assert_array_equal(changed.text_latent(names[0]), report_latent)
+    np.testing.assert_allclose(changed.latent(names[0]), changed.latent(names[1]), atol=1e-6)  # now the same CT

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY = "CTFoundationLib"
 SHIPPED = ("CTFoundationLib", "CTFoundation", "training")  # folders whose code ships or runs outside the tests
 NEVER_IN_LIBRARY = ("training", "slicer", "qt", "ctk", "CTFoundation", "CTFoundationMRML", "CTFoundationChat",
-                    "CTFoundationTesting", "vtk")
+                    "CTFoundationSimilar", "CTFoundationTesting", "vtk")
 MODELS_MAY_USE = ("CTFoundationLib.errors", "CTFoundationLib.vocab", "CTFoundationLib.models")
 TORCH_FREE = ("CTFoundationLib.io", "CTFoundationLib.vocab", "CTFoundationLib.weights", "CTFoundationLib.evaluation")
 HEAVY = ("torch",)

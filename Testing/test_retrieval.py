@@ -68,7 +68,8 @@ def test_round_trip_and_incremental_rerun(tmp_path: Path) -> None:
     np.testing.assert_allclose(final.latents[1], changed, atol=1e-6)  # stored re-normalised
     np.testing.assert_array_equal(final.latents[[0, 2]], index.latents[[0, 2]])
     # Only the current generation's data files remain.
-    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy",
+                                                        "text_latents.2.npy"]
 
 
 def test_latents_are_renormalised_and_bad_latents_refused(tmp_path: Path) -> None:
@@ -136,7 +137,8 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
     index.save()  # a later save succeeds and clears the leftovers of the crashed ones
     assert CaseIndex.open(folder).case_ids == ("case0", "case1", "case2", "case9")
-    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy"]
+    assert sorted(p.name for p in folder.iterdir()) == ["cases.2.jsonl", "index.json", "latents.2.npy",
+                                                        "text_latents.2.npy"]
 
 
 def test_missing_or_damaged_index(tmp_path: Path) -> None:
@@ -353,3 +355,124 @@ def test_metrics_scale_to_3000_cases() -> None:
     assert recall == {1: 1.0, 5: 1.0, 10: 1.0, 50: 1.0}  # every volume is its own best match
     scores = map_at_k(latents, labels)
     assert all(0.0 < v < 1.0 for v in scores.values())
+
+
+# ---------------------------------------------------------------- reports, thumbnails, metrics of an index
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"pixels"  # only the signature is checked by the index
+
+
+def test_reports_and_thumbnails_round_trip_and_search_by_report(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = CaseIndex(folder, MODEL, SHA_A, 3)
+    index.add("a", [1.0, 0.0, 0.0], meta("a"), text_latent=[0.0, 2.0, 0.0], thumbnail_png=PNG + b"a")
+    index.add("b", [0.0, 1.0, 0.0], meta("b"), text_latent=[1.0, 0.0, 0.0])
+    index.add("c", [0.0, 0.0, 1.0], meta("c"), thumbnail_png=PNG + b"c")  # no report latent
+    index.save()
+    reopened = CaseIndex.open(folder)
+    np.testing.assert_array_equal(reopened.text_latents, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    assert reopened.text_latent("c") is None and list(reopened.with_report_latent()) == [0, 1]
+    assert reopened.thumbnail_path("a").read_bytes() == PNG + b"a" and reopened.thumbnail_path("b") is None
+    # report targets: the query [1, 0, 0] matches b's report; c has none, so it is never a candidate
+    assert [h.case_id for h in reopened.search([1.0, 0.0, 0.0], 3, target="reports")] == ["b", "a"]
+    assert [h.case_id for h in reopened.search([1.0, 0.0, 0.0], 3)] == ["a", "b", "c"]
+    with pytest.raises(RetrievalError, match="search target 'texts'"):
+        reopened.search([1.0, 0.0, 0.0], 3, target="texts")
+
+    # A replaced thumbnail: the old file goes with the next save, the kept one stays.
+    reopened.add("a", [1.0, 0.0, 0.0], meta("a"), thumbnail_png=PNG + b"new")
+    reopened.save()
+    assert sorted(p.read_bytes() for p in (folder / "thumbnails").iterdir()) == [PNG + b"c", PNG + b"new"]
+    with pytest.raises(RetrievalError, match="not a PNG"):
+        reopened.add("d", [1.0, 0.0, 0.0], meta("d"), thumbnail_png=b"GIF89a")
+
+
+def test_an_index_without_report_latents_still_opens(tmp_path: Path) -> None:
+    """Indexes saved before reports were kept have no text_latents file: they open with no report latents."""
+    folder = tmp_path / "index"
+    new_index(folder).save()
+    manifest = json.loads((folder / "index.json").read_text())
+    (folder / manifest.pop("text_latents_file")).unlink()
+    del manifest["text_latents_sha256"]
+    (folder / "index.json").write_text(json.dumps(manifest))
+    old = CaseIndex.open(folder)
+    assert len(old) == 3 and not len(old.with_report_latent())
+    with pytest.raises(RetrievalError, match="no indexed case has a report"):
+        old.search(random_units(1)[0], 1, target="reports")
+
+
+def test_index_metrics_hand_computed(tmp_path: Path) -> None:
+    s = np.sqrt(0.5)
+    images = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [s, s, 0], [1, 0, 0]]
+    texts = [[1, 0, 0], [0.995, 0.0995, 0], [0, 0, 1], None, None]  # cases 3 and 4 have no report
+    labels = [(1, 0, 0), (1, 1, 0), (0, 0, 0), (0, 1, 0), None]  # case 4 unlabelled; case 2 has no finding
+    index = CaseIndex(tmp_path, MODEL, SHA_A, 3)
+    for i, (image, text, flags) in enumerate(zip(images, texts, labels)):
+        index.add(f"c{i}", image, meta(f"c{i}", labels=flags), text_latent=text)
+    metrics = retrieval.index_metrics(index, ks=(1, 2, 5))
+    # Reports 0-2 against images 0-2: report 1 scores image 0 (.995) above its own (.0995), the others rank first.
+    assert metrics.report_to_image == pytest.approx({1: 2 / 3, 2: 1.0})
+    # Images 0-2 against reports 0-2: every own report is first (image 1: .0995 against 0 and 0).
+    assert metrics.image_to_report == pytest.approx({1: 1.0, 2: 1.0})
+    # Queries c0-c3, candidates c0, c1, c3 (a positive label), the query left out; Jaccard overlap of the labels:
+    # c0 -> c3 (.71), c1 (0): 0, 1/2    c1 -> c3 (.71), c0 (0): 1/2, 1/2    c2: no label, 0, 0
+    # c3 -> c0 (.71), c1 (.71; tie, lower row first): 0, 1/2.   mAP@1 = 1/2 / 4, mAP@2 = (1/4 + 1/2 + 1/4) / 4
+    assert metrics.image_to_image == pytest.approx({1: 0.125, 2: 0.25})
+    assert (metrics.report_cases, metrics.labelled_cases, metrics.candidates) == (3, 4, 3)
+    # chance: c0 (c1 1/2, c3 0) 1/4, c1 (1/2, 1/2) 1/2, c2 0, c3 (c0 0, c1 1/2) 1/4 -> 1/4
+    assert metrics.image_to_image_chance == pytest.approx(0.25)
+    assert metrics.skipped == ("K = 5 left out: only 3 report cases",
+                               "K = 5 left out: only 2 labelled candidate cases (less the query)")
+    printed = retrieval.format_index_metrics(metrics)
+    assert "report->image Recall" in printed and "@1=0.667  @2=1.000" in printed and "@2=0.250" in printed
+
+
+def test_describe_hit_names_findings_and_cuts_the_report(tmp_path: Path) -> None:
+    index = CaseIndex(tmp_path, MODEL, SHA_A, 3)
+    flags = tuple(int(name in ("Emphysema", "Lung nodule")) for name in retrieval.CT_RATE_ABNORMALITIES)
+    source = tmp_path / "case.nii.gz"
+    source.write_bytes(b"")
+    index.add("x", [1.0, 0.0, 0.0], CaseMetadata(str(source), "fp", "word " * 100, flags), thumbnail_png=PNG)
+    index.add("y", [0.0, 1.0, 0.0], CaseMetadata("/elsewhere/y.nii.gz", "fp"))
+    index.save()
+    x, y = (retrieval.describe_hit(index, hit, excerpt_chars=22) for hit in index.search([1.0, 0.0, 0.0], 2))
+    assert x["findings"] == ["Emphysema", "Lung nodule"] and x["report"] == "word word word word …"
+    assert x["reachable"] and Path(x["thumbnail"]).read_bytes() == PNG and x["score"] == 1.0
+    assert y == {"case_id": "y", "score": 0.0, "source_path": "/elsewhere/y.nii.gz", "reachable": False,
+                 "thumbnail": None, "findings": None, "report": None}
+
+
+def test_case_reports_come_from_the_list_the_csv_or_a_file_beside(tmp_path: Path, ct_dir: Path) -> None:
+    from CTFoundationLib.errors import CTInputError
+    from CTFoundationLib.io.cases import discover_cases
+    from CTFoundationLib.io.reports import case_annotations
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "b", "c"):
+        (cases / f"{name}.nii.gz").write_bytes(b"")
+    (cases / "s1").symlink_to(ct_dir / "ricord1a_419639-000082_chest_noncontrast" / "dicom")
+    (cases / "b.txt").write_text("Beside b (ignored: the CSV names one).")
+    (cases / "c.txt").write_text("  'Beside' c.  ")
+    (cases / "s1.txt").write_text("Beside the series.")
+    (cases / "notes.txt").write_text("a stray file")
+    reports = tmp_path / "reports.csv"
+    reports.write_text("VolumeName,Findings_EN\na.nii.gz,\"CSV (a).\"\nb.nii.gz,CSV b.\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("VolumeName," + ",".join(retrieval.CT_RATE_ABNORMALITIES) + "\na.nii.gz," + ",".join(
+        ["1"] + ["0"] * 17) + "\n")
+    found = discover_cases([cases])
+    assert [c.case_id for c in found.cases] == ["a", "b", "c", "s1"]
+    assert [s.path.name for s in found.skipped] == ["notes.txt"]  # the reports beside the CTs are not strays
+    annotations = case_annotations(found.cases, reports, labels)
+    assert {case_id: a.report for case_id, a in annotations.items()} == {
+        "a": "CSV a.", "b": "CSV b.", "c": "Beside c.", "s1": "Beside the series."}
+    assert annotations["a"].labels == (1,) + (0,) * 17 and annotations["b"].labels is None
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,report\ncases/a.nii.gz,From the list.\n")
+    assert case_annotations(discover_cases([listing]).cases, reports)["a"].report == "From the list."
+    labels.write_text("VolumeName," + ",".join(retrieval.CT_RATE_ABNORMALITIES) + "\na.nii.gz," + ",".join(
+        ["0.7"] + ["0"] * 17) + "\n")
+    with pytest.raises(CTInputError, match=r"labels.csv, line 2: labels must be 0 or 1"):
+        case_annotations(found.cases, labels_csv=labels)

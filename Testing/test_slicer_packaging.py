@@ -37,6 +37,7 @@ def packaged_sources(root: Path) -> dict[str, Path]:
     """What must land in qt-scripted-modules: relative path there -> source file."""
     wanted = {"CTFoundation.py": root / "CTFoundation" / "CTFoundation.py",
               "CTFoundationChat/__init__.py": root / "CTFoundation" / "CTFoundationChat" / "__init__.py",
+              "CTFoundationSimilar/__init__.py": root / "CTFoundation" / "CTFoundationSimilar" / "__init__.py",
               "Scripts/ctfoundation_batch.py": root / "CTFoundation" / "Scripts" / "ctfoundation_batch.py"}
     for package, names in (("CTFoundationMRML", ("__init__.py", "anatomy.py")),  # the module's helpers, beside it
                            ("CTFoundationTesting", ("__init__.py", "small_ctclip.py"))):
@@ -133,5 +134,5 @@ def test_every_slicer_name_exists_in_the_real_api(version: str) -> None:
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         report = done.stdout + done.stderr  # findings on stdout, statistics on stderr
         assert done.returncode == 0 and "findings: 0" in report, report
-        # the module, its MRML helpers, its chat panel, its self-test helpers and the batch script
-        assert "python_files=7" in report
+        # the module, its MRML helpers, its chat and similar-cases panels, its self-test helpers and the batch script
+        assert "python_files=8" in report

@@ -215,3 +215,26 @@ def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsy
     assert main(["detect", str(ct), "--model", "ct-clip-demo"]) == 0
     table = capsys.readouterr().out
     assert "ct-clip-demo" in table and all(name in table for name in CT_RATE_ABNORMALITIES)
+
+
+@pytest.mark.slow
+def test_retrieval_metrics_on_the_held_out_demo_cases(demo_home, monkeypatch, capsys, tmp_path):
+    """`ctfoundation index` of the held-out demo split with its reports and labels, then `retrieval-metrics`
+    (CT-CLIP's protocol), printed to the CI log. Retrieval must beat chance clearly: the same finding sets come
+    back (mAP), and a case's own report ranks its image high (Recall)."""
+    home, _ = demo_home
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    data = next((home / "demo_data").iterdir())
+    index, out = tmp_path / "index", tmp_path / "metrics.json"
+    assert main(["index", str(data / "test"), "--index", str(index), "--reports", str(data / "test_reports.csv"),
+                 "--labels", str(data / "test_labels.csv"), "--model", "ct-clip-demo", "--device", "cpu"]) == 0
+    assert main(["retrieval-metrics", "--index", str(index), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    with capsys.disabled():
+        print("\n" + printed.split("\n", 1)[1])
+    metrics = json.loads(out.read_text())
+    cases = metrics["report_cases"]
+    assert cases == metrics["labelled_cases"] == DemoDataSpec().test
+    for direction in ("report_to_image", "image_to_report"):
+        assert metrics[direction]["10"] > 1.3 * 10 / cases, metrics  # chance: K / cases
+    assert metrics["image_to_image"]["5"] > metrics["image_to_image_chance"] + 0.15, metrics

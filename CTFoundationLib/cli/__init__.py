@@ -16,7 +16,7 @@ from CTFoundationLib.host.allocator import reuse_freed_memory
 COMMAND_GROUPS: dict[str, tuple[str, ...]] = {
     "ct": ("info", "preprocess"),
     "ctclip": ("detect", "embed", "embed-text"),
-    "retrieval": ("index", "search"),
+    "retrieval": ("index", "search", "retrieval-metrics"),
     "weights": ("weights",),
     "ground": ("ground",),
     "report": ("report",),

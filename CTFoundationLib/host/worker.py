@@ -4,6 +4,7 @@ Tasks:
   detect REQUEST.json                    one CT -> the JSON `ctfoundation detect --out` writes
   ground REQUEST.json                    one CT -> grounded.json + masks/ as `ctfoundation ground` writes
   report REQUEST.json                    batch reports exactly as `ctfoundation report` writes them
+  similar REQUEST.json                   one CT -> its most similar cases in a case index (JSON of the hits)
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
   import MODEL FILE_OR_FOLDER [--link]   weights obtained elsewhere, checked and copied into the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
@@ -34,6 +35,7 @@ DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image
                 "write result")
 GROUND_STEPS = ("read CT", "load model", "fvlm: load model", "anatomy", "preprocess", "encode image", "score",
                 "fvlm: preprocess", "fvlm: encode and score", "write result")
+SIMILAR_STEPS = ("read CT", "load model", "preprocess", "encode image", "search")
 BYTES_EVENT_INTERVAL_S = 0.25
 ANATOMY_PATHS = ("segmentation", "radgenome", "radgenome_regions")  # AnatomyRequest fields that are paths
 
@@ -128,6 +130,28 @@ def run_ground_task(args: argparse.Namespace) -> Path:
               request.get("report", ""), thresholds, step)
     step("write result")
     return out / GROUNDED_FILE
+
+
+def run_similar(args: argparse.Namespace) -> Path:
+    """Request: ct, volume_info, index (folder), k, target ("images" or "reports"), ctclip, out (JSON file).
+    Writes {"index", "model", "target", "hits": [`describe_hit`, best first]}."""
+    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+    from CTFoundationLib.io.files import write_json_atomic
+    from CTFoundationLib.retrieval import CaseIndex, describe_hit
+
+    request, step = read_request(args.request), step_emitter(SIMILAR_STEPS)
+    volume = read_request_volume(request, step)
+    runtime = CTCLIPRuntime.from_registry(**request.get("ctclip", {}), with_text=False, progress=step)
+    index = CaseIndex.open(Path(request["index"]), model_id=runtime.model_id,
+                           checkpoint_sha256=runtime.checkpoint_sha256)
+    latent = runtime.encode_volume(volume)[0][0].numpy()
+    step("search")
+    target = request.get("target", "images")
+    hits = index.search(latent, int(request.get("k", 5)), target=target)
+    out = Path(request["out"])
+    write_json_atomic(out, {"index": str(index.folder), "model": index.model_id, "target": target,
+                            "hits": [describe_hit(index, hit) for hit in hits]})
+    return out
 
 
 def apply_volume_info(volume, path: Path) -> None:
@@ -240,6 +264,7 @@ TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argp
     "detect": (add_request_argument, run_detect),
     "ground": (add_request_argument, run_ground_task),
     "report": (add_request_argument, run_report_task),
+    "similar": (add_request_argument, run_similar),
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),

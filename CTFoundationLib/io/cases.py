@@ -14,8 +14,11 @@ EMBEDDING_SUFFIX = ".safetensors"  # a case already embedded by `ctfoundation em
 
 @dataclass(frozen=True)
 class Case:
+    """One input CT. report: the text of the case list's optional `report` column (None when not given)."""
+
     case_id: str
     path: Path
+    report: str | None = None
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,10 @@ class Discovered:
 def discover_cases(inputs: list[Path], embeddings: bool = False) -> Discovered:
     """Cases in input order, and the files of input folders that are not cases. A CT file is a case; a folder
     holding DICOM files is a case; any other folder contributes each CT file and DICOM folder found below it (and,
-    with `embeddings`, each saved embedding); a .csv lists paths in a `path` column (optional `case_id`). Case ids
+    with `embeddings`, each saved embedding); a .csv lists paths in a `path` column (optional `case_id` and
+    `report`). Case ids
     are file/folder names, made unique with a numeric suffix. No case at all is a CTInputError."""
-    found: list[tuple[str | None, Path]] = []
+    found: list[tuple[str | None, Path, str | None]] = []
     skipped: list[SkippedInput] = []
     suffixes = CT_SUFFIXES + ((EMBEDDING_SUFFIX,) if embeddings else ())
     for path in inputs:
@@ -47,16 +51,16 @@ def discover_cases(inputs: list[Path], embeddings: bool = False) -> Discovered:
         if path.suffix.lower() == ".csv":
             found += _from_csv(path)
         elif path.is_file() or _holds_dicom(path):
-            found.append((None, path))
+            found.append((None, path, None))
         else:
             cases = _cases_below(path, suffixes, skipped)
             if not cases:
                 raise CTInputError(f"{path}: no CT files (.nii, .nii.gz, .nrrd) or DICOM folders inside")
-            found += [(None, case) for case in cases]
+            found += [(None, case, None) for case in cases]
     return Discovered(_unique_ids(found), skipped)
 
 
-def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
+def _from_csv(path: Path) -> list[tuple[str | None, Path, str | None]]:
     from CTFoundationLib.io.tables import read_csv_rows, require_columns
 
     header, rows = read_csv_rows(path, CTInputError)
@@ -70,7 +74,8 @@ def _from_csv(path: Path) -> list[tuple[str | None, Path]]:
             raise CTInputError(f"{path}, line {number}: the 'path' cell is empty")
         case_path = Path(text)
         case_path = case_path if case_path.is_absolute() else path.parent / case_path
-        cases.append((row.get("case_id") or None, case_path))
+        report = (row.get("report") or "").strip() or None
+        cases.append((row.get("case_id") or None, case_path, report))
     return cases
 
 
@@ -90,10 +95,20 @@ def _cases_below(folder: Path, suffixes: tuple[str, ...], skipped: list[SkippedI
             cases.append(child)
         elif child.is_dir():
             cases += [child] if _holds_dicom(child) else _cases_below(child, suffixes, skipped)
+        elif _is_report_beside_a_ct(child):
+            continue  # the case's report (io.reports.report_beside), not a stray file
         else:
             kind = child.suffix.lower() or "without an extension"
             skipped.append(SkippedInput(child, f"not a CT file ({kind}): reads .nii, .nii.gz, .nrrd and DICOM folders"))
     return cases
+
+
+def _is_report_beside_a_ct(path: Path) -> bool:
+    """`case.txt` beside `case.nii.gz` (.nii, .nrrd) or a DICOM folder `case/`: the report `index` reads."""
+    if path.suffix.lower() != ".txt":
+        return False
+    return _holds_dicom(path.with_suffix("")) or any(path.with_name(path.stem + suffix).is_file()
+                                                     for suffix in CT_SUFFIXES)
 
 
 def require_outside_series(out: Path, cases: list[Case]) -> None:
@@ -114,12 +129,12 @@ def case_name(path: Path) -> str:
     return name
 
 
-def _unique_ids(found: list[tuple[str | None, Path]]) -> list[Case]:
+def _unique_ids(found: list[tuple[str | None, Path, str | None]]) -> list[Case]:
     cases, seen = [], {}
-    for given, path in found:
+    for given, path, report in found:
         base = given or _readable_name(path)
         seen[base] = seen.get(base, 0) + 1
-        cases.append(Case(base if seen[base] == 1 else f"{base}_{seen[base]}", path))
+        cases.append(Case(base if seen[base] == 1 else f"{base}_{seen[base]}", path, report))
     return cases
 
 

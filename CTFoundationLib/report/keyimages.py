@@ -130,6 +130,13 @@ def key_images(
     return images
 
 
+def thumbnail_png(volume: CTVolume, plane: str = "coronal", window: Window = LUNG_WINDOW, size_px: int = 128) -> bytes:
+    """A small PNG of the slice through the volume centre, for case lists (similar cases); size_px: longer side."""
+    grid = volume.reoriented(DISPLAY_AXES)
+    cut = PLANES[plane][0]
+    return _png(_render_slice(grid, plane, grid.shape_ijk[cut] // 2, window, [], [], size_px))
+
+
 def _render_slice(grid: CTVolume, plane: str, index: int, window: Window, masks, marks, size_px: int) -> Image.Image:
     """One windowed slice of the display grid, overlays tinted, resized to square mm pixels, marks circled."""
     cut, row_axis, col_axis = PLANES[plane]
