@@ -18,8 +18,11 @@ from small_models import bert_vocab, make_small_ctclip
 from CTFoundationLib.anatomy.masks import AnatomyRequest, build_anatomy
 from CTFoundationLib.cli import main
 from CTFoundationLib.errors import CTInputError
+from CTFoundationLib.host import worker
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.results import detection_report
 from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.report.dicom import (
     FindingRegion,
     frames_of,
@@ -110,8 +113,10 @@ def test_seg_segments_carry_the_terminology_codes(written):
 
 
 def group_text(group, concept) -> str:
-    (item,) = group.find(concept)
-    return item.TextValue
+    """The one TEXT item of a measurement group named `concept`."""
+    (text,) = [item.TextValue for item in group[0].ContentSequence
+               if code_of(item.ConceptNameCodeSequence[0]) == (concept.scheme_designator, concept.value)]
+    return text
 
 
 def test_sr_lists_every_finding_with_its_numbers_and_references(written, ct_dir):
@@ -154,18 +159,17 @@ def test_sr_lists_every_finding_with_its_numbers_and_references(written, ct_dir)
 
 def test_masks_on_another_grid_are_resampled_onto_the_source_frames(written, ct_dir):
     volume, _, anatomy, _, _ = written
-    series = source_series(volume)
-    reoriented = volume.reoriented("RAS")  # the same voxels stored in another order, as another reader may
     mask = anatomy.mask("bone")
-    moved = np.ascontiguousarray(volume.__class__(mask.astype(np.int16), volume.affine_ras).reoriented("RAS").hu > 0)
-    assert not np.array_equal(moved, mask)
-    assert np.array_equal(frames_of(moved, reoriented.affine_ras, series), mask.transpose(2, 1, 0))
+    moved = CTVolume(mask.astype(np.int16), volume.affine_ras).reoriented("RAS")  # stored in another voxel order
+    assert moved.hu.shape == mask.shape and not np.array_equal(moved.hu > 0, mask)
+    frames = frames_of(np.asarray(moved.hu > 0), moved.affine_ras, source_series(volume))
+    assert np.array_equal(frames, mask.transpose(2, 1, 0))
 
 
 def test_a_nifti_input_gets_one_line_and_no_files(small, thresholds, ct_dir, tmp_path, capsys):
     checkpoint, config_path, _ = small
     (tmp_path / "thresholds.json").write_text(json.dumps(thresholds))
-    series = shutil.copytree(ct_dir / SERIES, tmp_path / "cases" / "series")
+    series = shutil.copytree(ct_dir / SERIES, tmp_path / "cases" / "chest")
     code = main(["report", str(series), str(ct_dir / NIFTI), "--out", str(tmp_path / "out"),
                  "--dicom-out", str(tmp_path / "dicom"), "--weights", str(checkpoint), "--model-config",
                  str(config_path), "--text-encoder", str(bert_vocab()), "--device", "cpu", "--thresholds",
@@ -175,11 +179,39 @@ def test_a_nifti_input_gets_one_line_and_no_files(small, thresholds, ct_dir, tmp
     assert f"dicom:   {tmp_path / 'dicom'}" in captured.out
     lines = [line for line in captured.err.splitlines() if "DICOM output needs a DICOM source" in line]
     assert len(lines) == 1 and "ct_3mm_iso" in lines[0] and "nifti" in lines[0]
-    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["series"]
-    record = json.loads((tmp_path / "out" / "series" / "result.json").read_text())["dicom"]
-    assert record["written"] and Path(record["seg"]).parent == tmp_path / "dicom" / "series"
+    assert sorted(p.name for p in (tmp_path / "dicom").iterdir()) == ["chest"]
+    record = json.loads((tmp_path / "out" / "chest" / "result.json").read_text())["dicom"]
+    assert record["written"] and Path(record["seg"]).parent == tmp_path / "dicom" / "chest"
     assert hd.sr.srread(record["sr"]).content.get_volumetric_roi_measurement_groups()
     nifti = json.loads((tmp_path / "out" / "ct_3mm_iso" / "result.json").read_text())
     assert nifti["status"] == "ok" and nifti["dicom"]["written"] is False
     with pytest.raises(CTInputError, match="DICOM output needs a DICOM source"):
         source_series(read_ct(ct_dir / NIFTI))
+
+
+def test_the_worker_task_writes_both_for_a_ct_passed_as_nifti_with_its_dicom_files(written, ct_dir, tmp_path,
+                                                                                     capsys):
+    """What the Slicer export does: the CT as the module writes it (NIfTI of the node), its DICOM files, the
+    detection JSON; the anatomy made by the library."""
+    import nibabel
+
+    volume, detection, _, _, _ = written
+    nibabel.save(nibabel.Nifti1Image(volume.hu, volume.affine_ras), str(tmp_path / "volume.nii"))
+    (tmp_path / "detection.json").write_text(json.dumps(detection_report({}, detection)))
+    files = [str(p) for p in sorted((ct_dir / SERIES).glob("*.dcm"))]
+    request = {"ct": str(tmp_path / "volume.nii"), "detection": str(tmp_path / "detection.json"),
+               "anatomy": {"use_totalsegmentator": False}, "out": str(tmp_path / "out")}
+    (tmp_path / "request.json").write_text(json.dumps({**request, "dicom_files": files}))
+    assert worker.main(["dicom", str(tmp_path / "request.json")]) == 0
+    seg, sr = hd.seg.segread(tmp_path / "out" / "seg.dcm"), hd.sr.srread(tmp_path / "out" / "sr.dcm")
+    sources = source_files(ct_dir)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["body", "bone", "Medical material region"]
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["Medical material"]
+    assert groups[0].referenced_segment.referenced_segment_numbers == [3]
+    capsys.readouterr()
+    (tmp_path / "request.json").write_text(json.dumps(request))  # no DICOM files: one error line, exit 2
+    assert worker.main(["dicom", str(tmp_path / "request.json")]) == 2
+    (error,) = [line for line in capsys.readouterr().out.splitlines() if '"type": "error"' in line]
+    assert "DICOM output needs a DICOM source" in error
