@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import highdicom as hd
+import jsonschema
 import numpy as np
 import pydicom
 import pytest
@@ -23,6 +24,7 @@ from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.results import detection_report
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.report import RESULT_SCHEMA
 from CTFoundationLib.report.dicom import (
     FindingRegion,
     frames_of,
@@ -185,6 +187,9 @@ def test_a_nifti_input_gets_one_line_and_no_files(small, thresholds, ct_dir, tmp
     assert hd.sr.srread(record["sr"]).content.get_volumetric_roi_measurement_groups()
     nifti = json.loads((tmp_path / "out" / "ct_3mm_iso" / "result.json").read_text())
     assert nifti["status"] == "ok" and nifti["dicom"]["written"] is False
+    for case in ("chest", "ct_3mm_iso"):
+        jsonschema.validate(json.loads((tmp_path / "out" / case / "result.json").read_text()),
+                            json.loads(RESULT_SCHEMA.read_text()))
     with pytest.raises(CTInputError, match="DICOM output needs a DICOM source"):
         source_series(read_ct(ct_dir / NIFTI))
 

@@ -19,6 +19,7 @@ series and SOP instances. Finding regions are boolean masks in CT space, one per
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -72,9 +73,10 @@ class FindingRegion:
 
 @dataclass
 class DicomOutputs:
-    """What was written: the files, their UIDs, the SEG's segments (number -> label) and notes (skipped parts)."""
+    """What was written: the files (seg None when no segment had voxels), their UIDs, the SEG's segments
+    (number -> label) and notes (parts left out)."""
 
-    seg: Path
+    seg: Path | None
     sr: Path
     study_uid: str
     source_series_uid: str
@@ -84,10 +86,10 @@ class DicomOutputs:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"written": True, "seg": str(self.seg), "sr": str(self.sr), "study_uid": self.study_uid,
-                "source_series_uid": self.source_series_uid, "seg_series_uid": self.seg_series_uid,
-                "sr_series_uid": self.sr_series_uid, "segments": {str(k): v for k, v in self.segments.items()},
-                "notes": list(self.notes)}
+        return {"written": True, "seg": str(self.seg) if self.seg else None, "sr": str(self.sr),
+                "study_uid": self.study_uid, "source_series_uid": self.source_series_uid,
+                "seg_series_uid": self.seg_series_uid, "sr_series_uid": self.sr_series_uid,
+                "segments": {str(k): v for k, v in self.segments.items()}, "notes": list(self.notes)}
 
 
 # ---------------------------------------------------------------- codes
@@ -300,8 +302,21 @@ def write_dicom_outputs(
     regions = dict(grounded_regions(anatomy, detection) if regions is None and anatomy else regions or {})
     out_dir = Path(out_dir)
     notes: list[str] = []
-    seg = None
     layers, descriptions, finding_segments = _segments(volume, series, detection, anatomy, regions, notes)
+    with warnings.catch_warnings():  # the patient's name is copied as the source has it, whatever its form
+        warnings.filterwarnings("ignore", "The string .* person name", UserWarning)
+        seg, sr = _make_objects(hd, series, detection, layers, descriptions, finding_segments, notes)
+    _save(out_dir, seg, sr)
+    return DicomOutputs(out_dir / SEG_FILE if seg is not None else None, out_dir / SR_FILE,
+                        str(series.datasets[0].StudyInstanceUID), series.series_uid,
+                        str(seg.SeriesInstanceUID) if seg is not None else "", str(sr.SeriesInstanceUID),
+                        {d.SegmentNumber: d.SegmentLabel for d in descriptions}, notes)
+
+
+def _make_objects(hd, series: SourceSeries, detection: DetectionResult, layers: list, descriptions: list,
+                  finding_segments: dict[str, int], notes: list[str]) -> tuple:
+    """(the SEG or None when it would have no segment, the SR)."""
+    seg = None
     if layers:
         seg = hd.seg.Segmentation(
             source_images=series.datasets, pixel_array=np.stack(layers, axis=-1),
@@ -319,11 +334,7 @@ def write_dicom_outputs(
         series_instance_uid=hd.UID(), series_number=_series_number(series, 2), sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         series_description=f"CTFoundation findings ({NOT_CLINICAL})")
-    _save(out_dir, seg, sr)
-    return DicomOutputs(out_dir / SEG_FILE if seg is not None else Path(), out_dir / SR_FILE,
-                        str(series.datasets[0].StudyInstanceUID), series.series_uid,
-                        str(seg.SeriesInstanceUID) if seg is not None else "", str(sr.SeriesInstanceUID),
-                        {d.SegmentNumber: d.SegmentLabel for d in descriptions}, notes)
+    return seg, sr
 
 
 def _highdicom():
