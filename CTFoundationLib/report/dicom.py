@@ -189,14 +189,13 @@ def read_source_series(files: Sequence[Path], series_uid: str | None, where: str
 
 def _frames_affine_ras(headers: list, orientation: np.ndarray, normal: np.ndarray) -> np.ndarray:
     row_spacing, column_spacing = (float(v) for v in headers[0].PixelSpacing)
-    first = np.asarray(headers[0].ImagePositionPatient, dtype=float)
-    last = np.asarray(headers[-1].ImagePositionPatient, dtype=float)
-    step = float((last - first) @ normal) / max(len(headers) - 1, 1) or 1.0
+    positions = np.array([h.ImagePositionPatient for h in headers], dtype=float)
+    step = float(np.median(np.diff(positions @ normal))) if len(headers) > 1 else 1.0  # as read_ct's slice step
     affine_lps = np.eye(4)
     affine_lps[:3, 0] = orientation[:3] * column_spacing
     affine_lps[:3, 1] = orientation[3:] * row_spacing
     affine_lps[:3, 2] = normal * step
-    affine_lps[:3, 3] = first
+    affine_lps[:3, 3] = positions[0]
     return LPS_FROM_RAS @ affine_lps
 
 
