@@ -60,8 +60,10 @@ def written(small, thresholds, ct_dir, tmp_path_factory):
     anatomy = build_anatomy(volume, AnatomyRequest(use_totalsegmentator=False), FVLM_ORGANS)
     box = np.zeros(volume.shape_ijk, bool)
     box[300:340, 200:230, 1:3] = True  # any mask on the CT grid, as a localisation map will give
-    regions = {**grounded_regions(anatomy, detection), "Lung nodule": FindingRegion(box, "test box")}
+    regions = {**grounded_regions(anatomy, detection), "Lung nodule": FindingRegion(box, "test box"),
+               "Cardiomegaly": FindingRegion(box, "a region of a negative finding: left out")}
     outputs = write_dicom_outputs(volume, detection, tmp_path_factory.mktemp("dicom"), anatomy, regions)
+    assert outputs.notes == ["finding Cardiomegaly: not positive, its region is left out"]
     return volume, detection, anatomy, regions, outputs
 
 

@@ -357,6 +357,11 @@ def _segments(volume, series, detection, anatomy, regions, notes) -> tuple[list,
         descriptions.append(_anatomy_description(len(layers), name, segment.info.title, anatomy.source))
     by_name = {finding.name: finding for finding in detection.findings}
     for name, region in regions.items():
+        if name not in by_name:
+            raise CTInputError(f"finding region '{name}': not a finding of the detection ({detection.model})")
+        if not by_name[name].positive:  # a region says where a positive finding is; others get none
+            notes.append(f"finding {name}: not positive, its region is left out")
+            continue
         if np.shape(region.mask) != volume.shape_ijk:
             raise CTInputError(f"finding region '{name}': mask of shape {np.shape(region.mask)}, the CT's grid is "
                                f"{volume.shape_ijk}; give the region on the CT's grid")
