@@ -192,6 +192,17 @@ def dicomMetadata(volumeNode: vtkMRMLScalarVolumeNode) -> dict:
     return metadata
 
 
+def sourceDicomFiles(volumeNode: vtkMRMLScalarVolumeNode) -> list[str]:
+    """The files of the DICOM instances the volume was loaded from (Slicer's DICOM database); one-line error if none."""
+    instanceUids = (volumeNode.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    files = [database.fileForInstance(uid) for uid in instanceUids] if database is not None else []
+    if not files or not all(files):
+        raise CTInputError(f"volume '{volumeNode.GetName()}': DICOM output needs a DICOM source; load the CT "
+                           "through the DICOM module (its files must be in Slicer's DICOM database)")
+    return files
+
+
 def findingsTable(result, tableNode: vtkMRMLTableNode) -> vtkMRMLTableNode:
     """Fill `tableNode` with one row per finding: finding, probability, threshold, positive, model."""
     table = vtk.vtkTable()
@@ -687,6 +698,32 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             slicer.modules.markups.logic().JumpSlicesToLocation(*centre, True)
         return centre
 
+    # --- DICOM output ---------------------------------------------------------------------------------------
+
+    def exportDicom(self, outcome: DetectionOutcome, outFolder, segmentationNode=None, waitForCompletion: bool = True,
+                    callback=None, progress=None):
+        """A DICOM SEG (anatomy + positive-finding regions) and SR (the findings) of a detection, referencing the
+        volume's source DICOM series, written by the background worker as outFolder/seg.dcm and sr.dcm.
+
+        segmentationNode: the anatomy (e.g. the grounding's segmentation); None lets the library make it.
+        Returns the SR's path (waiting) or the BackgroundTask; callback(path, error) as in `detect`.
+        """
+        files = sourceDicomFiles(outcome.volumeNode)
+
+        def arguments(workDir: Path) -> list[str]:
+            (workDir / "detection.json").write_text(json.dumps(outcome.report), encoding="utf-8")
+            request = {**self._volumeRequest(outcome.volumeNode, workDir), "dicom_files": files,
+                       "detection": str(workDir / "detection.json"), "out": str(Path(outFolder))}
+            if segmentationNode is not None:
+                masks = anatomy.exportSegmentMasks(segmentationNode, outcome.volumeNode,
+                                                   ijkToRasArray(outcome.volumeNode), workDir / "segmentation")
+                request["anatomy"] = {"segmentation": str(masks)}
+            return ["dicom", writeRequest(workDir, request)]
+
+        return self._runInBackground(
+            "dicom", arguments, lambda task, workDir: Path(task.process.outcome()["path"]),
+            waitForCompletion, callback, progress)
+
     # --- chat (CT-CHAT) ------------------------------------------------------------------------------------
 
     def chatModels(self) -> list[str]:
@@ -771,6 +808,8 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._devicesTask = None
         self._groundingTask = None
         self._anatomyTable = None
+        self._detectionOutcome = None  # the latest results, for the DICOM export
+        self._groundingOutcome = None
 
     def resourcePath(self, filename: str) -> str:
         return str(resourcePath(filename))
@@ -1062,8 +1101,11 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setupResultsSection(self) -> None:
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
+        self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
 
     def showResults(self, outcome: DetectionOutcome) -> None:
+        self._detectionOutcome = outcome
+        self.ui.exportDicomButton.enabled = True
         self.ui.resultsTableView.setMRMLTableNode(outcome.tableNode)
         highlightPositiveRows(self.ui.resultsTableView, outcome.tableNode)
         self.logic.showTableInLayout(outcome.tableNode)
@@ -1077,6 +1119,27 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsSummaryLabel.text = f"{outcome.result.model} ({outcome.result.method}): {summary}"
         self.similarPanel.onResultsShown()
 
+
+    def onExportDicom(self) -> None:
+        """Write the latest results as DICOM SEG + SR into a chosen folder (with the grounding's anatomy when it was
+        made for the same volume)."""
+        outcome, grounding = self._detectionOutcome, self._groundingOutcome
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder for the DICOM SEG and SR"))
+        if outcome is None or not folder:
+            return
+        sameVolume = grounding is not None and grounding.volumeNode is outcome.volumeNode
+        with slicer.util.tryWithErrorDisplay(_("DICOM export could not start."), waitCursor=True):
+            self.logic.exportDicom(outcome, folder, grounding.segmentationNode if sameVolume else None,
+                                   waitForCompletion=False, callback=self.onDicomExported)
+            self.ui.exportDicomButton.enabled = False
+
+    def onDicomExported(self, path: Path | None, error: Exception | None) -> None:
+        self.ui.exportDicomButton.enabled = True
+        with slicer.util.tryWithErrorDisplay(_("DICOM export failed.")):
+            if error is not None:
+                raise error
+            self.ui.resultsSummaryLabel.text += "\n" + _("DICOM SEG and SR written to {folder}").format(
+                folder=path.parent)
 
     # --- Findings per anatomy section -----------------------------------------------------------------------
 
@@ -1120,6 +1183,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if error is not None:
                 raise error
             self._anatomyTable = outcome.tableNode
+            self._groundingOutcome = outcome
             self.ui.anatomyTableView.setMRMLTableNode(outcome.tableNode)
             highlightPositiveRows(self.ui.anatomyTableView, outcome.tableNode)
             positives = [name for name, s in outcome.grounded["segments"].items() if s["positive"]]

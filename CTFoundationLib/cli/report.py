@@ -38,6 +38,9 @@ def add_report_arguments(report: argparse.ArgumentParser) -> None:
         "--shard", type=parse_shard, metavar="I/N", help="process only part I of N (1-based), e.g. 1/4 ... 4/4"
     )
     report.add_argument("--force", action="store_true", help="redo cases that are already finished")
+    report.add_argument("--dicom-out", type=Path, metavar="DIR",
+                        help="also write a DICOM SEG (anatomy, positive-finding regions) and a DICOM SR (the findings) "
+                             "per DICOM case into DIR/<case>/; needs DICOM inputs")
     report.add_argument(
         "--narrative", nargs="?", const=DEFAULT_CHAT_MODEL, choices=load_registry().ids("ct-chat"),
         metavar="CHAT_MODEL",
@@ -86,6 +89,11 @@ def run_report(args: argparse.Namespace) -> int:
         summary = report_cases(cases, args.out, **report_options(args), on_model_step=on_model_step,
                                on_case_step=on_case_step, skipped_inputs=found.skipped)
     print_summary(summary, len(cases), args.shard)
+    for outcome in summary.outcomes:
+        for note in outcome.notes:
+            print(f"  {outcome.case_id}: {note}", file=sys.stderr)
+    if args.dicom_out and any(o.status == "ok" and not o.notes for o in summary.outcomes):
+        print(f"dicom:   {args.dicom_out}")
     for skipped in found.skipped:
         print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     return CASES_FAILED if summary.with_status("failed") else 0
@@ -96,7 +104,7 @@ def report_options(args: argparse.Namespace) -> dict:
     return {"ctclip": ctclip_options(args), "thresholds": args.thresholds, "anatomy": args.anatomy,
             "use_totalsegmentator": not args.no_totalsegmentator, "fvlm": fvlm_options(args),
             "narrative": args.narrative, "chat": chat_model_options(args), "generation": generation_settings(args),
-            "shard": args.shard, "force": args.force}
+            "shard": args.shard, "force": args.force, "dicom_out": args.dicom_out}
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

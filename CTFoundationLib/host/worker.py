@@ -5,6 +5,7 @@ Tasks:
   ground REQUEST.json                    one CT -> grounded.json + masks/ as `ctfoundation ground` writes
   report REQUEST.json                    batch reports exactly as `ctfoundation report` writes them
   similar REQUEST.json                   one CT -> its most similar cases in a case index (JSON of the hits)
+  dicom REQUEST.json                     one CT's detection -> DICOM SEG + SR referencing its source DICOM series
   download MODEL [--accept-licenses]     weights (and what they depend on) into the cache
   import MODEL FILE_OR_FOLDER [--link]   weights obtained elsewhere, checked and copied into the cache
   devices                                what PyTorch can run on (CPU, CUDA GPUs with name and memory)
@@ -36,6 +37,7 @@ DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image
 GROUND_STEPS = ("read CT", "load model", "fvlm: load model", "anatomy", "preprocess", "encode image", "score",
                 "fvlm: preprocess", "fvlm: encode and score", "write result")
 SIMILAR_STEPS = ("read CT", "load model", "preprocess", "encode image", "search")
+DICOM_STEPS = ("read CT", "anatomy", "write DICOM")
 BYTES_EVENT_INTERVAL_S = 0.25
 ANATOMY_PATHS = ("segmentation", "radgenome", "radgenome_regions")  # AnatomyRequest fields that are paths
 
@@ -196,6 +198,33 @@ def run_report_task(args: argparse.Namespace) -> Path:
     return summary.index_html
 
 
+def run_dicom_task(args: argparse.Namespace) -> Path:
+    """Request: ct, volume_info (the CT on the grid its masks use), dicom_files (the source series' files),
+    detection (a `detect --out` JSON file), anatomy (AnatomyRequest's fields, e.g. a segmentation folder; default:
+    TotalSegmentator if installed, else the built-in segmentation), out (folder: seg.dcm, sr.dcm)."""
+    from CTFoundationLib.anatomy.masks import AnatomyRequest, build_anatomy
+    from CTFoundationLib.inference.results import DetectionResult
+    from CTFoundationLib.report.dicom import source_series, write_dicom_outputs
+    from CTFoundationLib.vocab import FVLM_ORGANS
+
+    request, step = read_request(args.request), step_emitter(DICOM_STEPS)
+    volume = read_request_volume(request, step)
+    series = source_series(volume, [Path(p) for p in request.get("dicom_files") or []] or None)
+    try:
+        detection = DetectionResult.from_dict(json.loads(Path(request["detection"]).read_text("utf-8"))["detection"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CTInputError(f"detection result {request['detection']} cannot be read ({error}); run Detect again"
+                           ) from None
+    anatomy = {key: Path(value) if key in ANATOMY_PATHS and value else value
+               for key, value in request.get("anatomy", {}).items()}
+    masks = build_anatomy(volume, AnatomyRequest(**anatomy), FVLM_ORGANS, step)
+    step("write DICOM")
+    written = write_dicom_outputs(volume, detection, Path(request["out"]), masks, series=series)
+    for note in written.notes:
+        emit("note", message=note)
+    return written.sr
+
+
 # --- weights --------------------------------------------------------------------------------------------
 
 
@@ -265,6 +294,7 @@ TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argp
     "ground": (add_request_argument, run_ground_task),
     "report": (add_request_argument, run_report_task),
     "similar": (add_request_argument, run_similar),
+    "dicom": (add_request_argument, run_dicom_task),
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),

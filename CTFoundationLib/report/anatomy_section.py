@@ -33,7 +33,7 @@ def anatomy_section(request: AnatomyRequest, fvlm: FVLMScoring) -> ReportSection
         positives = sorted((s for s in case.segments.values() if s.positive), key=lambda s: -s.score)
         overlays = [Overlay(s.name, anatomy.mask(s.name), score_colour(s.score), POSITIVE_ALPHA) for s in positives]
         points = [MarkedPoint(f"{s.title} centre", tuple(s.centroid_ras_mm)) for s in positives[:MAX_SEGMENT_IMAGES]]
-        return SectionOutput(case.to_dict(), section_html(case), points, overlays)
+        return SectionOutput(case.to_dict(), section_html(case), points, overlays, anatomy)
 
     fvlm_settings = (
         {"skipped": fvlm.skipped} if fvlm.runtime is None else

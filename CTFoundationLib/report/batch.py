@@ -29,6 +29,7 @@ from CTFoundationLib.io.cases import Case, SkippedInput
 from CTFoundationLib.io.files import cannot_write, require_writable_folder, write_json_atomic, write_text_atomic
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.sanity import summarize
+from CTFoundationLib.report.dicom import DicomExport
 from CTFoundationLib.report.files import (
     REPORT_FILE,
     RESULT_FILE,
@@ -89,6 +90,7 @@ class CaseOutcome:
     folder: Path
     seconds: float = 0.0
     error: str = ""
+    notes: tuple[str, ...] = ()  # lines for the user about a finished case (e.g. why no DICOM output was written)
 
 
 @dataclass
@@ -112,12 +114,14 @@ def run_batch(
     force: bool = False,
     progress: Callable[[BatchProgress], None] | None = None,
     skipped_inputs: Sequence[SkippedInput] = (),
+    dicom: DicomExport | None = None,
 ) -> BatchSummary:
     """Report every case of `cases` (or of its `shard`) into `out_dir`, then rebuild the summary.
 
     runtime: an already loaded model, used for all cases. force: redo cases finished before.
     progress: called at each step of each case that is processed (skipped cases are not reported).
     skipped_inputs: files of the input folders that are not cases, listed in the summary with their reason.
+    dicom: also write a DICOM SEG and SR per DICOM case (`report.dicom`).
     Cases still to do are listed as pending first. An output that cannot be written (a full disk, permissions)
     stops the batch with one OutputError; finished cases are kept and a rerun does the rest.
     """
@@ -125,7 +129,7 @@ def run_batch(
     require_writable_folder(out_dir)
     folders = _case_folders(out_dir, cases)
     selected = shard.select(cases) if shard else list(cases)
-    keys = {case.case_id: run_key(runtime, case, thresholds, sections) for case in selected}
+    keys = {case.case_id: run_key(runtime, case, thresholds, sections, dicom) for case in selected}
     summary = BatchSummary(out_dir)
     todo = []
     for case in selected:
@@ -143,7 +147,8 @@ def run_batch(
             def step(name: str, case_id: str = case.case_id, finished: int = position) -> None:
                 notify(BatchProgress(case_id, name, finished, len(todo)))
 
-            outcome = report_one(runtime, case, folders[case.case_id], keys[case.case_id], thresholds, sections, step)
+            outcome = report_one(runtime, case, folders[case.case_id], keys[case.case_id], thresholds, sections, step,
+                                 dicom)
             summary.outcomes.append(outcome)
             notify(BatchProgress(case.case_id, outcome.status, position + 1, len(todo)))
     except BaseException as error:
@@ -189,6 +194,7 @@ def report_one(
     thresholds: Mapping[str, float] | None,
     sections: Sequence[ReportSection],
     step: Callable[[str], None],
+    dicom: DicomExport | None = None,
 ) -> CaseOutcome:
     """Read, check, detect, run the sections, render and write one case; any error becomes a failed result, except
     an output that cannot be written (OutputError), which stops the batch."""
@@ -197,7 +203,7 @@ def report_one(
     clock = StepTimer(step)
     result = _base_result(case, key)
     try:
-        _fill_result(result, runtime, case, folder, thresholds, sections, clock)
+        _fill_result(result, runtime, case, folder, thresholds, sections, clock, dicom)
     except OutputError:
         raise
     except Exception as error:  # one bad case must not stop the batch; KeyboardInterrupt still does
@@ -207,7 +213,8 @@ def report_one(
     result["timings_s"] = dict(clock.seconds, total=round(time.perf_counter() - clock.started, 3))
     write_json_atomic(folder / RESULT_FILE, result, sort_keys=False)
     message = f"{result['error']['stage']}: {result['error']['message']}" if result["status"] == "failed" else ""
-    return CaseOutcome(case.case_id, result["status"], folder, result["timings_s"]["total"], message)
+    notes = (result["dicom"]["reason"],) if not result.get("dicom", {"written": True})["written"] else ()
+    return CaseOutcome(case.case_id, result["status"], folder, result["timings_s"]["total"], message, notes)
 
 
 def _fill_result(
@@ -218,6 +225,7 @@ def _fill_result(
     thresholds: Mapping[str, float] | None,
     sections: Sequence[ReportSection],
     clock: StepTimer,
+    dicom: DicomExport | None = None,
 ) -> None:
     """The pipeline of one case; fills `result` step by step and writes report.html."""
     with clock("read"):
@@ -236,6 +244,10 @@ def _fill_result(
         with clock(f"section:{section.key}"):
             outputs[section.key] = section.compute(volume, detection)
     result["sections"] = {key: output.data for key, output in outputs.items()}
+    if dicom is not None:
+        with clock("dicom"):
+            anatomy = next((output.anatomy for output in outputs.values() if output.anatomy is not None), None)
+            result["dicom"] = dicom.write(folder.name, volume, detection, anatomy)
     with clock("key_images"):
         points = [point for output in outputs.values() for point in output.points]
         overlays = [overlay for output in outputs.values() for overlay in output.overlays]
@@ -291,7 +303,8 @@ def _error_record(error: Exception, stage: str) -> dict:
 
 
 def run_key(
-    runtime: CTCLIPRuntime, case: Case, thresholds: Mapping[str, float] | None, sections: Sequence[ReportSection]
+    runtime: CTCLIPRuntime, case: Case, thresholds: Mapping[str, float] | None, sections: Sequence[ReportSection],
+    dicom: DicomExport | None = None,
 ) -> str:
     """sha256 of everything a finished case depends on; a different key means the case must be redone."""
     try:
@@ -307,6 +320,8 @@ def run_key(
         "source": str(Path(case.path).resolve()),
         "fingerprint": fingerprint,
     }
+    if dicom is not None:  # only then: a batch without DICOM output keeps the keys of earlier runs
+        settings["dicom"] = dicom.settings
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -25,6 +25,7 @@ from CTFoundationLib.io.files import require_writable_folder
 from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.report.anatomy_section import anatomy_section
 from CTFoundationLib.report.batch import BatchProgress, BatchSummary, Shard, run_batch
+from CTFoundationLib.report.dicom import DicomExport
 from CTFoundationLib.report.narrative import narrative_section
 from CTFoundationLib.report.sections import ReportSection
 
@@ -46,6 +47,7 @@ def report_cases(
     on_model_step: Progress | None = None,
     on_case_step: Callable[[BatchProgress], None] | None = None,
     skipped_inputs: Sequence[SkippedInput] = (),
+    dicom_out: Path | str | None = None,
 ) -> BatchSummary:
     """Report every case (of the shard) into `out`; cases finished before with the same settings are skipped.
 
@@ -54,6 +56,8 @@ def report_cases(
     narrative: a CT-CHAT registry id whose report is added (chat: load_chat_model's options; it reads the token
     grid of the detection model, which must be the CT-CLIP that CT-CHAT was trained with).
     skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
+    dicom_out: a folder for a DICOM SEG (anatomy, positive-finding regions) and SR (the findings) per DICOM case,
+    in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source.
     """
     ctclip = dict(ctclip or {})
     if narrative:
@@ -65,6 +69,12 @@ def report_cases(
     out = Path(out)
     require_outside_series(out, cases)
     require_writable_folder(out)  # before the model loads: an unusable output folder fails at once
+    dicom = None
+    if dicom_out is not None:
+        require_outside_series(Path(dicom_out), cases)
+        require_writable_folder(Path(dicom_out))
+        dicom = DicomExport(Path(dicom_out), AnatomyRequest(use_totalsegmentator=use_totalsegmentator,
+                                                            device=ctclip.get("device", "auto")))
     runtime = CTCLIPRuntime.from_registry(**ctclip, progress=on_model_step)
     sections: list[ReportSection] = []
     if anatomy:
@@ -79,4 +89,4 @@ def report_cases(
         chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
         sections.append(narrative_section(chat_runtime, narrative, generation, chat))
     return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
-                     progress=on_case_step, skipped_inputs=skipped_inputs)
+                     progress=on_case_step, skipped_inputs=skipped_inputs, dicom=dicom)

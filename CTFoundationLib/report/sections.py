@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from CTFoundationLib.anatomy.masks import AnatomyMasks
 from CTFoundationLib.inference.results import DetectionResult
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
@@ -18,12 +19,14 @@ from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
 
 @dataclass
 class SectionOutput:
-    """data: JSON-serialisable. html: a fragment whose text the section has escaped itself."""
+    """data: JSON-serialisable. html: a fragment whose text the section has escaped itself. anatomy: the anatomy
+    the section made, if any (reused by the DICOM SEG)."""
 
     data: dict
     html: str = ""
     points: Sequence[MarkedPoint] = field(default_factory=tuple)
     overlays: Sequence[Overlay] = field(default_factory=tuple)
+    anatomy: AnatomyMasks | None = None
 
 
 @dataclass(frozen=True)
