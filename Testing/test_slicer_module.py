@@ -1,5 +1,5 @@
-"""The Slicer module against a stand-in of Slicer (Testing/slicer_standin, real VTK): MRML <-> library
-conversion, detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the
+"""The Slicer module on real Slicer core (slicer-core: MRML, module logics, slicer.util; Testing/slicer_core_app.py
+brings it up, Qt/ctk stay imitated in Testing/slicer_standin): MRML <-> library conversion, detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the
 headless batch script."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from types import ModuleType, SimpleNamespace
 import nibabel
 import numpy as np
 import pytest
+import slicer_core_app
 from conftest import data_root
 from small_models import bert_vocab, make_small_ctclip
 
@@ -27,14 +28,14 @@ from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = Path(__file__).resolve().parent / "slicer_standin"
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
 
 
 @pytest.fixture(scope="module")
 def ctf():
-    """The CTFoundation module imported against the stand-in (and the batch script's folder on the path)."""
-    for folder in (STANDIN, REPO / "CTFoundation", REPO / "CTFoundation" / "Scripts"):
+    """The CTFoundation module imported on slicer-core (and the batch script's folder on the path)."""
+    slicer_core_app.start()
+    for folder in (REPO / "CTFoundation", REPO / "CTFoundation" / "Scripts"):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
     import CTFoundation
@@ -46,7 +47,7 @@ def ctf():
 def scene(ctf):
     import slicer
 
-    slicer.mrmlScene.Clear(1)
+    slicer.mrmlScene.Clear()  # as File > Close Scene: the views, crosshair and parameter nodes stay (reset)
     return slicer
 
 
