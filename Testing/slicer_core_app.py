@@ -142,12 +142,6 @@ def _addViews(slicer, scene, applicationLogic) -> None:
     applicationLogic.SetViewLogics(vtk.vtkCollection())
 
 
-def _loadTerminologies(terminologiesLogic) -> None:
-    """Slicer's own DICOM master lists (kept in Testing/slicer_terminologies: slicer-core ships none)."""
-    terminologiesLogic.LoadTerminologyFromFile(str(TERMINOLOGIES / "SegmentationCategoryTypeModifier-DICOM-Master.json"))
-    terminologiesLogic.LoadAnatomicContextFromFile(str(TERMINOLOGIES / "AnatomicRegionAndModifier-DICOM-Master.json"))
-
-
 def start():
     """Bring up the scene, application logic and module logics once; returns the `slicer` package."""
     if str(STANDIN) not in sys.path:
@@ -173,9 +167,11 @@ def start():
     remoteIO.AddDataIOToScene()
     _addViews(slicer, scene, applicationLogic)
 
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    terminologies.SetModuleShareDirectory(str(TERMINOLOGIES))  # Slicer's lists; slicer-core ships none
     logics = {
-        "colors": (slicer.vtkSlicerColorLogic(), "Colors"),
-        "terminologies": (slicer.vtkSlicerTerminologiesModuleLogic(), "Terminologies"),
+        "colors": (applicationLogic.GetColorLogic(), "Colors"),
+        "terminologies": (terminologies, "Terminologies"),
         "volumes": (slicer.vtkSlicerVolumesLogic(), "Volumes"),
         "segmentations": (slicer.vtkSlicerSegmentationsModuleLogic(), "Segmentations"),
         "subjecthierarchy": (slicer.vtkSlicerSubjectHierarchyModuleLogic(), "SubjectHierarchy"),
@@ -184,7 +180,6 @@ def start():
         "data": (slicer.vtkSlicerDataModuleLogic(), "Data"),
     }
     modules = {key: _moduleLogic(logic, scene, applicationLogic, name) for key, (logic, name) in logics.items()}
-    _loadTerminologies(modules["terminologies"])
     slicer.mrmlScene = scene
     slicer.modules = SimpleNamespace(**{key: SimpleNamespace(logic=lambda logic=logic: logic)
                                         for key, logic in modules.items()})

@@ -1,6 +1,6 @@
-"""Anatomy-grounded findings in the Slicer module on slicer-core (real MRML and module logics), on real CTs with a
-small CT-CLIP: the segmentation node (segments, names, terminology, colours and opacities from the colour map, tags), the
-findings table's anatomy column, a row click centring the real slice nodes on the segment, and an existing
+"""Anatomy-grounded findings in the Slicer module on slicer-core (real MRML and module logics), on real CTs with
+a small CT-CLIP: the segmentation node (segments, names, terminology, colours and opacities from the colour map,
+tags), the findings table's anatomy column, a row click centring the real slice nodes on the segment, and an existing
 segmentation node (TotalSegmentator's aorta mask) as the anatomy source."""
 
 from __future__ import annotations

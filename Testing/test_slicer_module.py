@@ -1,6 +1,7 @@
-"""The Slicer module on real Slicer core (slicer-core: MRML, module logics, slicer.util; Testing/slicer_core_app.py
-brings it up, Qt/ctk stay imitated in Testing/slicer_standin): MRML <-> library conversion, detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the
-headless batch script."""
+"""The Slicer module on real Slicer core (slicer-core: MRML, module logics, slicer.util; brought up by
+Testing/slicer_core_app.py, with Qt and ctk imitated in Testing/slicer_standin): MRML <-> library conversion,
+detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the headless batch
+script."""
 
 from __future__ import annotations
 
