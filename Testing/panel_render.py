@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +34,10 @@ class Rendering:
     minimum_width_px: int = 0  # the narrowest the layout can be without squeezing a widget
 
 
+@cache
 def _widget_classes():
-    """PySide6 classes named as Slicer's, each the Qt widget its .ui <extends> names."""
+    """PySide6 classes named as Slicer's, each the Qt widget its .ui <extends> names (kept alive: the loader
+    holds no Python reference to a registered class)."""
     from PySide6 import QtWidgets
 
     class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801 (Slicer's class names)
