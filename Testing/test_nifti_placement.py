@@ -83,7 +83,7 @@ def test_the_library_places_a_nifti_where_slicer_does(ctf, scene, tmp_path, name
 def test_the_ignored_sform_is_reported_with_its_distance(tmp_path) -> None:
     path, _ = hand_made_nifti(tmp_path / "ct.nii", SCANNER, 2, SHIFTED, 1)
     volume = read_ct(path)
-    assert volume.metadata["placement"] == "qform" and volume.metadata["sform_ignored_mm"] == 10.0
+    assert volume.metadata == {"format": "nifti", "sform_ignored_mm": 10.0}
     message = next(w.message for w in check_ct(volume) if w.code == "SFORM_IGNORED")
     assert "up to 10 mm apart; the qform was used" in message
 

@@ -257,7 +257,7 @@ def test_headless_detection_never_installs_packages(ctf, scene, ct_dir, tmp_path
     assert logic.missingDependencies() == ["no-such-package-ctfoundation>=1"]
     node = scene.util.loadVolume(str(ct_dir / RICORD / "ct_3mm_iso.nii.gz"))
     with pytest.raises(DependencyError, match="no-such-package-ctfoundation.*installDependencies"):
-        logic.detect(node)  # the stand-in's pip_install would fail the test if it were called
+        logic.detect(node)  # slicer.util.pip_install would fail here (slicer-core has no slicer.packaging)
 
 
 @pytest.mark.parametrize("version", [(5, 10), (5, 12)])

@@ -64,13 +64,14 @@ def read_nifti(path: Path, stored: bool = False) -> CTVolume:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError) as error:
         raise CTInputError(f"{path}: cannot read this NIfTI file ({error}); is it truncated or corrupt?") from error
     data = _squeeze_to_3d(data, path)
-    affine, placement = nifti_affine(image.header, path)
-    return CTVolume(_as_hu_dtype(data, path), affine, str(path), {"format": "nifti", **placement})
+    affine, notes = nifti_affine(image.header)
+    return CTVolume(_as_hu_dtype(data, path), affine, str(path), {"format": "nifti", **notes})
 
 
-def nifti_affine(header, path: Path) -> tuple[np.ndarray, dict]:
+def nifti_affine(header) -> tuple[np.ndarray, dict]:
     """Voxel (i, j, k) -> RAS mm of a NIfTI header, chosen as 3D Slicer's reader (ITK's NiftiImageIO) chooses it,
-    so that the command line, batch reports and Slicer place the same file alike; and metadata saying how.
+    so that the command line, batch reports and Slicer place the same file alike; and metadata on what was
+    assumed or passed over (empty for an ordinary file).
 
     1. sform_code 1 (scanner anatomical) and an unsheared sform: the sform.
     2. else a qform (qform_code > 0): the qform. (nibabel would take any coded sform first.)
@@ -83,9 +84,9 @@ def nifti_affine(header, path: Path) -> tuple[np.ndarray, dict]:
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
     if sform_code == 1 and shear_deg(sform) <= TILT_TOLERANCE_DEG:
-        return sform, {"placement": "sform"}
+        return sform, {}
     if qform_code > 0:
-        metadata = {"placement": "qform"}
+        metadata = {}
         if sform_code > 0:
             ni, nj, nk = (n - 1 for n in header.get_data_shape()[:3])
             corners = np.array([[i, j, k, 1] for i in (0, ni) for j in (0, nj) for k in (0, nk)], float).T
@@ -94,9 +95,9 @@ def nifti_affine(header, path: Path) -> tuple[np.ndarray, dict]:
                 metadata["sform_ignored_mm"] = round(distance, 2)
         return qform, metadata
     if sform_code > 0:
-        return sform, {"placement": "sform"}
+        return sform, {}
     spacing = [float(z) for z in header.get_zooms()[:3]]  # nibabel gives 1.0 for a zero voxel size
-    return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), {"placement": "none", "orientation_assumed": True}
+    return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), {"orientation_assumed": True}
 
 
 def read_nrrd(path: Path) -> CTVolume:
