@@ -193,6 +193,9 @@ def test_a_scene_with_results_survives_an_mrb_round_trip(ctf, scene, ct_dir, tmp
     nibabel.save(nibabel.Nifti1Image(lung, volume.affine_ras), str(tmp_path / "lung_left.nii.gz"))
     grounded = grounded_lung("lung_left.nii.gz")
     segmentationNode = anatomy.anatomySegmentation(grounded, tmp_path, node, REPO / "Resources")
+    again = anatomy.anatomySegmentation(grounded, tmp_path, node, REPO / "Resources")  # MRML allows equal names
+    assert (segmentationNode.GetName(), again.GetName()) == ("ct_3mm_iso anatomy", "ct_3mm_iso anatomy_1")
+    scene.mrmlScene.RemoveNode(again)
     attributes = {key: node.GetAttribute(key) for key in node.GetAttributeNames() if key.startswith("CTFoundation.")}
     assert len(attributes) == 7
 
