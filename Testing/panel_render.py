@@ -5,7 +5,8 @@ The .ui is the layout; Slicer's own widget classes (ctk, qMRML) are not in PySid
 widget it derives from (a collapsible section as a titled box, a node selector as a combo box showing its "none"
 text, a path editor as a line edit, an MRML table view as a table with the findings-table columns). Sections are
 drawn expanded, so that every label is looked at; progress bars are hidden, as the module hides them until a job
-runs; combo boxes the module fills at run time (models, devices) are empty.
+runs; combo boxes the module fills at run time (models, devices) are empty; status labels hold long examples of
+what the module writes there (EXAMPLE_TEXTS).
 
     QT_QPA_PLATFORM=offscreen python Testing/panel_render.py [OUT_FOLDER]   # default docs/
 """
@@ -21,6 +22,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UI_FOLDER = REPO / "Resources" / "UI"
 PANEL_WIDTH_PX = 400  # about Slicer's module panel at its default width
+# What the module writes into its status labels at run time (long cases), drawn into the picture and checked for
+# clipping with the rest.
+EXAMPLE_TEXTS = {
+    "inputWarningsLabel": "THICK_SLICES: slices are 5.00 mm thick (> 3 mm); the models were trained on thin-slice CT",
+    "weightsStatusLabel": "installed (1.23 GB) in /home/radiologist/.cache/ctfoundation/models/ct-clip-v2",
+    "dependenciesLabel": "Python packages missing in Slicer: torch>=2.1, monai>=1.3, nibabel>=5.0, transformers>=4.40",
+    "detectStatusLabel": "encode image",
+    "resultsSummaryLabel": "ct-clip-v2 (zero-shot): 3 positive: Emphysema, Lung nodule, Pleural effusion",
+    "groundStatusLabel": "Positive segments: lung_left, lung_right, lung_lower_lobe_right",
+    "chatStatusLabel": "ready: ct-chat-llama3.1-8b on cuda:0",
+}
 TABLE_COLUMNS = {"resultsTableView": ("finding", "probability", "threshold", "positive", "model"),
                  "anatomyTableView": ("anatomy", "title", "region", "finding", "ctclip", "fvlm", "positive", "score")}
 
@@ -138,9 +150,14 @@ def section_titles(panel) -> list[str]:
     return [box.title() for box in sorted(sections, key=lambda box: box.mapTo(panel, box.rect().topLeft()).y())]
 
 
-def render(ui_path: Path, out_folder: Path, width_px: int = PANEL_WIDTH_PX) -> Rendering:
-    """Lay the panel out at `width_px` and its natural height, save OUT/<ui name>.png, measure it."""
+def render(ui_path: Path, out_folder: Path, width_px: int = PANEL_WIDTH_PX, texts: dict | None = None) -> Rendering:
+    """Lay the panel out at `width_px` and its natural height, save OUT/<ui name>.png, measure it.
+    texts: {objectName: text} set first, e.g. what the module writes into its status labels at run time."""
+    from PySide6 import QtWidgets
+
     panel = load_panel(ui_path)
+    for name, text in (texts or {}).items():
+        panel.findChild(QtWidgets.QWidget, name).setText(text)
     height = panel.heightForWidth(width_px) if panel.hasHeightForWidth() else -1
     panel.setFixedSize(width_px, max(height, panel.sizeHint().height()))  # fixed: a narrow panel squeezes, as a dock
     panel.show()
@@ -158,7 +175,7 @@ def render(ui_path: Path, out_folder: Path, width_px: int = PANEL_WIDTH_PX) -> R
 def main(argv: list[str]) -> int:
     out_folder = Path(argv[0]) if argv else REPO / "docs"
     for ui_path in sorted(UI_FOLDER.glob("*.ui")):
-        rendering = render(ui_path, out_folder)
+        rendering = render(ui_path, out_folder, texts=EXAMPLE_TEXTS if ui_path.stem == "CTFoundation" else None)
         print(f"{rendering.png} {rendering.size[0]}x{rendering.size[1]} px; sections: {', '.join(rendering.sections)}")
         for text in rendering.clipped:
             print(f"  clipped: {text}")

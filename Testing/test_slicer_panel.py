@@ -1,6 +1,7 @@
 """The panel looked at: Resources/UI/CTFoundation.ui rendered offscreen with PySide6 (Testing/panel_render.py;
 `make panel-images` writes the PNGs in docs/): sections in the order a radiologist works, no text clipped at
-Slicer's panel width, and every widget the module code names present in the .ui."""
+Slicer's panel width (with long run-time status texts filled in), and every widget the module code names present
+in the .ui."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ORDER = ["Input", "Models", "Detection", "Results", "Findings per anatomy", "Cha
 
 @pytest.fixture(scope="module")
 def rendering(tmp_path_factory):
-    return panel_render.render(UI, tmp_path_factory.mktemp("panel"))
+    return panel_render.render(UI, tmp_path_factory.mktemp("panel"), texts=panel_render.EXAMPLE_TEXTS)
 
 
 def test_sections_in_working_order_and_nothing_clipped(rendering) -> None:
