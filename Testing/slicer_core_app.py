@@ -14,6 +14,7 @@ i18n that Slicer builds on Qt) stays in Testing/slicer_standin, which `start()` 
 
 from __future__ import annotations
 
+import gzip
 import importlib.metadata
 import sys
 import tempfile
@@ -142,6 +143,14 @@ def _addViews(slicer, scene, applicationLogic) -> None:
     applicationLogic.SetViewLogics(vtk.vtkCollection())
 
 
+def _terminologyFolder() -> Path:
+    """Slicer's terminology lists (kept gzipped in Testing/slicer_terminologies), unpacked where the logic reads."""
+    folder = Path(tempfile.mkdtemp(prefix="slicer-core-terminologies-"))
+    for packed in TERMINOLOGIES.glob("*.term.json.gz"):
+        (folder / packed.name.removesuffix(".gz")).write_bytes(gzip.decompress(packed.read_bytes()))
+    return folder
+
+
 def start():
     """Bring up the scene, application logic and module logics once; returns the `slicer` package."""
     if str(STANDIN) not in sys.path:
@@ -168,7 +177,7 @@ def start():
     _addViews(slicer, scene, applicationLogic)
 
     terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
-    terminologies.SetModuleShareDirectory(str(TERMINOLOGIES))  # Slicer's lists; slicer-core ships none
+    terminologies.SetModuleShareDirectory(str(_terminologyFolder()))  # Slicer's lists; slicer-core ships none
     logics = {
         "colors": (applicationLogic.GetColorLogic(), "Colors"),
         "terminologies": (terminologies, "Terminologies"),
