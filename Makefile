@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo demo-models lint test clean
+.PHONY: venv demo demo-models lint test panel-images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: venv
 
 test: lint
 	$(PY) -m pytest -q
+
+# The module panel (Resources/UI/*.ui) rendered offscreen into docs/*.png (Testing/test_slicer_panel.py checks it).
+panel-images: venv
+	QT_QPA_PLATFORM=offscreen $(PY) Testing/panel_render.py docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

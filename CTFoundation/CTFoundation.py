@@ -795,7 +795,8 @@ def highlightPositiveRows(tableView, tableNode: vtkMRMLTableNode) -> None:
 
 
 class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel, in sections: Input, Models, Detection, Results (later issues add Anatomy and Chat)."""
+    """The panel (Resources/UI/CTFoundation.ui), in sections: Input, Models, Detection, Results, Findings per
+    anatomy, Chat."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -830,7 +831,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupAnatomySection()
         self.similarPanel = SimilarCasesPanel(self.logic, self.ui.resultsCollapsibleButton,
                                               lambda: self._parameterNode.inputVolume)
-        self.chatPanel = ChatPanel(self.logic, self.layout, lambda: self._parameterNode.inputVolume, self.groundText)
+        self.chatPanel = ChatPanel(self.logic, self.ui, lambda: self._parameterNode.inputVolume, self.groundText)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:

@@ -1,6 +1,7 @@
-"""The Slicer module against a stand-in of Slicer (Testing/slicer_standin, real VTK): MRML <-> library
-conversion, detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the
-headless batch script."""
+"""The Slicer module on real Slicer core (slicer-core: MRML, module logics, slicer.util; brought up by
+Testing/slicer_core_app.py, with Qt and ctk imitated in Testing/slicer_standin): MRML <-> library conversion,
+detection end-to-end on the real RICORD CT into a table node, the console API, cancel, the headless batch
+script."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from types import ModuleType, SimpleNamespace
 import nibabel
 import numpy as np
 import pytest
+import slicer_core_app
 from conftest import data_root
 from small_models import bert_vocab, make_small_ctclip
 
@@ -27,14 +29,14 @@ from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = Path(__file__).resolve().parent / "slicer_standin"
 RICORD = "ricord1a_419639-000082_chest_noncontrast"
 
 
 @pytest.fixture(scope="module")
 def ctf():
-    """The CTFoundation module imported against the stand-in (and the batch script's folder on the path)."""
-    for folder in (STANDIN, REPO / "CTFoundation", REPO / "CTFoundation" / "Scripts"):
+    """The CTFoundation module imported on slicer-core (and the batch script's folder on the path)."""
+    slicer_core_app.start()
+    for folder in (REPO / "CTFoundation", REPO / "CTFoundation" / "Scripts"):
         if str(folder) not in sys.path:
             sys.path.insert(0, str(folder))
     import CTFoundation
@@ -46,7 +48,7 @@ def ctf():
 def scene(ctf):
     import slicer
 
-    slicer.mrmlScene.Clear(1)
+    slicer.mrmlScene.Clear()  # as File > Close Scene: the views, crosshair and parameter nodes stay (reset)
     return slicer
 
 
@@ -255,7 +257,7 @@ def test_headless_detection_never_installs_packages(ctf, scene, ct_dir, tmp_path
     assert logic.missingDependencies() == ["no-such-package-ctfoundation>=1"]
     node = scene.util.loadVolume(str(ct_dir / RICORD / "ct_3mm_iso.nii.gz"))
     with pytest.raises(DependencyError, match="no-such-package-ctfoundation.*installDependencies"):
-        logic.detect(node)  # the stand-in's pip_install would fail the test if it were called
+        logic.detect(node)  # slicer.util.pip_install would fail here (slicer-core has no slicer.packaging)
 
 
 @pytest.mark.parametrize("version", [(5, 10), (5, 12)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,10 +40,8 @@ def packaged_sources(root: Path) -> dict[str, Path]:
               "CTFoundationChat/__init__.py": root / "CTFoundation" / "CTFoundationChat" / "__init__.py",
               "CTFoundationSimilar/__init__.py": root / "CTFoundation" / "CTFoundationSimilar" / "__init__.py",
               "Scripts/ctfoundation_batch.py": root / "CTFoundation" / "Scripts" / "ctfoundation_batch.py"}
-    for package, names in (("CTFoundationMRML", ("__init__.py", "anatomy.py")),  # the module's helpers, beside it
-                           ("CTFoundationTesting", ("__init__.py", "small_ctclip.py"))):
-        for name in names:
-            wanted[f"{package}/{name}"] = root / "CTFoundation" / package / name
+    for path in (root / "CTFoundation").glob("CTFoundation*/**/*.py"):  # the module's helper packages, beside it
+        wanted[str(path.relative_to(root / "CTFoundation"))] = path
     for folder, pattern in (("CTFoundationLib", "*.py"), ("Resources", "*")):
         for path in (root / folder).rglob(pattern):
             if path.is_file() and "__pycache__" not in path.parts and not path.name.startswith("."):
@@ -76,7 +75,8 @@ def test_build_and_install_trees_hold_module_library_and_resources(extension) ->
     source, build, install = extension
     wanted = packaged_sources(source)
     assert {"CTFoundationLib/host/worker.py", "CTFoundationLib/weights/registry.py",
-            "CTFoundationTesting/small_ctclip.py", "Resources/models.json",
+            "CTFoundationTesting/small_ctclip.py", "CTFoundationMRML/anatomy.py", "CTFoundationChat/__init__.py",
+            "Resources/models.json",
             "Resources/UI/CTFoundation.ui", "Resources/Icons/CTFoundation.png",
             "Resources/slicer-requirements.txt"} <= wanted.keys()
     for tree_root in (build / SCRIPTED, install / SCRIPTED):
@@ -88,15 +88,29 @@ def test_build_and_install_trees_hold_module_library_and_resources(extension) ->
     assert description["EXTENSION_DEPENDS"] == "PyTorch" and description["EXTENSION_CATEGORY"]
 
 
-def test_a_new_library_file_is_packaged_without_editing_cmake(extension) -> None:
+@pytest.mark.parametrize(("added", "packaged"), [
+    ("CTFoundationLib/models/added_later.py", "CTFoundationLib/models/added_later.py"),
+    ("CTFoundation/CTFoundationMRML/added_later.py", "CTFoundationMRML/added_later.py")])
+def test_a_new_python_file_is_packaged_without_editing_cmake(extension, added, packaged) -> None:
     source, build, _ = extension
-    added = source / "CTFoundationLib" / "models" / "added_later.py"
-    added.write_text('"""A module added after the first configure."""\n')
+    path = source / added
+    path.write_text('"""A module added after the first configure."""\n')
     try:
         run("cmake", "--build", build)
-        assert (build / SCRIPTED / "CTFoundationLib" / "models" / "added_later.py").is_file()
+        assert (build / SCRIPTED / packaged).is_file()
     finally:
-        added.unlink()
+        path.unlink()
+
+
+def test_extension_metadata_points_at_files_of_this_repository() -> None:
+    """The icon, screenshot and readme the extension index shows are files here, at the paths the URLs name."""
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) "([^"]+)"\)', cmake)
+    assert len(urls) == 2
+    for url in (u for value in urls for u in value.split()):
+        relative = re.fullmatch(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/(.+)", url).group(1)
+        assert (REPO / relative).is_file(), url
+    assert '"${CMAKE_CURRENT_SOURCE_DIR}/README.md"' in cmake and (REPO / "README.md").is_file()
 
 
 def test_installed_module_imports_its_library_and_resources(extension) -> None:
@@ -108,7 +122,8 @@ def test_installed_module_imports_its_library_and_resources(extension) -> None:
         "'models': sorted(registry.load_registry().models), "
         "'ui': CTFoundation.resourcePath('UI/CTFoundation.ui').is_file()}))"
     )
-    environment = {**os.environ, "PYTHONPATH": f"{STANDIN_PYTHON}{os.pathsep}{folder}"}
+    paths = [str(STANDIN_PYTHON), str(folder), os.environ.get("PYTHONPATH", "")]  # slicer-core from the environment
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     found = json.loads(subprocess.run([sys.executable, "-c", code], cwd=folder, env=environment, capture_output=True,
                                       text=True, check=True, timeout=120).stdout)
     assert Path(found["root"]) == folder and Path(found["lib"]).is_relative_to(folder)

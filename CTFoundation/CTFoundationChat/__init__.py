@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Callable
 
-import ctk
 import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTextNode
@@ -105,7 +104,7 @@ class ChatPanel:
     """The Chat section: model, start, transcript, answer type, question line, Send, Stop, Generate report,
     Show on anatomy (hands the latest answer to `placeOnAnatomy`, which puts its sentences on the segments)."""
 
-    def __init__(self, logic, parentLayout, currentVolume: Callable[[], vtkMRMLScalarVolumeNode | None],
+    def __init__(self, logic, ui, currentVolume: Callable[[], vtkMRMLScalarVolumeNode | None],
                  placeOnAnatomy: Callable[[str], None]) -> None:
         self.logic, self.currentVolume, self.placeOnAnatomy = logic, currentVolume, placeOnAnatomy
         self.conversation = None
@@ -113,43 +112,24 @@ class ChatPanel:
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_INTERVAL_MS)
         self.timer.timeout.connect(self.poll)
-        self._build(parentLayout)
+        self._build(ui)
 
-    def _build(self, parentLayout) -> None:
-        section = ctk.ctkCollapsibleButton()
-        section.text = _("Chat (CT-CHAT)")
-        section.collapsed = True
-        parentLayout.addWidget(section)
-        form = qt.QFormLayout(section)
-        self.modelSelector = qt.QComboBox()
+    def _build(self, ui) -> None:
+        """Take the Chat section's widgets from the panel's .ui (the layout is there) and connect them."""
+        self.modelSelector, self.startButton, self.statusLabel = ui.chatModelSelector, ui.chatStartButton, \
+            ui.chatStatusLabel
+        self.transcriptView, self.answerTypeSelector, self.questionEdit = ui.chatTranscriptView, \
+            ui.chatAnswerTypeSelector, ui.chatQuestionEdit
+        self.sendButton, self.stopButton, self.reportButton, self.anatomyButton = ui.chatSendButton, \
+            ui.chatStopButton, ui.chatReportButton, ui.chatAnatomyButton
         for model in self.logic.chatModels():
             self.modelSelector.addItem(model)
-        self.startButton = qt.QPushButton(_("Start chat"))
-        self.startButton.toolTip = _("Load CT-CHAT (once) and start a conversation about the input CT")
         self.startButton.connect("clicked(bool)", self.onStart)
-        self.statusLabel = qt.QLabel(_("not started"))
-        form.addRow(_("Model:"), self.modelSelector)
-        form.addRow(self.startButton, self.statusLabel)
-        self.transcriptView = qt.QTextBrowser()
-        form.addRow(self.transcriptView)
-        self.answerTypeSelector = qt.QComboBox()
-        form.addRow(_("Answer type:"), self.answerTypeSelector)
-        self.questionEdit = qt.QLineEdit()
-        self.questionEdit.placeholderText = _("Ask about the CT and press Enter")
         self.questionEdit.connect("returnPressed()", self.onSend)
-        self.sendButton = qt.QPushButton(_("Send"))
         self.sendButton.connect("clicked(bool)", self.onSend)
-        self.stopButton = qt.QPushButton(_("Stop"))
         self.stopButton.connect("clicked(bool)", self.onStop)
-        self.reportButton = qt.QPushButton(_("Generate report"))
         self.reportButton.connect("clicked(bool)", self.onReport)
-        self.anatomyButton = qt.QPushButton(_("Show on anatomy"))
-        self.anatomyButton.toolTip = _("Place the latest answer's sentences on the anatomy segments (Anatomy section)")
         self.anatomyButton.connect("clicked(bool)", self.onShowOnAnatomy)
-        row = qt.QHBoxLayout()
-        for widget in (self.questionEdit, self.sendButton, self.stopButton, self.reportButton, self.anatomyButton):
-            row.addWidget(widget)
-        form.addRow(row)
         self.updateButtons("")
 
     def onStart(self) -> None:

@@ -27,8 +27,12 @@ LATERALITY_CODES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right", N
 
 
 @cache
+def _terminology(resources: Path) -> dict:
+    return json.loads((resources / "anatomy" / "terminology.json").read_text(encoding="utf-8"))
+
+
 def terminologyTypes(resources: Path) -> dict:
-    return json.loads((resources / "anatomy" / "terminology.json").read_text(encoding="utf-8"))["types"]
+    return _terminology(resources)["types"]
 
 
 def terminologyEntry(name: str, resources: Path) -> str | None:
@@ -36,24 +40,36 @@ def terminologyEntry(name: str, resources: Path) -> str | None:
     if name not in terminologyTypes(resources):
         return None
     code, meaning, laterality = terminologyTypes(resources)[name]
-    return "~".join((TERMINOLOGY_CONTEXT, ANATOMICAL_STRUCTURE, f"SCT^{code}^{meaning}",
-                     LATERALITY_CODES[laterality], ANATOMIC_CONTEXT, "^^", "^^"))
+    category = _terminology(resources).get("categories", {}).get(name)
+    return "~".join((TERMINOLOGY_CONTEXT, f"SCT^{category[0]}^{category[1]}" if category else ANATOMICAL_STRUCTURE,
+                     f"SCT^{code}^{meaning}", LATERALITY_CODES[laterality], ANATOMIC_CONTEXT, "^^", "^^"))
 
 
 def exportSegmentMasks(segmentationNode, volumeNode, affineRas: np.ndarray, folder: Path) -> Path:
-    """One uint8 NIfTI per non-empty segment, on the volume's grid (i, j, k) with `affineRas`, named by segment."""
+    """One uint8 NIfTI per non-empty segment, on the volume's grid (i, j, k) with `affineRas` (Slicer resamples
+    a segment stored on another grid), named by segment. Two segments whose names give the same file name are
+    refused: the library names the anatomy by file, so one would silently replace the other."""
     import nibabel
+
+    from CTFoundationLib.errors import CTInputError
 
     folder.mkdir(parents=True, exist_ok=True)
     segmentation = segmentationNode.GetSegmentation()
+    written: dict[str, str] = {}  # lower-case file name -> segment name (file systems may ignore case)
     for index in range(segmentation.GetNumberOfSegments()):
         segmentId = segmentation.GetNthSegmentID(index)
         mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
         if mask is None or not mask.any():
             continue
-        fileName = re.sub(r"[^A-Za-z0-9]+", "_", segmentation.GetSegment(segmentId).GetName()).strip("_")
+        name = segmentation.GetSegment(segmentId).GetName()
+        fileName = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or segmentId
+        if fileName.lower() in written:
+            raise CTInputError(
+                f"segmentation '{segmentationNode.GetName()}' has two segments named '{written[fileName.lower()]}' "
+                f"and '{name}'; rename one of them (Segmentations module) and try again")
+        written[fileName.lower()] = name
         image = nibabel.Nifti1Image(np.ascontiguousarray((mask > 0).astype(np.uint8).transpose(2, 1, 0)), affineRas)
-        nibabel.save(image, str(folder / f"{fileName or segmentId}.nii.gz"))
+        nibabel.save(image, str(folder / f"{fileName}.nii.gz"))
     return folder
 
 

@@ -25,6 +25,7 @@ NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SLICE_SPACING_TOLERANCE = 0.05  # relative deviation from the median slice step before we refuse
 TILT_TOLERANCE_DEG = 0.5  # shear (gantry tilt) beyond this is refused; the same bound flags an oblique grid
 SPACING_RANGE_MM = (0.01, 50.0)  # voxel sizes a CT can have; outside it the header is wrong
+SFORM_QFORM_TOLERANCE_MM = 0.5  # an ignored sform further than this from the qform is reported
 AIR_HU = -1024.0  # what a non-finite voxel becomes: outside the field of view, as scanners pad it
 
 
@@ -63,10 +64,40 @@ def read_nifti(path: Path, stored: bool = False) -> CTVolume:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile, nib.filebasedimages.ImageFileError, ValueError) as error:
         raise CTInputError(f"{path}: cannot read this NIfTI file ({error}); is it truncated or corrupt?") from error
     data = _squeeze_to_3d(data, path)
-    metadata = {"format": "nifti"}
-    if not (image.header.get("sform_code", 0) or image.header.get("qform_code", 0)):
-        metadata["orientation_assumed"] = True  # nibabel places the voxels by their size alone (NO_ORIENTATION)
-    return CTVolume(_as_hu_dtype(data, path), image.affine, str(path), metadata)
+    affine, notes = nifti_affine(image.header)
+    return CTVolume(_as_hu_dtype(data, path), affine, str(path), {"format": "nifti", **notes})
+
+
+def nifti_affine(header) -> tuple[np.ndarray, dict]:
+    """Voxel (i, j, k) -> RAS mm of a NIfTI header, chosen as 3D Slicer's reader (ITK's NiftiImageIO) chooses it,
+    so that the command line, batch reports and Slicer place the same file alike; and metadata on what was
+    assumed or passed over (empty for an ordinary file).
+
+    1. sform_code 1 (scanner anatomical) and an unsheared sform: the sform.
+    2. else a qform (qform_code > 0): the qform. (nibabel would take any coded sform first.)
+    3. else a coded sform: the sform (a sheared one is refused later, as ITK refuses it).
+    4. neither: voxel sizes along LPS from the origin, as ITK places them (metadata orientation_assumed: the
+       NO_ORIENTATION warning).
+    When a coded sform is passed over and places the voxels more than SFORM_QFORM_TOLERANCE_MM away from the
+    qform, metadata["sform_ignored_mm"] holds that distance (the SFORM_IGNORED warning).
+    """
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if sform_code == 1 and shear_deg(sform) <= TILT_TOLERANCE_DEG:
+        return sform, {}
+    if qform_code > 0:
+        metadata = {}
+        if sform_code > 0:
+            ni, nj, nk = (n - 1 for n in header.get_data_shape()[:3])
+            corners = np.array([[i, j, k, 1] for i in (0, ni) for j in (0, nj) for k in (0, nk)], float).T
+            distance = float(np.linalg.norm(((sform - qform) @ corners)[:3], axis=0).max())
+            if distance > SFORM_QFORM_TOLERANCE_MM:
+                metadata["sform_ignored_mm"] = round(distance, 2)
+        return qform, metadata
+    if sform_code > 0:
+        return sform, {}
+    spacing = [float(z) for z in header.get_zooms()[:3]]  # nibabel gives 1.0 for a zero voxel size
+    return np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]), {"orientation_assumed": True}
 
 
 def read_nrrd(path: Path) -> CTVolume:

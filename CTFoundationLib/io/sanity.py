@@ -12,6 +12,7 @@ Codes:
 - NON_FINITE: voxels that held no number (NaN, inf) were taken as outside the field of view (air).
 - OBLIQUE: the voxel grid is rotated against the patient axes; the models see it along its nearest axes.
 - NO_ORIENTATION: the file does not say how its voxels lie in the patient (NIfTI sform and qform codes 0).
+- SFORM_IGNORED: a NIfTI whose sform and qform disagree was placed by its qform, as 3D Slicer places it.
 """
 
 from __future__ import annotations
@@ -129,6 +130,15 @@ def _geometry_warnings(volume: CTVolume) -> list[InputWarning]:
                 "the file does not say how its voxels lie in the patient (NIfTI sform and qform codes are 0); they "
                 "were placed by voxel size alone, so left-right and head-foot may be wrong. Save it with its "
                 "orientation",
+            )
+        )
+    ignored_mm = volume.metadata.get("sform_ignored_mm")
+    if ignored_mm:
+        warnings.append(
+            InputWarning(
+                "SFORM_IGNORED",
+                f"the NIfTI sform and qform place the voxels up to {ignored_mm:g} mm apart; the qform was used, as "
+                "3D Slicer uses it. Check which one is right and save the file with matching sform and qform",
             )
         )
     angle = obliquity_deg(volume.affine_ras)

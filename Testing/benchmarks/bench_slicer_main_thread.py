@@ -2,7 +2,7 @@
 
 Main thread (must stay short): MRML node -> CTVolume, the inline sanity checks, writing the CT for the worker,
 one poll of the worker's output. Background: worker start to first event (Python + torch import), whole
-detection. Uses the Slicer stand-in (Testing/slicer_standin) with real VTK, the RICORD DICOM series and a
+detection. Uses slicer-core (real MRML and module logics, Testing/slicer_core_app.py), the RICORD DICOM series and a
 small random CT-CLIP checkpoint (real input size; a full-size checkpoint costs more in the worker only).
 
 Run: PYTHONPATH=.:Testing .venv/bin/python Testing/benchmarks/bench_slicer_main_thread.py [DICOM_FOLDER]
@@ -20,10 +20,12 @@ import nibabel
 
 TESTING = Path(__file__).resolve().parents[1]
 REPO = TESTING.parent
-sys.path[:0] = [str(TESTING / "slicer_standin"), str(REPO / "CTFoundation"), str(TESTING), str(REPO)]
+sys.path[:0] = [str(REPO / "CTFoundation"), str(TESTING), str(REPO)]
 
-import slicer  # noqa: E402
+import slicer_core_app  # noqa: E402
 from small_models import bert_vocab, make_small_ctclip  # noqa: E402
+
+slicer = slicer_core_app.start()
 
 import CTFoundation  # noqa: E402
 from CTFoundationLib.io.reading import read_ct  # noqa: E402
