@@ -17,7 +17,7 @@ from small_models import bert_vocab, fullsize_layout, make_small_ctclip
 from CTFoundationLib import cli
 from CTFoundationLib.errors import WorkerError
 from CTFoundationLib.host.process import ChildTraceback, WorkerProcess, format_event, parse_event, python_command
-from CTFoundationLib.host.worker import DETECT_STEPS
+from CTFoundationLib.host.jobs import DETECT_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
