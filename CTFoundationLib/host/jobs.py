@@ -182,7 +182,7 @@ def report(request: Mapping[str, Any], context: JobContext) -> Path:
     from CTFoundationLib.report import Shard
     from CTFoundationLib.report.pipeline import report_cases
 
-    options = dict(request)
+    options = {key: value for key, value in request.items() if key not in ("id", "op")}  # the model process's
     inputs = options.pop("inputs", None)
     if not isinstance(inputs, list) or not inputs or not all(isinstance(p, str) for p in inputs):
         raise WorkerError(f"worker request (report): 'inputs' must be a non-empty list of paths, got {inputs!r}")
@@ -217,14 +217,12 @@ def report(request: Mapping[str, Any], context: JobContext) -> Path:
 
 @dataclass
 class ChatSessions:
-    """The open conversations of a model process: id -> (ChatSession, the key of the model it talks to)."""
+    """The open conversations of a model process: id (the id of the request that opened it: a client can send
+    questions before the answer to that request arrives) -> (ChatSession, the key of the model it talks to)."""
 
-    sessions: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    next_id: int = 1
+    sessions: dict[Any, tuple[Any, str]] = field(default_factory=dict)
 
-    def add(self, session, model_key: str) -> str:
-        session_id = f"chat-{self.next_id}"
-        self.next_id += 1
+    def add(self, session_id: Any, session, model_key: str) -> Any:
         self.sessions[session_id] = (session, model_key)
         return session_id
 
@@ -248,18 +246,22 @@ def chat_options(request: Mapping[str, Any]) -> tuple[str, dict]:
 
 
 def chat_start(request: Mapping[str, Any], context: JobContext, sessions: ChatSessions) -> dict:
-    """Request: model (CT-CHAT registry id), chat (ChatRuntime.from_registry's options, device included),
-    ct and volume_info (optional: no CT, general questions), max_new_tokens. Result: the session id."""
+    """Request: id, model (CT-CHAT registry id), chat (ChatRuntime.from_registry's options, device included),
+    ct and volume_info (optional: no CT, general questions), max_new_tokens. Result: the session id (the
+    request's id)."""
     from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 
     model, options = chat_options(request)
+    tokens = request.get("max_new_tokens")
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+        raise WorkerError(f"worker request (chat_start): 'max_new_tokens' must be a positive integer, got {tokens!r}")
     step = context.step_emitter(("read CT", "load model", "encode CT"))
     volume = read_request_volume(request, step, "chat_start") if request.get("ct") else None
     runtime = context.models.chat(model, options, step)
     session = runtime.session(volume)
-    if request.get("max_new_tokens"):
-        session.settings = GenerationSettings(max_new_tokens=int(request["max_new_tokens"]))
-    return {"session": sessions.add(session, context.models.kept()["ct-chat"])}
+    if tokens is not None:
+        session.settings = GenerationSettings(max_new_tokens=tokens)
+    return {"session": sessions.add(request["id"], session, context.models.kept()["ct-chat"])}
 
 
 def chat_answer(request: Mapping[str, Any], context: JobContext, sessions: ChatSessions) -> dict:
