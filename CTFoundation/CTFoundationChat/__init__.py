@@ -133,18 +133,23 @@ class ChatConversation:
         return []
 
     def _answerEvents(self, job, event: dict) -> list[dict]:
-        ready = "failed" if self.status == "failed" else "ready"
+        if self.startFailed:  # the questions sent before the start failed: its reason was shown already
+            return []
         if event["type"] == "started":
             return [self._status("busy")]
         if event["type"] == "token":
             return [{"type": "token", "text": event["text"]}]
         if event["type"] == "result":
-            return [self._status(ready), {"type": "answer", "answer": self.recordAnswer(event)}]
-        if event["type"] == "error" and self.status != "failed":  # after a failed start its reason was shown
-            return [self._status(ready), {"type": "error", "message": failureMessage(job)}]
+            return [self._status("ready"), {"type": "answer", "answer": self.recordAnswer(event)}]
+        if event["type"] == "error":
+            return [self._status("ready"), {"type": "error", "message": failureMessage(job)}]
         if event["type"] == "cancelled":
-            return [self._status(ready)]
+            return [self._status("ready")]
         return []
+
+    @property
+    def startFailed(self) -> bool:
+        return self.startJob.finished and self.startJob.last("result") is None
 
     def _status(self, status: str, detail: str = "") -> dict:
         self.status = status
@@ -168,7 +173,7 @@ class ChatConversation:
                     onToken(event["text"])
             slicer.app.processEvents()
             time.sleep(0.02)
-        if self.startJob.finished and self.startJob.last("result") is None:
+        if self.startFailed:
             self.startJob.outcome()  # the reason the chat could not start, rather than "no such chat"
         job.outcome()  # raises a WorkerError with the one-line reason when the answer failed
         return self.lastAnswer.text
