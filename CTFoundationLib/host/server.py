@@ -50,6 +50,7 @@ class ModelServer:
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._cancelled: set[Any] = set()
         self._running: tuple[Any, threading.Event] | None = None
+        self._closing = False  # stdin closed: the jobs still queued are dropped
         self._state = threading.Lock()
 
     def emit(self, event_type: str, job: Any = None, **fields) -> None:
@@ -65,6 +66,7 @@ class ModelServer:
             if line.strip():
                 self.take(line)
         with self._state:
+            self._closing = True
             if self._running is not None:
                 self._running[1].set()
         self._queue.put(None)
@@ -93,7 +95,7 @@ class ModelServer:
         while (request := self._queue.get()) is not None:
             job, stop = request["id"], threading.Event()
             with self._state:
-                if job in self._cancelled:
+                if job in self._cancelled or self._closing:
                     self._cancelled.discard(job)
                     self.emit("cancelled", job=job)
                     continue

@@ -109,7 +109,6 @@ class ModelStore:
         runtime, _reused = self._get("ct-chat", options_key(f"runtime:{model_id}", options, weights),
                                      lambda: ChatRuntime.from_registry(model_id, progress=self._notify, **options),
                                      progress)
-        runtime.progress = self._notify
         return runtime
 
     def kept(self) -> dict[str, str]:
