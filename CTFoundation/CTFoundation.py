@@ -594,7 +594,11 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
                 callback(finished.get("outcome"), finished.get("error"))
 
         job = self.modelProcess().job(op, request)
-        task = BackgroundTask(job, lambda event: self._reportStep(event, progress), onFinished, workDir).start()
+        try:
+            task = BackgroundTask(job, lambda event: self._reportStep(event, progress), onFinished, workDir).start()
+        except BaseException:  # the model process could not start: say why, leave no work folder behind
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
         if not waitForCompletion:
             return task
         task.waitForCompletion()
