@@ -140,6 +140,8 @@ class ModelProcess:
     def submit(self, job: ModelJob) -> None:
         """Send the job's request (starting the process when none runs)."""
         with self._lock:
+            if self._worker is not None and not self.running:
+                self._settle(self._worker)
             if not self.running:
                 self._start()
             job.id = next(self.ids)
@@ -156,19 +158,31 @@ class ModelProcess:
     def pump(self) -> None:
         """Hand every event that arrived to its job; when the process has ended, end the jobs still open."""
         with self._lock:
-            worker = self._worker
-            if worker is None:
-                return
-            for event in worker.poll():
-                job = self._jobs.get(event.get("job"))
-                if job is not None:
-                    job.deliver(event)
-                    if job.finished:
-                        del self._jobs[job.id]
-            self.log_tail.extend(worker.log_tail)
-            worker.log_tail.clear()
-            if worker.finished:
-                self._ended(worker)
+            if self._worker is not None:
+                self._deliver(self._worker)
+
+    def _deliver(self, worker: WorkerProcess) -> None:
+        for event in worker.poll():
+            job = self._jobs.get(event.get("job"))
+            if job is not None:
+                job.deliver(event)
+                if job.finished:
+                    del self._jobs[job.id]
+        self.log_tail.extend(worker.log_tail)
+        worker.log_tail.clear()
+        if worker.finished:
+            self._ended(worker)
+
+    def _settle(self, worker: WorkerProcess, timeout_s: float = STOP_GRACE_S) -> None:
+        """A process that has exited: read the rest of its output, end its jobs (before a new one starts)."""
+        deadline = time.monotonic() + timeout_s
+        while self._worker is worker and not worker.finished and time.monotonic() < deadline:
+            self._deliver(worker)
+            time.sleep(0.02)
+        if self._worker is worker:
+            self._deliver(worker)
+        if self._worker is worker:
+            self._ended(worker)
 
     def unload(self) -> ModelJob | None:
         """Free every loaded model (None: no process runs, nothing is loaded)."""
