@@ -2,9 +2,11 @@
 
 A thin layer over the pure-Python library CTFoundationLib: it turns MRML volume nodes into library
 `CTVolume`s and results into MRML (a table node, attributes on the volume), drives the panel, and runs
-every model or download job in a background process (`PythonSlicer -m CTFoundationLib.host.worker ...`) that
-a QTimer polls, so the application never freezes. Python packages are installed only when first needed,
-after asking. Scripting: `CTFoundationLogic().detect(volumeNode, model="ct-clip-v2", device="auto")`.
+every model job (detection, grounding, reports, CT-CHAT) in one long-lived model process that keeps the models
+loaded (`PythonSlicer -m CTFoundationLib.host.worker serve`), and downloads in one-shot worker processes; a QTimer
+polls them, so the application never freezes and torch is never imported into Slicer. Python packages are
+installed only when first needed, after asking.
+Scripting: `CTFoundationLogic().detect(volumeNode, model="ct-clip-v2", device="auto")`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ for _folder in (packageRoot(), Path(__file__).resolve().parent):  # CTFoundation
 # Only light library modules here (no torch, nibabel): the module must load before its dependencies are installed.
 from CTFoundationChat import ChatPanel  # noqa: E402
 from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyError  # noqa: E402
+from CTFoundationLib.host.client import ModelProcess  # noqa: E402
 from CTFoundationLib.host.process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationLib.weights import load_registry  # noqa: E402
 from CTFoundationMRML import anatomy  # noqa: E402
@@ -248,13 +251,6 @@ def isInteractive() -> bool:
     return not (slicer.app.commandOptions().noMainWindow or slicer.app.testingEnabled())
 
 
-def writeRequest(workDir: Path, request: dict) -> str:
-    """Write a worker task's request (plain options) as JSON in its work folder; returns its path."""
-    path = workDir / "request.json"
-    path.write_text(json.dumps(request), encoding="utf-8")
-    return str(path)
-
-
 def optionalPath(text: str) -> Path | None:
     return Path(text).expanduser() if text.strip() else None
 
@@ -265,7 +261,8 @@ def optionalPath(text: str) -> Path | None:
 
 
 class BackgroundTask:
-    """A worker process followed from the main thread: a QTimer polls its events, one completion callback.
+    """A one-shot worker process (WorkerProcess) or a job of the model process (ModelJob), followed from the main
+    thread: a QTimer polls its events, one completion callback.
 
     onEvent(event) gets every event while it runs; onFinished(task) once when it ended (also after cancel).
     The temporary `workDir` (inputs and outputs of the job) is removed after onFinished.
@@ -273,7 +270,7 @@ class BackgroundTask:
 
     POLL_INTERVAL_MS = 200
 
-    def __init__(self, process: WorkerProcess, onEvent: Callable[[dict], None],
+    def __init__(self, process, onEvent: Callable[[dict], None],
                  onFinished: Callable[[BackgroundTask], None], workDir: Path | None = None) -> None:
         self.process, self.onEvent, self.onFinished, self.workDir = process, onEvent, onFinished, workDir
         self.done = False
@@ -306,7 +303,7 @@ class BackgroundTask:
             time.sleep(0.05)
 
     def cancel(self) -> None:
-        """End the whole process tree; onFinished follows on the next poll."""
+        """End the job (a one-shot process: its whole process tree); onFinished follows on a later poll."""
         self.process.cancel()
 
 
@@ -359,11 +356,12 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
               outcome.result.findings, outcome.tableNode
     """
 
+    _modelProcess: ModelProcess | None = None  # shared by every instance: see modelProcess()
+
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.pythonExecutable = shutil.which("PythonSlicer") or sys.executable
         self._registry = None
-        self._chatWorkers: dict = {}  # loaded CT-CHAT models, by model and options
 
     def getParameterNode(self) -> CTFoundationParameterNode:
         return CTFoundationParameterNode(super().getParameterNode())
@@ -518,6 +516,40 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
                                 env=self._workerEnvironment(), on_log=logging.info)
         return BackgroundTask(process, onEvent, onFinished, workDir).start()
 
+    def modelProcess(self) -> ModelProcess:
+        """The long-lived model process, one for the application (every logic instance shares it, so the panel,
+        the console and scripts reuse the same loaded models); started by its first job, and a new one when the
+        weights folder (the environment it runs in) changed."""
+        environment = self._workerEnvironment()
+        shared = CTFoundationLogic._modelProcess
+        if shared is not None and shared.env != environment:
+            shared.stop()
+            shared = None
+        if shared is None:
+            shared = ModelProcess(python_command(self.pythonExecutable) + ["serve"], cwd=packageRoot(),
+                                  env=environment, on_log=logging.info)
+            CTFoundationLogic._modelProcess = shared
+        return shared
+
+    def unloadModels(self, waitForCompletion: bool = True, callback=None):
+        """Free the models the model process keeps loaded (they load again on the next job).
+
+        Returns the kinds freed (waiting) or the BackgroundTask (None when no model process runs);
+        callback(kinds, error) as in `detect`."""
+        process = CTFoundationLogic._modelProcess
+        if process is None or not process.running:
+            if callback is not None:
+                callback([], None)
+            return [] if waitForCompletion else None
+        return self._runInBackground("unload", lambda workDir: ("unload", {}),
+                                     lambda task, workDir: task.process.outcome()["unloaded"],
+                                     waitForCompletion, callback, None, needsPackages=False)
+
+    def stopModelProcess(self) -> None:
+        """End the model process (its loaded models go with it); the next job starts a new one."""
+        if CTFoundationLogic._modelProcess is not None:
+            CTFoundationLogic._modelProcess.stop()
+
     def _workerEnvironment(self) -> dict:
         environment = dict(os.environ)
         home = self.weightsHome()
@@ -539,27 +571,27 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         is called on the main thread when it ends, with exactly one of the two set.
         """
 
-        def arguments(workDir: Path) -> list[str]:
-            request = {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
-                       "out": str(workDir / "result.json")}
-            return ["detect", writeRequest(workDir, request)]
+        def arguments(workDir: Path) -> tuple[str, dict]:
+            return "detect", {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
+                              "out": str(workDir / "result.json")}
 
         return self._runInBackground(
             "detect", arguments,
             lambda task, workDir: self._detectionOutcome(task, volumeNode, workDir / "result.json"),
             waitForCompletion, callback, progress)
 
-    def _runInBackground(self, name: str, arguments: Callable[[Path], list[str]], outcome: Callable,
-                         waitForCompletion: bool, callback, progress):
-        """Run a worker task on a fresh work folder: the outcome (waiting) or the BackgroundTask (not waiting).
+    def _runInBackground(self, name: str, arguments: Callable[[Path], tuple[str, dict]], outcome: Callable,
+                         waitForCompletion: bool, callback, progress, needsPackages: bool = True):
+        """Run a job of the model process on a fresh work folder: the outcome (waiting) or the BackgroundTask.
 
-        arguments(workDir) writes the inputs and gives the command line; outcome(task, workDir) turns the
+        arguments(workDir) writes the inputs and gives (op, request); outcome(task, workDir) turns the
         finished task into MRML on the main thread; callback(outcome, error) as in `detect`.
         """
-        self.requireDependencies()
+        if needsPackages:
+            self.requireDependencies()
         workDir = Path(tempfile.mkdtemp(prefix=f"CTFoundation-{name}-"))
         try:
-            commandLine = arguments(workDir)
+            op, request = arguments(workDir)
         except BaseException:
             shutil.rmtree(workDir, ignore_errors=True)
             raise
@@ -573,7 +605,12 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
             if callback is not None:
                 callback(finished.get("outcome"), finished.get("error"))
 
-        task = self._startTask(commandLine, lambda event: self._reportStep(event, progress), onFinished, workDir)
+        job = self.modelProcess().job(op, request)
+        try:
+            task = BackgroundTask(job, lambda event: self._reportStep(event, progress), onFinished, workDir).start()
+        except BaseException:  # the model process could not start: say why, leave no work folder behind
+            shutil.rmtree(workDir, ignore_errors=True)
+            raise
         if not waitForCompletion:
             return task
         task.waitForCompletion()
@@ -635,14 +672,14 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         Returns a GroundingOutcome (waiting) or the BackgroundTask; callback(outcome, error) as in `detect`.
         """
 
-        def arguments(workDir: Path) -> list[str]:
+        def arguments(workDir: Path) -> tuple[str, dict]:
             request = {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
                        "out": str(workDir / "out"), "report": report or ""}
             if segmentationNode is not None:
                 masks = anatomy.exportSegmentMasks(segmentationNode, volumeNode, ijkToRasArray(volumeNode),
                                                    workDir / "segmentation")
                 request["anatomy"] = {"segmentation": str(masks)}
-            return ["ground", writeRequest(workDir, request)]
+            return "ground", request
 
         return self._runInBackground(
             "ground", arguments, lambda task, workDir: self._groundingOutcome(task, volumeNode, workDir / "out"),
@@ -669,10 +706,9 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         """
         outFolder = Path(outFolder)
 
-        def arguments(workDir: Path) -> list[str]:
-            request = {"inputs": [str(Path(p)) for p in inputs], "out": str(outFolder),
-                       **self._modelOptions(model, device), "anatomy": anatomy}
-            return ["report", writeRequest(workDir, request)]
+        def arguments(workDir: Path) -> tuple[str, dict]:
+            return "report", {"inputs": [str(Path(p)) for p in inputs], "out": str(outFolder),
+                              **self._modelOptions(model, device), "anatomy": anatomy}
 
         return self._runInBackground(
             "report", arguments, lambda task, workDir: self._reportOutcome(task, outFolder),
@@ -710,7 +746,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         """
         files = sourceDicomFiles(outcome.volumeNode)
 
-        def arguments(workDir: Path) -> list[str]:
+        def arguments(workDir: Path) -> tuple[str, dict]:
             (workDir / "detection.json").write_text(json.dumps(outcome.report), encoding="utf-8")
             request = {**self._volumeRequest(outcome.volumeNode, workDir), "dicom_files": files,
                        "detection": str(workDir / "detection.json"), "out": str(Path(outFolder))}
@@ -718,7 +754,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
                 masks = anatomy.exportSegmentMasks(segmentationNode, outcome.volumeNode,
                                                    ijkToRasArray(outcome.volumeNode), workDir / "segmentation")
                 request["anatomy"] = {"segmentation": str(masks)}
-            return ["dicom", writeRequest(workDir, request)]
+            return "dicom", request
 
         return self._runInBackground(
             "dicom", arguments, lambda task, workDir: Path(task.process.outcome()["path"]),
@@ -730,37 +766,32 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         """The registered CT-CHAT model ids."""
         return sorted(model for model, spec in self.registry().models.items() if spec.family == "ct-chat")
 
-    def chat(self, volumeNode: vtkMRMLScalarVolumeNode | None, model: str = "ct-chat-llama3.1-8b", **modelOptions):
+    def chat(self, volumeNode: vtkMRMLScalarVolumeNode | None, model: str = "ct-chat-llama3.1-8b",
+             maxNewTokens: int | None = None, **modelOptions):
         """A CT-CHAT conversation about the volume (None: general questions); `.ask("...")` returns the answer.
+        maxNewTokens: the longest answer in tokens (default: the library's).
 
-        The model loads once per (model, modelOptions) in a background thread and stays loaded for later
-        chats. modelOptions: llm / lora / projector paths, template, precision (library load_chat_model);
-        the CT-CLIP checkpoint, device and weights folder come from the parameter node.
+        It runs in the model process, which loads the model once per (model, modelOptions, device, CT-CLIP
+        checkpoint, weights folder) and keeps it for later chats. modelOptions: llm / lora / projector paths,
+        template, precision (library load_chat_model); the CT-CLIP checkpoint, device and weights folder come from
+        the parameter node.
         """
         from CTFoundationChat import ChatConversation
 
         self.requireDependencies()
-        volume = ctVolumeFromNode(volumeNode) if volumeNode is not None else None
-        return ChatConversation(self.chatWorker(model, modelOptions), volume, volumeNode)
+        return ChatConversation(self, volumeNode, model, self._chatOptions(modelOptions), maxNewTokens)
 
-    def chatWorker(self, model: str, modelOptions: dict):
-        """The ChatWorker holding this model (started on first use; a failed one is replaced)."""
-        from CTFoundationLib.host.chat_thread import ChatWorker
-        from CTFoundationLib.inference.chat import ChatRuntime
-
-        key = json.dumps([model, modelOptions], sort_keys=True, default=str)
-        worker = self._chatWorkers.get(key)
-        if worker is None or worker.status in ("failed", "closed"):
-            parameters = self.getParameterNode()
-            ownCTCLIP = parameters.model == "ct-clip-v2"
-            ctclip = optionalPath(parameters.weightsFile) if ownCTCLIP else None
-            config = optionalPath(parameters.modelConfigFile) if ownCTCLIP else None
-            device, home = parameters.device, self.weightsHome()
-            worker = ChatWorker(lambda progress: ChatRuntime.from_registry(
-                model, ctclip=ctclip, ctclip_config=config, device=device, home=home, progress=progress,
-                **modelOptions))
-            self._chatWorkers[key] = worker
-        return worker
+    def _chatOptions(self, modelOptions: dict) -> dict:
+        """ChatRuntime.from_registry's options as plain data: the given ones, the device and weights folder, and
+        the parameter node's CT-CLIP checkpoint when it is the one CT-CHAT encodes with (ct-clip-v2)."""
+        parameters = self.getParameterNode()
+        ownCTCLIP = parameters.model == "ct-clip-v2"
+        ctclip = optionalPath(parameters.weightsFile) if ownCTCLIP else None
+        config = optionalPath(parameters.modelConfigFile) if ownCTCLIP else None
+        home = self.weightsHome()
+        options = {key: str(value) if isinstance(value, Path) else value for key, value in modelOptions.items()}
+        return {**options, "ctclip": str(ctclip) if ctclip else None, "ctclip_config": str(config) if config else None,
+                "device": parameters.device, "home": str(home) if home else None}
 
     @staticmethod
     def showTableInLayout(tableNode: vtkMRMLTableNode) -> None:
@@ -808,6 +839,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._weightsTask = None
         self._devicesTask = None
         self._groundingTask = None
+        self._unloadTask = None
         self._anatomyTable = None
         self._detectionOutcome = None  # the latest results, for the DICOM export
         self._groundingOutcome = None
@@ -840,6 +872,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 task.cancel()
         self.chatPanel.cleanup()
         self.similarPanel.cleanup()
+        self.logic.stopModelProcess()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -910,6 +943,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadOrCancel)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
+        self.ui.unloadModelsButton.connect("clicked(bool)", self.onUnloadModels)
         for edit, name in self.pathEdits().items():
             edit.connect("currentPathChanged(QString)", lambda path, name=name: self.onPathChanged(name, path))
 
@@ -988,6 +1022,20 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._weightsTask = self.logic.startDownload(model, accepted, self.onWeightsEvent, self.onWeightsFinished)
             self.showWeightsProgress(_("Cancel download"))
+
+    def onUnloadModels(self) -> None:
+        """Free the loaded models (after the job at hand: the model process takes its requests in order)."""
+        self.ui.unloadModelsButton.enabled = False
+        with slicer.util.tryWithErrorDisplay(_("The models could not be unloaded.")):
+            self._unloadTask = self.logic.unloadModels(waitForCompletion=False, callback=self.onModelsUnloaded)
+
+    def onModelsUnloaded(self, kinds: list[str] | None, error: Exception | None) -> None:
+        self._unloadTask = None
+        self.ui.unloadModelsButton.enabled = True
+        self.ui.weightsStatusLabel.text = (_("models unloaded: {kinds}").format(kinds=", ".join(kinds))
+                                           if kinds else _("no model was loaded"))
+        if error is not None:
+            slicer.util.errorDisplay(_("The models could not be unloaded: {error}").format(error=error))
 
     def onImportWeights(self) -> None:
         model = self._parameterNode.model

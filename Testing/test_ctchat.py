@@ -7,7 +7,6 @@ import hashlib
 import html
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from transformers import AutoTokenizer
 from CTFoundationLib import dependencies
 from CTFoundationLib.cli import main
 from CTFoundationLib.errors import ChatError, CheckpointError, ContextLengthError, DependencyError
-from CTFoundationLib.host.chat_thread import ChatWorker
 from CTFoundationLib.inference.chat import ChatRuntime, load_chat_model
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime, read_ctclip_config
 from CTFoundationLib.io.reading import read_ct
@@ -338,51 +336,3 @@ def test_report_narrative_needs_ctclip_v2(ct_dir, tmp_path, capsys):
                  "--narrative"]) == 2
     assert ("narrative needs the detection model ct-clip-v2 (its image encoder), not ct-clip-lipro"
             in capsys.readouterr().err)
-
-
-def test_chat_worker_loads_once_streams_stops_and_reports_failures(model, tiny_llm, adapter, ct_dir, tmp_path):
-    checkpoint, _, config = make_small_ctclip(tmp_path / "ctclip")
-    loads: list[str] = []
-
-    def loader(progress) -> ChatRuntime:
-        loads.append(threading.current_thread().name)
-        progress("load language model")
-        encoder = CTCLIPRuntime(checkpoint, config=config, device="cpu")
-        return ChatRuntime(model, encoder, cache_dir=tmp_path / "cache")
-
-    worker = ChatWorker(loader)
-    session = worker.session(read_ct(ct_dir / RICORD_3MM)).result(timeout=120)
-    session.settings = GenerationSettings(max_new_tokens=8)
-    answers = [worker.ask(session, "Findings?", "long").result(timeout=60), worker.report(session).result(timeout=60)]
-    events = worker.events()
-    assert loads == ["ct-chat_0"] and threading.current_thread().name not in loads  # loaded once, off this thread
-    statuses = [e["status"] for e in events if e["type"] == "status"]
-    assert statuses[:3] == ["loading", "loading", "ready"] and statuses[-1] == "ready" and "busy" in statuses
-    tokens = "".join(e["text"] for e in events if e["type"] == "token")
-    assert tokens.split() == " ".join(a.text for a in answers).split()
-    assert [e["answer"] for e in events if e["type"] == "answer"] == answers
-    assert [t.answer_type for t in session.turns] == ["long", "report"]
-
-    session.settings = GenerationSettings(max_new_tokens=400)
-    pending = worker.ask(session, "More?")
-    deadline = time.monotonic() + 120
-    while not any(e["type"] == "token" for e in worker.events()):
-        assert time.monotonic() < deadline and not pending.done(), "the answer streamed no token"
-        time.sleep(0.01)
-    worker.stop()
-    stopped = pending.result(timeout=60)
-    assert stopped.stopped and stopped.new_tokens < 400
-    worker.close()
-    assert worker.events()[-1] == {"type": "status", "status": "closed", "detail": ""}
-
-    def broken(progress) -> ChatRuntime:
-        return CTChatModel.load(tmp_path, adapter[0], device="cpu")
-
-    failed = ChatWorker(broken)
-    with pytest.raises(CheckpointError):
-        failed.loaded.result(timeout=60)
-    with pytest.raises(ChatError, match="did not load"):
-        failed.session(None).result(timeout=60)
-    events = failed.events()
-    assert "not a Hugging Face model folder" in events[1]["message"] and failed.status == "failed"
-    failed.close()

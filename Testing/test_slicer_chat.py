@@ -1,5 +1,5 @@
 """The module's CT-CHAT chat against the Slicer stand-in: logic.chat on a volume node with a tiny Llama + CT-CHAT
-adapter and a small CT-CLIP, answers through the persistent worker, the transcript text node, model reuse."""
+adapter and a small CT-CLIP, answers through the model process, the transcript text node, model reuse."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import test_slicer_module
 from small_chat_models import make_ctchat_adapter, make_tiny_llm, smollm2_tokenizer_folder
 from test_slicer_module import RICORD, configured_logic
 
-from CTFoundationLib.errors import CheckpointError
+from CTFoundationLib.errors import WorkerError
 
 ctf, scene, small = test_slicer_module.ctf, test_slicer_module.scene, test_slicer_module.small  # shared fixtures
 
@@ -26,35 +26,48 @@ def chat_parts(tmp_path_factory) -> dict:
 def test_console_chat_answers_and_keeps_the_transcript(ctf, scene, small, chat_parts, ct_dir, tmp_path):
     logic = configured_logic(ctf, small, tmp_path)
     node = scene.util.loadVolume(str(ct_dir / RICORD / "ct_3mm_iso.nii.gz"))
-    chat = logic.chat(node, model="ct-chat-llama3.1-8b", **chat_parts)
-    chat.worker.loaded.result(timeout=120)
-    session = chat.sessionFuture.result(timeout=120)
-    session.settings = type(session.settings)(max_new_tokens=6)
-    streamed: list[str] = []
-    answer = chat.ask("Is there a pleural effusion?", "short", onToken=streamed.append)
-    assert answer == session.turns[0].answer and answer and "".join(streamed).split() == answer.split()
-    report = chat.generateReport()
-    text = chat.transcriptNode.GetText()
-    assert text == (f"You [short]: Is there a pleural effusion?\nCT-CHAT: {answer}\n\n"
-                    f"You [report]: Generate the radiology report for this chest CT volume.\nCT-CHAT: {report}\n")
-    assert chat.transcriptNode.GetName() == "ct_3mm_iso CT-CHAT transcript"
-    assert chat.transcriptNode.GetNodeReference("CTFoundationChatVolume") is node
-    assert json.loads(chat.transcriptNode.GetAttribute("CTFoundation.chatAnatomy")) == chat.lastAnswer.anatomy_paths
+    chat = logic.chat(node, model="ct-chat-llama3.1-8b", maxNewTokens=6, **chat_parts)
+    try:
+        streamed: list[str] = []
+        answer = chat.ask("Is there a pleural effusion?", "short", onToken=streamed.append)  # sent before it loaded
+        assert answer == chat.turns[0]["answer"] and answer and "".join(streamed).split() == answer.split()
+        report = chat.generateReport()
+        text = chat.transcriptNode.GetText()
+        assert text == (f"You [short]: Is there a pleural effusion?\nCT-CHAT: {answer}\n\n"
+                        f"You [report]: Generate the radiology report for this chest CT volume.\nCT-CHAT: {report}\n")
+        assert chat.transcriptNode.GetName() == "ct_3mm_iso CT-CHAT transcript"
+        assert chat.transcriptNode.GetNodeReference("CTFoundationChatVolume") is node
+        assert json.loads(chat.transcriptNode.GetAttribute("CTFoundation.chatAnatomy")) == \
+            chat.lastAnswer.anatomy_paths
+        assert chat.startJob.outcome()["loads"] == {"ct-chat": 1}
 
-    again = logic.chat(node, model="ct-chat-llama3.1-8b", **chat_parts)  # the loaded model is reused
-    assert again.worker is chat.worker and again.transcriptNode is not chat.transcriptNode
-    assert logic.chatModels() == ["ct-chat-llama3.1-70b", "ct-chat-llama3.1-8b", "ct-chat-mistral", "ct-chat-vicuna"]
-    chat.worker.close()
+        again = logic.chat(node, model="ct-chat-llama3.1-8b", maxNewTokens=6, **chat_parts)  # the model is reused
+        again.waitUntilReady(timeout_s=120)
+        assert again.startJob.outcome()["loads"] == {"ct-chat": 1} and again.transcriptNode is not chat.transcriptNode
+        assert again.process is chat.process and again.sessionId != chat.sessionId
+        logic.getParameterNode().device = "auto"  # another device: the chat model loads again (CPU here too)
+        other = logic.chat(None, model="ct-chat-llama3.1-8b", maxNewTokens=6, **chat_parts)
+        other.waitUntilReady(timeout_s=120)
+        assert other.startJob.outcome()["loads"] == {"ct-chat": 2}
+        assert logic.chatModels() == ["ct-chat-llama3.1-70b", "ct-chat-llama3.1-8b", "ct-chat-mistral",
+                                      "ct-chat-vicuna"]
+    finally:
+        logic.stopModelProcess()
 
 
 def test_console_chat_reports_a_model_that_cannot_load(ctf, scene, small, chat_parts, tmp_path):
     logic = configured_logic(ctf, small, tmp_path)
-    chat = logic.chat(None, model="ct-chat-llama3.1-8b", **dict(chat_parts, llm=tmp_path))
-    with pytest.raises(CheckpointError, match="not a Hugging Face model folder"):
-        chat.worker.loaded.result(timeout=60)
-    assert chat.worker.status == "failed"
-    replaced = logic.chat(None, model="ct-chat-llama3.1-8b", **dict(chat_parts, llm=tmp_path))
-    assert replaced.worker is not chat.worker  # a failed worker is not kept
+    try:
+        chat = logic.chat(None, model="ct-chat-llama3.1-8b", **dict(chat_parts, llm=tmp_path))
+        with pytest.raises(WorkerError, match="not a Hugging Face model folder") as caught:
+            chat.ask("Hello?")  # the reason the chat could not start, not a follow-on "no such chat"
+        assert "\n" not in str(caught.value)
+        assert chat.status == "failed"
+        replaced = logic.chat(None, model="ct-chat-llama3.1-8b", **chat_parts)  # the next chat starts afresh
+        replaced.waitUntilReady(timeout_s=120)
+        assert replaced.status == "ready"
+    finally:
+        logic.stopModelProcess()
 
 
 def test_transcript_html_escapes_and_shows_the_streaming_answer(ctf):

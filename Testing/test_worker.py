@@ -16,8 +16,8 @@ from small_models import bert_vocab, fullsize_layout, make_small_ctclip
 
 from CTFoundationLib import cli
 from CTFoundationLib.errors import WorkerError
+from CTFoundationLib.host.jobs import DETECT_STEPS
 from CTFoundationLib.host.process import ChildTraceback, WorkerProcess, format_event, parse_event, python_command
-from CTFoundationLib.host.worker import DETECT_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -97,8 +97,25 @@ def test_bad_input_is_an_error_event_with_the_reason(tmp_path) -> None:
     assert error["kind"] == "CTInputError" and "missing.nii.gz: no such file or folder" in error["message"]
     with pytest.raises(WorkerError, match="The CT cannot be used: .*missing.nii.gz") as caught:
         process.outcome()
-    assert isinstance(caught.value.__cause__, ChildTraceback) and "Traceback" in str(caught.value.__cause__)
+    assert error["details"] == ""  # an expected error: its one line says it all, no traceback
+    assert isinstance(caught.value.__cause__, ChildTraceback) and "Traceback" not in str(caught.value.__cause__)
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_malformed_request_is_a_one_line_error(tmp_path) -> None:
+    """A request the caller got wrong says what is wrong in one line, not with a KeyError's traceback."""
+    request = tmp_path / "request.json"
+    for content, message in (('{"out": "r.json"}', "'ct' must be a non-empty string"),
+                             ('["ct.nii"]', "expected a JSON object, got list"),
+                             ('{"ct": "a.nii", "out": "r.json", "ctclip": {"wieghts": "x.pt"}}',
+                              r"unknown 'ctclip' options \['wieghts'\]")):
+        request.write_text(content)
+        process = worker("detect", str(request))
+        assert process.wait(timeout_s=300) == 2
+        error = process.last("error")
+        assert error["kind"] == "WorkerError" and error["details"] == "" and "\n" not in error["message"]
+        with pytest.raises(WorkerError, match=message):
+            process.outcome()
 
 
 def _gone(pid: int, timeout_s: float = 10.0) -> bool:

@@ -1,21 +1,28 @@
 """CTFoundation's CT-CHAT chat in Slicer: a conversation object for the console and the panel's Chat section.
 
-CT-CHAT runs in the library's ChatWorker (one background thread that keeps the model loaded); this file only
-turns volume nodes into library volumes, polls the worker's events with a QTimer, and keeps the transcript
-in a text node saved with the scene. Nothing here blocks the main thread unless a console call asks to wait.
+CT-CHAT runs in the module's long-lived model process (CTFoundationLib.host.server), which keeps the model loaded
+between chats; the conversation itself lives there too. This file only turns volume nodes into requests, polls the
+process's events (a QTimer in the panel), and keeps the transcript in a text node saved with the scene. Nothing
+here imports torch or blocks the main thread unless a console call asks to wait.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTextNode
 from slicer.i18n import tr as _
+
+from CTFoundationLib.errors import WorkerError
 
 TRANSCRIPT_VOLUME_ROLE = "CTFoundationChatVolume"
 ANATOMY_ATTRIBUTE = "CTFoundation.chatAnatomy"  # JSON list of the anatomy paths of the latest answer
@@ -24,50 +31,151 @@ STATUS_TEXT = {"loading": _("loading the model"), "ready": _("ready"), "busy": _
                "failed": _("failed"), "closed": _("closed")}
 
 
+@dataclass
+class ChatReply:
+    """An answer as the panel needs it: its text, the anatomy paths it mentions, whether Stop ended it."""
+
+    text: str
+    anatomy_paths: list[str] = field(default_factory=list)
+    stopped: bool = False
+
+
+def failureMessage(job) -> str:
+    """The one-line reason a finished job of the model process failed."""
+    try:
+        job.outcome()
+    except WorkerError as error:
+        return str(error)
+    return ""
+
+
 class ChatConversation:
-    """A conversation with CT-CHAT about one volume node; the transcript goes into a text node.
+    """A conversation with CT-CHAT about one volume node, held by the model process; the transcript goes into a
+    text node.
 
     Console:  chat = logic.chat(volumeNode, model="ct-chat-llama3.1-8b"); chat.ask("Is there an effusion?")
-    ask / generateReport wait for the answer and return its text (waitForCompletion=False: the Future).
+    ask / generateReport wait for the answer and return its text (waitForCompletion=False: the ModelJob, whose
+    events `poll()` turns into the panel's). The questions can be sent before the model has loaded: the process
+    takes its requests in order.
+    Panel events from `poll()`: {"type": "status", "status": "loading" | "ready" | "busy" | "failed", "detail"},
+    {"type": "token", "text"}, {"type": "answer", "answer": ChatReply}, {"type": "error", "message"}.
     """
 
-    def __init__(self, worker, volume, volumeNode: vtkMRMLScalarVolumeNode | None) -> None:
-        self.worker = worker
-        self.sessionFuture = worker.session(volume)
+    def __init__(self, logic, volumeNode: vtkMRMLScalarVolumeNode | None, model: str, options: dict,
+                 maxNewTokens: int | None = None) -> None:
         self.transcriptNode = newTranscriptNode(volumeNode)
-        self.lastAnswer = None
+        self.lastAnswer: ChatReply | None = None
+        self.turns: list[dict] = []
+        self.status = "loading"
+        self._workDir = Path(tempfile.mkdtemp(prefix="CTFoundation-chat-"))
+        request = {"model": model, "chat": options, "max_new_tokens": maxNewTokens}
+        try:
+            if volumeNode is not None:
+                request.update(logic._volumeRequest(volumeNode, self._workDir))
+            self.process = logic.modelProcess()
+            self.startJob = self.process.job("chat_start", request).start()
+        except BaseException:
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            raise
+        self.sessionId = self.startJob.id
+        self._open = [self.startJob]  # jobs whose events are still to come, in the order they were sent
 
     def ask(self, question: str, answerType: str = "free", waitForCompletion: bool = True, onToken=None):
-        return self._run(self.worker.ask(self.sessionFuture, question, answerType), waitForCompletion, onToken)
+        job = self._send({"question": question, "answer_type": answerType})
+        return self._run(job, waitForCompletion, onToken)
 
     def generateReport(self, waitForCompletion: bool = True, onToken=None):
-        return self._run(self.worker.report(self.sessionFuture), waitForCompletion, onToken)
+        return self._run(self._send({"report": True}), waitForCompletion, onToken)
 
     def stop(self) -> None:
-        self.worker.stop()
+        """End the answer being written (its text so far is kept, marked stopped); drop the questions queued."""
+        for job in self._open:
+            if job is not self.startJob:
+                job.cancel()
 
-    def recordAnswer(self, answer) -> None:
-        """Write the transcript and the answer's anatomy into the text node (main thread)."""
-        self.lastAnswer = answer
-        self.transcriptNode.SetText(transcriptText(self.sessionFuture.result().transcript()))
-        self.transcriptNode.SetAttribute(ANATOMY_ATTRIBUTE, json.dumps(answer.anatomy_paths))
-
-    def _run(self, future, waitForCompletion: bool, onToken):
-        if not waitForCompletion:
-            return future  # the panel records the answer when its event arrives
-        while not future.done():
-            self._forwardTokens(onToken)
+    def waitUntilReady(self, timeout_s: float | None = None) -> None:
+        """Wait for the model and the CT's encoding; raises the WorkerError that says why the chat cannot start."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self.startJob.finished:
+            if deadline is not None and time.monotonic() > deadline:
+                raise WorkerError(f"the chat did not start within {timeout_s:g} s")
+            self.poll()
             slicer.app.processEvents()
             time.sleep(0.02)
-        self._forwardTokens(onToken)
-        answer = future.result()  # raises the worker's error (a CTFoundationError with its message)
-        self.recordAnswer(answer)
-        return answer.text
+        self.poll()
+        self.startJob.outcome()
 
-    def _forwardTokens(self, onToken) -> None:
-        for event in self.worker.events():
-            if event["type"] == "token" and onToken is not None:
-                onToken(event["text"])
+    def poll(self) -> list[dict]:
+        """The panel's events since the last call (never waits)."""
+        events = []
+        for job in list(self._open):
+            for event in job.poll():
+                events.extend(self._startEvents(event) if job is self.startJob else self._answerEvents(job, event))
+            if job.finished:
+                self._open.remove(job)
+        return events
+
+    def _send(self, request: dict):
+        job = self.process.job("chat_ask", {"session": self.sessionId, **request}).start()
+        self._open.append(job)
+        return job
+
+    def _startEvents(self, event: dict) -> list[dict]:
+        if event["type"] == "step":
+            return [self._status("loading", event["name"])]
+        if event["type"] == "result":
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            return [self._status("ready")]
+        if event["type"] in ("error", "cancelled"):
+            shutil.rmtree(self._workDir, ignore_errors=True)
+            return [self._status("failed"), {"type": "error", "message": failureMessage(self.startJob)}]
+        return []
+
+    def _answerEvents(self, job, event: dict) -> list[dict]:
+        if self.startFailed:  # the questions sent before the start failed: its reason was shown already
+            return []
+        if event["type"] == "started":
+            return [self._status("busy")]
+        if event["type"] == "token":
+            return [{"type": "token", "text": event["text"]}]
+        if event["type"] == "result":
+            return [self._status("ready"), {"type": "answer", "answer": self.recordAnswer(event)}]
+        if event["type"] == "error":
+            return [self._status("ready"), {"type": "error", "message": failureMessage(job)}]
+        if event["type"] == "cancelled":
+            return [self._status("ready")]
+        return []
+
+    @property
+    def startFailed(self) -> bool:
+        return self.startJob.finished and self.startJob.last("result") is None
+
+    def _status(self, status: str, detail: str = "") -> dict:
+        self.status = status
+        return {"type": "status", "status": status, "detail": detail}
+
+    def recordAnswer(self, result: dict) -> ChatReply:
+        """Keep the answer of a `result` event and write the transcript and its anatomy into the text node."""
+        answer = result["answer"]
+        self.lastAnswer = ChatReply(answer["text"], list(result["anatomy_paths"]), answer["stopped"])
+        self.turns = result["transcript"]
+        self.transcriptNode.SetText(transcriptText(self.turns))
+        self.transcriptNode.SetAttribute(ANATOMY_ATTRIBUTE, json.dumps(self.lastAnswer.anatomy_paths))
+        return self.lastAnswer
+
+    def _run(self, job, waitForCompletion: bool, onToken):
+        if not waitForCompletion:
+            return job  # the panel's poll() records the answer when its event arrives
+        while job in self._open:
+            for event in self.poll():
+                if event["type"] == "token" and onToken is not None:
+                    onToken(event["text"])
+            slicer.app.processEvents()
+            time.sleep(0.02)
+        if self.startFailed:
+            self.startJob.outcome()  # the reason the chat could not start, rather than "no such chat"
+        job.outcome()  # raises a WorkerError with the one-line reason when the answer failed
+        return self.lastAnswer.text
 
 
 def newTranscriptNode(volumeNode: vtkMRMLScalarVolumeNode | None) -> vtkMRMLTextNode:
@@ -138,9 +246,9 @@ class ChatPanel:
                 self.conversation.stop()
             self.conversation = self.logic.chat(self.currentVolume(), model=self.modelSelector.currentText)
             if not self.answerTypeSelector.count:
-                from CTFoundationLib.inference.chat import ANSWER_TYPES
+                from CTFoundationLib.models.ctchat.templates import ANSWER_SUFFIXES  # no torch in Slicer
 
-                for answerType in ANSWER_TYPES:
+                for answerType in ANSWER_SUFFIXES:
                     self.answerTypeSelector.addItem(answerType)
             self.streaming = None
             self.showTranscript([])
@@ -171,7 +279,7 @@ class ChatPanel:
         """Apply the worker's events: status, streamed text, finished answers, errors."""
         if self.conversation is None:
             return
-        events = self.conversation.worker.events()
+        events = self.conversation.poll()
         for event in events:
             if event["type"] == "status":
                 self.updateButtons(event["status"], event["detail"])
@@ -179,15 +287,12 @@ class ChatPanel:
                 self.streaming += event["text"]
             elif event["type"] == "answer":
                 self.streaming = None
-                self.conversation.recordAnswer(event["answer"])
             elif event["type"] == "error":
                 self.streaming = None
                 slicer.util.errorDisplay(event["message"])
         if not events:  # redrawing resets the view's scroll position and selection: only on news
             return
-        turns = self.conversation.sessionFuture.result().transcript() if self.conversation.sessionFuture.done() \
-            and self.conversation.sessionFuture.exception() is None else []
-        self.showTranscript(turns)
+        self.showTranscript(self.conversation.turns)
 
     def showTranscript(self, turns: list[dict]) -> None:
         answer = self.conversation.lastAnswer if self.conversation is not None else None

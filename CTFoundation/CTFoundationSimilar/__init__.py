@@ -44,12 +44,10 @@ def similarCases(logic, volumeNode: vtkMRMLScalarVolumeNode, indexFolder, k: int
     indexFolder = Path(indexFolder)
     model = index_model_id(indexFolder)  # a missing or damaged index is a clear error before any work
 
-    def arguments(workDir: Path) -> list[str]:
-        request = {**logic._volumeRequest(volumeNode, workDir), **logic._modelOptions(model, device),
-                   "index": str(indexFolder), "k": int(k), "target": target, "out": str(workDir / "similar.json")}
-        from CTFoundation import writeRequest  # the module's own request writer (imported lazily: it imports us)
-
-        return ["similar", writeRequest(workDir, request)]
+    def arguments(workDir: Path) -> tuple[str, dict]:
+        return "similar", {**logic._volumeRequest(volumeNode, workDir), **logic._modelOptions(model, device),
+                           "index": str(indexFolder), "k": int(k), "target": target,
+                           "out": str(workDir / "similar.json")}
 
     def outcome(task, workDir: Path) -> SimilarCasesOutcome:
         task.process.outcome()  # raises WorkerError with the reason when it failed or was cancelled

@@ -26,3 +26,16 @@ def reuse_freed_memory(retain_bytes: int = RETAIN_BYTES) -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(M_MMAP_THRESHOLD, retain_bytes)) and bool(mallopt(M_TRIM_THRESHOLD, retain_bytes))
+
+
+def trim_freed_memory() -> bool:
+    """Give freed heap memory back to the system now (after models are unloaded: the settings above keep up to
+    `RETAIN_BYTES` for reuse otherwise); True when glibc did."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = (ctypes.c_size_t,)
+    return bool(malloc_trim(0))

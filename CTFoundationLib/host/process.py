@@ -64,6 +64,7 @@ class WorkerProcess:
     cwd: working directory; `python -m` finds CTFoundationLib there when it is not otherwise on the path.
     env: environment for the child (default: this process's).
     on_log: called (on the polling thread) with every non-event output line.
+    stdin: give the child a pipe to write requests into (`stdin`; the long-lived model process reads it).
     """
 
     def __init__(
@@ -72,8 +73,10 @@ class WorkerProcess:
         cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None,
         on_log: Callable[[str], None] | None = None,
+        stdin: bool = False,
     ) -> None:
         self.command = [str(part) for part in command]
+        self.with_stdin = stdin
         self.cwd, self.env, self.on_log = cwd, dict(env) if env is not None else None, on_log
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self.events: list[Event] = []
@@ -90,7 +93,8 @@ class WorkerProcess:
         try:
             self._process = subprocess.Popen(
                 self.command, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, text=True, encoding="utf-8", errors="replace", bufsize=1, **options,
+                stdin=subprocess.PIPE if self.with_stdin else subprocess.DEVNULL, text=True, encoding="utf-8",
+                errors="replace", bufsize=1, **options,
             )
         except OSError as error:
             raise WorkerError(
@@ -108,6 +112,11 @@ class WorkerProcess:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
+
+    @property
+    def stdin(self):
+        """The child's stdin (a text pipe) when started with `stdin=True`."""
+        return self._process.stdin if self._process else None
 
     @property
     def returncode(self) -> int | None:

@@ -1,6 +1,7 @@
 """Background entry point: `python -m CTFoundationLib.host.worker TASK ...` (Slicer runs it with PythonSlicer).
 
 Tasks:
+  serve                                  the long-lived model process (host.server): requests on stdin, models kept
   detect REQUEST.json                    one CT -> the JSON `ctfoundation detect --out` writes
   ground REQUEST.json                    one CT -> grounded.json + masks/ as `ctfoundation ground` writes
   report REQUEST.json                    batch reports exactly as `ctfoundation report` writes them
@@ -12,7 +13,8 @@ Tasks:
 
 Progress goes to stdout as event lines (`host.process.format_event`): started, step, warning, file,
 bytes, note, devices, result, error. Exit code (as the CLI's): 0 success, 2 a CTFoundationError (the `error` event
-carries its message), 3 an unexpected failure (traceback in the event's `details`), 130 interrupted.
+carries its one-line message), 3 an unexpected failure (traceback in the event's `details`), 130 interrupted.
+The jobs themselves (detect, ground, report, similar, dicom, CT-CHAT) are in host.jobs.
 Heavy libraries (torch) are imported by the tasks that need them, not when this module is imported.
 """
 
@@ -27,19 +29,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from CTFoundationLib.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, CTFoundationError, CTInputError
+from CTFoundationLib.errors import EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED, CTFoundationError, WorkerError
+from CTFoundationLib.host import jobs
 from CTFoundationLib.host.allocator import reuse_freed_memory
 from CTFoundationLib.host.process import format_event
+from CTFoundationLib.host.server import serve
 
-# In the order they happen: the runtime encodes the zero-shot prompts (or reads them cached) while scoring.
-DETECT_STEPS = ("read CT", "check CT", "load model", "preprocess", "encode image", "score", "encode prompts",
-                "write result")
-GROUND_STEPS = ("read CT", "load model", "fvlm: load model", "anatomy", "preprocess", "encode image", "score",
-                "fvlm: preprocess", "fvlm: encode and score", "write result")
-SIMILAR_STEPS = ("read CT", "load model", "preprocess", "encode image", "search")
-DICOM_STEPS = ("read CT", "anatomy", "write DICOM")
 BYTES_EVENT_INTERVAL_S = 0.25
-ANATOMY_PATHS = ("segmentation", "radgenome", "radgenome_regions")  # AnatomyRequest fields that are paths
 
 
 def emit(event_type: str, **fields) -> None:
@@ -47,20 +43,7 @@ def emit(event_type: str, **fields) -> None:
     print(format_event(event_type, **fields), flush=True)
 
 
-def step_emitter(steps: tuple[str, ...] = DETECT_STEPS) -> Callable[[str], None]:
-    """A progress callback that turns runtime step names into numbered `step` events (an unknown step name
-    keeps the number of the step before it)."""
-    last = [0]
-
-    def step(name: str) -> None:
-        canonical = name.removesuffix(" cached")
-        last[0] = steps.index(canonical) + 1 if canonical in steps else last[0]
-        emit("step", name=name, index=last[0], count=len(steps))
-
-    return step
-
-
-# --- detect, ground, report: one JSON request each ------------------------------------------------------
+# --- detect, ground, report: one JSON request each, run once with the models loaded for it ------------------
 
 
 def read_request(path: Path) -> dict:
@@ -68,161 +51,15 @@ def read_request(path: Path) -> dict:
     try:
         request = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise CTFoundationError(f"worker request {path} cannot be read as JSON ({error})") from None
+        raise WorkerError(f"worker request {path} cannot be read as JSON ({error})") from None
     if not isinstance(request, dict):
-        raise CTFoundationError(f"worker request {path}: expected a JSON object")
+        raise WorkerError(f"worker request {path}: expected a JSON object, got {type(request).__name__}")
     return request
 
 
-def read_request_volume(request: dict, step: Callable[[str], None]):
-    """The request's CT ("ct"), with "volume_info" (where it really came from, e.g. the Slicer node) applied."""
-    from CTFoundationLib.io.reading import read_ct
-    from CTFoundationLib.models.devices import select_device
-
-    select_device(request.get("ctclip", {}).get("device", "auto"))  # a bad device name fails before any work
-    step("read CT")
-    volume = read_ct(Path(request["ct"]))
-    if request.get("volume_info"):
-        apply_volume_info(volume, Path(request["volume_info"]))
-    return volume
-
-
-def run_detect(args: argparse.Namespace) -> Path:
-    """Request: ct, volume_info, out (JSON file), ctclip (CTCLIPRuntime.from_registry's options), thresholds."""
-    from CTFoundationLib.inference.common import load_thresholds
-    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
-    from CTFoundationLib.inference.results import detection_report
-    from CTFoundationLib.io.files import write_json_atomic
-    from CTFoundationLib.io.sanity import summarize
-
-    request, step = read_request(args.request), step_emitter()
-    volume = read_request_volume(request, step)
-    step("check CT")
-    summary = summarize(volume)
-    for warning in summary["warnings"]:
-        emit("warning", **warning)
-    thresholds = load_thresholds(request.get("thresholds"))
-    runtime = CTCLIPRuntime.from_registry(**request.get("ctclip", {}), progress=step)
-    result = runtime.detect(volume, thresholds)
-    step("write result")
-    out = Path(request["out"])
-    write_json_atomic(out, detection_report(summary, result))
-    return out
-
-
-def run_ground_task(args: argparse.Namespace) -> Path:
-    """Request: ct, volume_info, out (folder), ctclip, thresholds, anatomy (AnatomyRequest's fields), fvlm
-    (FVLMScoring.from_registry's options), report (text)."""
-    from CTFoundationLib.anatomy.masks import AnatomyRequest
-    from CTFoundationLib.inference.common import load_thresholds
-    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
-    from CTFoundationLib.inference.grounding import GROUNDED_FILE, FVLMScoring, ground_ct
-
-    request, step = read_request(args.request), step_emitter(GROUND_STEPS)
-    volume = read_request_volume(request, step)
-    ctclip = request.get("ctclip", {})
-    device = ctclip.get("device", "auto")
-    thresholds = load_thresholds(request.get("thresholds"))
-    runtime = CTCLIPRuntime.from_registry(**ctclip, progress=step)
-    scoring = FVLMScoring.from_registry(**request.get("fvlm", {}), device=device, progress=step)
-    anatomy = {key: Path(value) if key in ANATOMY_PATHS and value else value
-               for key, value in request.get("anatomy", {}).items()}
-    out = Path(request["out"])
-    ground_ct(volume, out, runtime, scoring, AnatomyRequest(**{"device": device, **anatomy}),
-              request.get("report", ""), thresholds, step)
-    step("write result")
-    return out / GROUNDED_FILE
-
-
-def run_similar(args: argparse.Namespace) -> Path:
-    """Request: ct, volume_info, index (folder), k, target ("images" or "reports"), ctclip, out (JSON file).
-    Writes {"index", "model", "target", "hits": [`describe_hit`, best first]}."""
-    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
-    from CTFoundationLib.io.files import write_json_atomic
-    from CTFoundationLib.retrieval import CaseIndex, describe_hit
-
-    request, step = read_request(args.request), step_emitter(SIMILAR_STEPS)
-    volume = read_request_volume(request, step)
-    runtime = CTCLIPRuntime.from_registry(**request.get("ctclip", {}), with_text=False, progress=step)
-    index = CaseIndex.open(Path(request["index"]), model_id=runtime.model_id,
-                           checkpoint_sha256=runtime.checkpoint_sha256)
-    latent = runtime.encode_volume(volume)[0][0].numpy()
-    step("search")
-    target = request.get("target", "images")
-    hits = index.search(latent, int(request.get("k", 5)), target=target)
-    out = Path(request["out"])
-    write_json_atomic(out, {"index": str(index.folder), "model": index.model_id, "target": target,
-                            "hits": [describe_hit(index, hit) for hit in hits]})
-    return out
-
-
-def apply_volume_info(volume, path: Path) -> None:
-    """Replace the temporary file name with where the CT really came from (e.g. the Slicer node name)."""
-    try:
-        info = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CTInputError(f"volume info {path} cannot be read as JSON ({error})") from error
-    volume.source = str(info.get("source", volume.source))
-    volume.metadata.update(info.get("metadata", {}))
-
-
-def run_report_task(args: argparse.Namespace) -> Path:
-    """`ctfoundation report` with progress as events: a `step` per case step, a `warning` per failed case.
-
-    Request: inputs (list), out (folder) and report_cases' options (generation as GenerationSettings' fields,
-    shard as "I/N")."""
-    from CTFoundationLib.io.cases import discover_cases
-    from CTFoundationLib.models.ctchat.modeling import GenerationSettings
-    from CTFoundationLib.report import Shard
-    from CTFoundationLib.report.pipeline import report_cases
-
-    request = read_request(args.request)
-    found = discover_cases([Path(p) for p in request.pop("inputs")])
-    cases = found.cases
-    out = Path(request.pop("out"))
-    if request.get("shard"):
-        request["shard"] = Shard.parse(request["shard"])
-    request["generation"] = GenerationSettings(**request.get("generation", {}))
-    emit("note", message=f"{len(cases)} case(s) found")
-    model_step = step_emitter()
-
-    def on_case_step(event) -> None:
-        emit("step", name=f"{event.case_id}: {event.step}", index=event.done, count=event.total)
-
-    summary = report_cases(cases, out, **request, on_model_step=model_step, on_case_step=on_case_step,
-                           skipped_inputs=found.skipped)
-    for skipped in found.skipped:
-        emit("warning", code="INPUT_SKIPPED", message=f"{skipped.path}: {skipped.reason}")
-    for outcome in summary.with_status("failed"):
-        emit("warning", code="CASE_FAILED", message=f"{outcome.case_id}: {outcome.error}")
-    return summary.index_html
-
-
-def run_dicom_task(args: argparse.Namespace) -> Path:
-    """Request: ct, volume_info (the CT on the grid its masks use), dicom_files (the source series' files),
-    detection (a `detect --out` JSON file), anatomy (AnatomyRequest's fields, e.g. a segmentation folder; default:
-    TotalSegmentator if installed, else the built-in segmentation), out (folder: seg.dcm, sr.dcm)."""
-    from CTFoundationLib.anatomy.masks import AnatomyRequest, build_anatomy
-    from CTFoundationLib.inference.results import DetectionResult
-    from CTFoundationLib.report.dicom import source_series, write_dicom_outputs
-    from CTFoundationLib.vocab import FVLM_ORGANS
-
-    request, step = read_request(args.request), step_emitter(DICOM_STEPS)
-    volume = read_request_volume(request, step)
-    series = source_series(volume, [Path(p) for p in request.get("dicom_files") or []] or None)
-    try:
-        detection = DetectionResult.from_dict(json.loads(Path(request["detection"]).read_text("utf-8"))["detection"])
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CTInputError(f"detection result {request['detection']} cannot be read ({error}); run Detect again"
-                           ) from None
-    anatomy = {key: Path(value) if key in ANATOMY_PATHS and value else value
-               for key, value in request.get("anatomy", {}).items()}
-    masks = build_anatomy(volume, AnatomyRequest(**anatomy), FVLM_ORGANS, step)
-    step("write DICOM")
-    written = write_dicom_outputs(volume, detection, Path(request["out"]), masks, series=series)
-    for note in written.notes:
-        emit("note", message=note)
-    return written.sr
+def one_shot(job: Callable[[dict, jobs.JobContext], Path]) -> Callable[[argparse.Namespace], Path]:
+    """A `host.jobs` job as a one-shot task: its request from the file named on the command line."""
+    return lambda args: job(read_request(args.request), jobs.JobContext(emit))
 
 
 # --- weights --------------------------------------------------------------------------------------------
@@ -290,11 +127,12 @@ def add_request_argument(parser: argparse.ArgumentParser) -> None:
 # --- main -----------------------------------------------------------------------------------------------
 
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]] = {
-    "detect": (add_request_argument, run_detect),
-    "ground": (add_request_argument, run_ground_task),
-    "report": (add_request_argument, run_report_task),
-    "similar": (add_request_argument, run_similar),
-    "dicom": (add_request_argument, run_dicom_task),
+    "detect": (add_request_argument, one_shot(jobs.detect)),
+    "ground": (add_request_argument, one_shot(jobs.ground)),
+    "report": (add_request_argument, one_shot(jobs.report)),
+    "similar": (add_request_argument, one_shot(jobs.similar)),
+    "dicom": (add_request_argument, one_shot(jobs.dicom)),
+    "serve": (lambda parser: None, lambda args: None),  # main() hands it to host.server
     "download": (lambda parser: add_weights_arguments(parser, importing=False), run_download),
     "import": (lambda parser: add_weights_arguments(parser, importing=True), run_import),
     "devices": (lambda parser: None, run_devices),
@@ -314,12 +152,17 @@ def parse(argv: list[str]) -> tuple[str, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     task, args = parse(sys.argv[1:] if argv is None else argv)
     reuse_freed_memory()
+    if task == "serve":  # its events belong to its requests: no task-level started/result
+        return serve()
     emit("started", task=task, pid=os.getpid())
     try:
         output = TASKS[task][1](args)
-    except CTFoundationError as error:
-        emit("error", kind=type(error).__name__, message=str(error), details=traceback.format_exc())
+    except CTFoundationError as error:  # expected (bad input, a malformed request): its one line says it all
+        emit("error", kind=type(error).__name__, message=str(error), details="")
         return EXIT_ERROR
+    except jobs.JobCancelled:
+        emit("error", kind="JobCancelled", message="cancelled", details="")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         emit("error", kind="KeyboardInterrupt", message="interrupted", details="")
         return EXIT_INTERRUPTED

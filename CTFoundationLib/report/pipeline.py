@@ -16,10 +16,9 @@ from typing import Any
 
 from CTFoundationLib.anatomy.masks import AnatomyRequest
 from CTFoundationLib.errors import CTFoundationError
-from CTFoundationLib.inference.chat import ChatRuntime, chat_dependency, load_chat_model
+from CTFoundationLib.inference.chat import ChatRuntime, chat_dependency
 from CTFoundationLib.inference.common import Progress, load_thresholds
-from CTFoundationLib.inference.ctclip import CTCLIPRuntime
-from CTFoundationLib.inference.grounding import FVLMScoring
+from CTFoundationLib.inference.store import ModelStore
 from CTFoundationLib.io.cases import Case, SkippedInput, require_outside_series
 from CTFoundationLib.io.files import require_writable_folder
 from CTFoundationLib.models.ctchat.modeling import GenerationSettings
@@ -48,6 +47,7 @@ def report_cases(
     on_case_step: Callable[[BatchProgress], None] | None = None,
     skipped_inputs: Sequence[SkippedInput] = (),
     dicom_out: Path | str | None = None,
+    models: ModelStore | None = None,
 ) -> BatchSummary:
     """Report every case (of the shard) into `out`; cases finished before with the same settings are skipped.
 
@@ -58,6 +58,7 @@ def report_cases(
     skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
     dicom_out: a folder for a DICOM SEG (anatomy, positive-finding regions) and SR (the findings) per DICOM case,
     in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source.
+    models: where the models come from and stay loaded (a long-lived process's store); default: loaded for this call.
     """
     ctclip = dict(ctclip or {})
     if narrative:
@@ -75,16 +76,17 @@ def report_cases(
         require_writable_folder(Path(dicom_out))
         dicom = DicomExport(Path(dicom_out), AnatomyRequest(use_totalsegmentator=use_totalsegmentator,
                                                             device=ctclip.get("device", "auto")))
-    runtime = CTCLIPRuntime.from_registry(**ctclip, progress=on_model_step)
+    models = models or ModelStore()
+    runtime = models.ctclip(ctclip, on_model_step)
     sections: list[ReportSection] = []
     if anatomy:
         device = ctclip.get("device", "auto")
         request = AnatomyRequest(use_totalsegmentator=use_totalsegmentator, device=device)
-        scoring = FVLMScoring.from_registry(**dict(fvlm or {}), device=device, progress=on_model_step)
+        scoring = models.fvlm({**dict(fvlm or {}), "device": device}, on_model_step)
         sections.append(anatomy_section(request, scoring))
     if narrative:
-        model = load_chat_model(narrative, progress=on_model_step, device=ctclip.get("device", "auto"),
-                                **dict(chat or {}))
+        model = models.chat_model(narrative, {**dict(chat or {}), "device": ctclip.get("device", "auto")},
+                                  on_model_step)
         runtime.keep_tokens = True  # detection's image pass also gives CT-CHAT its token grid: one pass per CT
         chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
         sections.append(narrative_section(chat_runtime, narrative, generation, chat))
