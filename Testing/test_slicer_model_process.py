@@ -1,6 +1,6 @@
-"""The module's logic on the model process, run as Slicer's process would be: a fresh Python with the Slicer
-stand-in, two detections and a CT-CHAT turn from `CTFoundationLogic`, then Unload models. PyTorch must never be
-imported into that process, and the second detection must not load the model again."""
+"""The module's logic on the model process, run as Slicer's process would be: a fresh Python with Slicer core
+(slicer-core, Qt imitated), two detections and a CT-CHAT turn from `CTFoundationLogic`, then Unload models.
+PyTorch must never be imported into that process, and the second detection must not load the model again."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ from small_chat_models import make_ctchat_adapter, make_tiny_llm, smollm2_tokeni
 from small_models import bert_vocab, make_small_ctclip
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = Path(__file__).resolve().parent / "slicer_standin"
+TESTING = Path(__file__).resolve().parent  # slicer_core_app: real Slicer core, Qt and ctk imitated
 RICORD_3MM = "ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 
 SLICER_SIDE = """
 import json, sys
 settings = json.loads(sys.argv[1])
 sys.path[:0] = settings["path"]
-import slicer
+import slicer_core_app
+slicer = slicer_core_app.start()
 import CTFoundation
 
 logic = CTFoundation.CTFoundationLogic()
@@ -51,7 +52,7 @@ def test_slicer_process_never_imports_torch_and_reuses_the_model(ct_dir, tmp_pat
     llm = make_tiny_llm(tmp_path / "llm", smollm2_tokenizer_folder(tmp_path))
     make_ctchat_adapter(tmp_path / "release" / "8b", llm)
     settings = {
-        "path": [str(STANDIN), str(REPO / "CTFoundation"), str(REPO)],
+        "path": [str(TESTING), str(REPO / "CTFoundation"), str(REPO)],
         "ctclip": [str(checkpoint), str(config), str(bert_vocab())],
         "home": str(tmp_path / "home"),
         "ct": str(ct_dir / RICORD_3MM),

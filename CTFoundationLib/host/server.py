@@ -36,7 +36,7 @@ from CTFoundationLib.host.process import format_event
 from CTFoundationLib.inference.store import ModelStore
 
 Request = dict[str, Any]
-MODEL_OPS = ("detect", "ground", "report", "chat_start", "chat_ask", "chat_close", "unload")
+MODEL_OPS = ("detect", "ground", "report", "similar", "dicom", "chat_start", "chat_ask", "chat_close", "unload")
 
 
 class ModelServer:
