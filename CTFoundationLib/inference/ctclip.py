@@ -25,6 +25,7 @@ from CTFoundationLib.inference.common import (
     file_sha256,
     load_thresholds,
 )
+from CTFoundationLib.inference.maps import FindingMaps, TokenGrid, token_contributions
 from CTFoundationLib.inference.results import DetectionResult, Finding
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
@@ -241,6 +242,21 @@ class CTCLIPRuntime:
             findings=findings,
             timings_s=dict(self.timings_s),
         )
+
+    def finding_maps(self, volume: CTVolume) -> FindingMaps:
+        """Per-finding token maps of one CT (one image pass, shared with `detect` under `keep_tokens`): each token's
+        exact share of the finding's zero-shot logit difference, placed in patient space (see inference.maps)."""
+        if self.method == "lipro":
+            raise CTFoundationError(
+                f"{self.model_id}: maps need a zero-shot checkpoint (the LiPro head takes relu of the normalised "
+                "latent, which does not split into per-token terms); use CT-CLIP_v2.pt or CT_VocabFine_v2.pt")
+        _, tokens = self.encode_volume(volume, return_tokens=True)
+        with self._timed("maps"):
+            terms = token_contributions(self.model, tokens, self.prompt_latents())[0]
+            vision = self.model.config.vision
+            grid = TokenGrid.of_model_input(volume, self.spec, (vision.temporal_patch_size, *vision.patch_size),
+                                            terms.shape[1:])
+        return FindingMaps(list(CT_RATE_ABNORMALITIES), terms.float().numpy(), grid, self.model_id)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
