@@ -15,7 +15,6 @@ from CTFoundationLib.inference.maps import (
     FindingMaps,
     TokenGrid,
     finding_of_map_file,
-    map_file_name,
     model_grid_affine,
     token_contributions,
     write_map_niftis,
@@ -145,10 +144,19 @@ def test_map_niftis_overlay_the_ct(tmp_path):
     tokens = np.random.default_rng(0).standard_normal((2, 12, 7, 7)).astype(np.float32)
     grid = TokenGrid.of_model_input(volume, CTCLIP_DEMO, (8, 16, 16), (12, 7, 7))
     maps = FindingMaps(["Lung nodule", "Emphysema"], tokens, grid, "test")
-    written = write_map_niftis(maps, volume, tmp_path / "maps")
-    assert {path.name for path in written.values()} == {"Lung_nodule.nii.gz", "Emphysema.nii.gz"}
-    image = nib.load(written["Lung nodule"])
+    written = write_map_niftis(maps, volume, tmp_path / "ct")
+    assert {file.path.name for file in written.values()} == {"Lung_nodule.nii", "Emphysema.nii"}
+    image = nib.load(written["Lung nodule"].path)
     assert np.allclose(image.affine, volume.affine_ras) and image.shape == volume.shape_ijk
-    assert np.allclose(np.asarray(image.dataobj), maps.in_ct("Lung nodule", volume))
-    assert finding_of_map_file(written["Emphysema"]) == "Emphysema" == finding_of_map_file(map_file_name("Emphysema"))
+    in_ct = maps.in_ct("Lung nodule", volume)
+    assert np.allclose(np.asarray(image.dataobj), in_ct)
+    peak = np.unravel_index(np.argmax(in_ct), in_ct.shape)
+    assert written["Lung nodule"].maximum == pytest.approx(in_ct.max())
+    assert np.allclose(written["Lung nodule"].hottest_ras_mm, volume.affine_ras[:3] @ np.array([*peak, 1.0]))
+    small = write_map_niftis(maps, volume, tmp_path / "tokens", ["Emphysema"], grid="tokens")
+    token_image = nib.load(small["Emphysema"].path)
+    assert small["Emphysema"].path.name == "Emphysema.nii.gz" and token_image.shape == (12, 7, 7)
+    assert np.allclose(token_image.affine, grid.affine_ras) and np.allclose(token_image.dataobj, tokens[1])
+    for file in (written["Emphysema"].path, small["Emphysema"].path):
+        assert finding_of_map_file(file) == "Emphysema"
     assert finding_of_map_file(tmp_path / "other.nii.gz") is None

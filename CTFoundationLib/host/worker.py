@@ -84,7 +84,9 @@ def read_request_volume(request: dict, step: Callable[[str], None]):
 
 
 def run_detect(args: argparse.Namespace) -> Path:
-    """Request: ct, volume_info, out (JSON file), ctclip (CTCLIPRuntime.from_registry's options), thresholds."""
+    """Request: ct, volume_info, out (JSON file), ctclip (CTCLIPRuntime.from_registry's options), thresholds, and
+    optionally maps (a folder: one NIfTI localisation map per finding, listed under "maps" in the JSON) and
+    map_grid ("ct" or "tokens")."""
     from CTFoundationLib.inference.common import load_thresholds
     from CTFoundationLib.inference.ctclip import CTCLIPRuntime
     from CTFoundationLib.inference.results import detection_report
@@ -99,10 +101,14 @@ def run_detect(args: argparse.Namespace) -> Path:
         emit("warning", **warning)
     thresholds = load_thresholds(request.get("thresholds"))
     runtime = CTCLIPRuntime.from_registry(**request.get("ctclip", {}), progress=step)
+    runtime.keep_tokens = bool(request.get("maps"))  # the maps reuse detection's image pass
     result = runtime.detect(volume, thresholds)
+    maps = None
+    if request.get("maps"):
+        maps = runtime.write_maps(volume, Path(request["maps"]), grid=request.get("map_grid", "ct"))
     step("write result")
     out = Path(request["out"])
-    write_json_atomic(out, detection_report(summary, result))
+    write_json_atomic(out, detection_report(summary, result, maps))
     return out
 
 

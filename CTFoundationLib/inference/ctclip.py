@@ -25,7 +25,13 @@ from CTFoundationLib.inference.common import (
     file_sha256,
     load_thresholds,
 )
-from CTFoundationLib.inference.maps import FindingMaps, TokenGrid, token_contributions
+from CTFoundationLib.inference.maps import (
+    FindingMaps,
+    TokenGrid,
+    maps_record,
+    token_contributions,
+    write_map_niftis,
+)
 from CTFoundationLib.inference.results import DetectionResult, Finding
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
@@ -257,6 +263,15 @@ class CTCLIPRuntime:
             grid = TokenGrid.of_model_input(volume, self.spec, (vision.temporal_patch_size, *vision.patch_size),
                                             terms.shape[1:])
         return FindingMaps(list(CT_RATE_ABNORMALITIES), terms.float().numpy(), grid, self.model_id)
+
+    def write_maps(self, volume: CTVolume, folder: Path, names: Sequence[str] | None = None, grid: str = "ct"
+                   ) -> dict:
+        """`finding_maps` of the CT as one NIfTI per finding (all, or `names`) in `folder` (grid: "ct" or
+        "tokens", see `write_map_niftis`); returns the `maps_record` for a result JSON."""
+        maps = self.finding_maps(volume)
+        with self._timed("write_maps"):
+            written = write_map_niftis(maps, volume, Path(folder), names, grid)
+        return maps_record(Path(folder), written, self.model_id, grid)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -34,7 +34,7 @@ from CTFoundationLib.models.ctclip import CTCLIP
 from CTFoundationLib.preprocess import PreprocessSpec, output_size
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
-MAP_SUFFIX = ".nii.gz"
+MAP_GRIDS = {"ct": ".nii", "tokens": ".nii.gz"}  # where a map file is sampled -> its file suffix
 
 
 def model_grid_affine(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
@@ -170,30 +170,66 @@ def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torc
     return terms * scale[:, None, None, None, None]
 
 
-def write_map_niftis(maps: FindingMaps, volume: CTVolume, folder: Path, names: Sequence[str] | None = None
-                     ) -> dict[str, Path]:
-    """One NIfTI per finding (float32, logit units, the CT's grid and affine) -> {finding: path}."""
+@dataclass(frozen=True)
+class MapFile:
+    """One written map: its file, and the RAS mm position and value (logit units) of its maximum in the CT."""
+
+    name: str
+    path: Path
+    hottest_ras_mm: tuple[float, float, float]
+    maximum: float
+
+    def record(self) -> dict:
+        """JSON-ready, the file by name (it lies in the maps folder)."""
+        return {"file": self.path.name, "hottest_ras_mm": [round(v, 2) for v in self.hottest_ras_mm],
+                "maximum": round(self.maximum, 6)}
+
+
+def write_map_niftis(maps: FindingMaps, volume: CTVolume, folder: Path, names: Sequence[str] | None = None,
+                     grid: str = "ct") -> dict[str, MapFile]:
+    """One NIfTI per finding (all, or `names`) in `folder`, float32 in logit units -> {finding: file}.
+
+    grid "ct": on the CT's voxel grid and affine (`in_ct`), uncompressed `.nii` (the interpolated values do not
+    compress, and writing stays fast); "tokens": the token grid with its own affine (`.nii.gz`, a few KB), in the
+    same patient space, for viewers that resample for display (Slicer).
+    """
     import nibabel as nib
 
+    if grid not in MAP_GRIDS:
+        raise CTFoundationError(f"map grid '{grid}': use one of {list(MAP_GRIDS)}")
     require_writable_folder(folder, "maps folder")
     written = {}
     for name in names or maps.names:
-        path = Path(folder) / map_file_name(name)
-        image = nib.Nifti1Image(maps.in_ct(name, volume), volume.affine_ras)
+        path = Path(folder) / map_file_name(name, grid)
+        values = maps.in_ct(name, volume)
+        stored, affine = (values, volume.affine_ras) if grid == "ct" else (maps.token_map(name), maps.grid.affine_ras)
+        image = nib.Nifti1Image(stored.astype(np.float32), affine)
         image.header["descrip"] = f"ctfoundation map {maps.model}"[:79].encode()
+        payload = image.to_bytes()
         with atomic_write(path, "wb") as handle:
-            handle.write(gzip.compress(image.to_bytes(), compresslevel=6))
-        written[name] = path
+            handle.write(payload if grid == "ct" else gzip.compress(payload))
+        peak = np.unravel_index(int(np.argmax(values)), values.shape)
+        hottest = volume.affine_ras[:3, :3] @ np.array(peak, float) + volume.affine_ras[:3, 3]
+        written[name] = MapFile(name, path, tuple(float(v) for v in hottest), float(values[peak]))
     return written
 
 
-def map_file_name(name: str) -> str:
-    """'Lung nodule' -> 'Lung_nodule.nii.gz' (the finding's name, spaces as underscores)."""
-    return name.replace(" ", "_") + MAP_SUFFIX
+def maps_record(folder: Path, written: dict[str, MapFile], model: str, grid: str = "ct") -> dict:
+    """What a result JSON says about the maps: where, what they are, and each finding's file and maximum."""
+    return {"folder": str(folder), "model": model, "grid": grid,
+            "units": "logit (each token's share of ln(P / (1 - P)))",
+            "findings": {name: file.record() for name, file in written.items()}}
+
+
+def map_file_name(name: str, grid: str = "ct") -> str:
+    """'Lung nodule' -> 'Lung_nodule.nii' (CT grid) or 'Lung_nodule.nii.gz' (token grid)."""
+    return name.replace(" ", "_") + MAP_GRIDS[grid]
 
 
 def finding_of_map_file(path: Path) -> str | None:
     """The finding whose map a file named by `map_file_name` holds, or None."""
-    stem = Path(path).name.removesuffix(MAP_SUFFIX).replace("_", " ")
+    stem = Path(path).name
+    for suffix in sorted(MAP_GRIDS.values(), key=len, reverse=True):
+        stem = stem.removesuffix(suffix)
+    stem = stem.replace("_", " ")
     return stem if stem in CT_RATE_ABNORMALITIES else None
-
