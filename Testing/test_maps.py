@@ -153,6 +153,10 @@ def test_map_niftis_overlay_the_ct(tmp_path):
     peak = np.unravel_index(np.argmax(in_ct), in_ct.shape)
     assert written["Lung nodule"].maximum == pytest.approx(in_ct.max())
     assert np.allclose(written["Lung nodule"].hottest_ras_mm, volume.affine_ras[:3] @ np.array([*peak, 1.0]))
+    averaged = maps.axial_average()
+    axial = grid.axis_toward("S")  # token axis 0: the demo spec's axes are S, L, P
+    assert axial == 0 and np.allclose(averaged.values.sum(axis=(1, 2, 3)), tokens.sum(axis=(1, 2, 3)), atol=1e-4)
+    assert np.allclose(averaged.values, averaged.values[:, :1]) and not np.allclose(tokens, tokens[:, :1])
     small = write_map_niftis(maps, volume, tmp_path / "tokens", ["Emphysema"], grid="tokens")
     token_image = nib.load(small["Emphysema"].path)
     assert small["Emphysema"].path.name == "Emphysema.nii.gz" and token_image.shape == (12, 7, 7)

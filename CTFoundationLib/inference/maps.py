@@ -79,6 +79,11 @@ class TokenGrid:
         to_voxels[:3, 3] = (patch_size - 1) / 2  # token centre in input voxels
         return cls(tuple(int(n) for n in shape), model_grid_affine(volume, spec) @ to_voxels)
 
+    def axis_toward(self, direction: str) -> int:
+        """The token axis that runs closest to an anatomical direction ('S', 'L', 'P', ...; either sense)."""
+        world = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}[direction]
+        return int(np.abs(self.affine_ras[world, :3]).argmax())
+
     def centre_ras(self, index: Sequence[float]) -> np.ndarray:
         return self.affine_ras[:3, :3] @ np.asarray(index, float) + self.affine_ras[:3, 3]
 
@@ -147,27 +152,55 @@ class FindingMaps:
         index = np.unravel_index(int(np.argmax(values)), values.shape)
         return volume.affine_ras[:3, :3] @ np.array(index, float) + volume.affine_ras[:3, 3]
 
+    def axial_average(self) -> FindingMaps:
+        """The maps averaged along the axial (superior) token axis and spread back evenly over it: each in-plane
+        position keeps the exact sum of its column of terms, so every map still sums to its logit difference.
+
+        Use it where only the in-plane position is trusted: CTViT's temporal transformer attends along each
+        axial column and the head sees only the column mean, so a finding's share can sit at any height of its
+        column (docs/maps.md).
+        """
+        axis = self.grid.axis_toward("S")
+        mean = self.values.mean(axis=1 + axis, keepdims=True)
+        return FindingMaps(self.names, np.broadcast_to(mean, self.values.shape).copy(), self.grid, self.model)
+
     def _index(self, name: str) -> int:
         if name not in self.names:
             raise CTFoundationError(f"no map for '{name}'; maps exist for {self.names}")
         return self.names.index(name)
 
 
-def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
-    """Exact per-token terms of the zero-shot logit differences.
+def raw_token_terms(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-token terms before the L2 normalisation, and the per-image factor that turns them into logits.
 
     codes: (B, t, h, w, d) quantised token grid; prompt_latents: (P, 2, L) [present, not present], L2-normalised.
-    -> (B, P, t, h, w) float64 whose sum over (t, h, w) equals logit(present) - logit(not present) of each finding.
+    -> terms (B, P, t, h, w) float64: (p - n) . W[:, block(h, w)] . codes[t, h, w] / t, summing to (p - n) . W
+    pool(codes); factor (B,) float64: exp(temperature) / |W pool(codes)|.
     """
     codes = codes.to(torch.float64)
     b, t, h, w, d = codes.shape
     weight = model.to_visual_latent.weight.detach().cpu()  # (L, h*w*d), (h, w, d) order as pool_tokens flattens
     difference = (prompt_latents[:, 0] - prompt_latents[:, 1]).to(weight)  # (P, L)
     per_position = (difference @ weight).to(torch.float64).view(-1, h, w, d)  # (P, h, w, d)
-    raw_latent = model.pool_tokens(codes) @ weight.to(torch.float64).t()  # (B, L), before the L2 normalisation
-    scale = float(model.logit_scale) / raw_latent.norm(dim=-1)  # (B,)
-    terms = torch.einsum("phwd,bthwd->bpthw", per_position, codes) / t
-    return terms * scale[:, None, None, None, None]
+    raw_latent = model.pool_tokens(codes).to(weight) @ weight.t()  # (B, L), float32: W is too big for float64
+    factor = float(model.logit_scale) / raw_latent.to(torch.float64).norm(dim=-1)
+    return torch.einsum("phwd,bthwd->bpthw", per_position, codes) / t, factor
+
+
+def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor,
+                        baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact per-token terms of the zero-shot logit differences, (B, P, t, h, w) float64 in logit units.
+
+    Without a baseline they sum over (t, h, w) to logit(present) - logit(not present) of each finding. baseline:
+    (P, t, h, w) raw terms of a reference (`raw_token_terms` averaged over reference CTs, `map_baseline`),
+    subtracted before scaling: the terms then sum to the logit difference minus the reference's share of it
+    (the same factor applied), i.e. each token's share of how far this CT's logit exceeds the reference's.
+    """
+    terms, factor = raw_token_terms(model, codes, prompt_latents)
+    if baseline is not None:
+        terms = terms - baseline.to(terms)
+    return terms * factor[:, None, None, None, None]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from CTFoundationLib.inference.results import DetectionResult
@@ -18,12 +19,14 @@ from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
 
 @dataclass
 class SectionOutput:
-    """data: JSON-serialisable. html: a fragment whose text the section has escaped itself."""
+    """data: JSON-serialisable. html: a fragment whose text the section has escaped itself. files: when set,
+    called with the case's output folder to write the section's files there; what it returns joins `data`."""
 
     data: dict
     html: str = ""
     points: Sequence[MarkedPoint] = field(default_factory=tuple)
     overlays: Sequence[Overlay] = field(default_factory=tuple)
+    files: Callable[[Path], dict] | None = None
 
 
 @dataclass(frozen=True)
