@@ -188,18 +188,10 @@ def raw_token_terms(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Te
     return torch.einsum("phwd,bthwd->bpthw", per_position, codes) / t, factor
 
 
-def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor,
-                        baseline: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact per-token terms of the zero-shot logit differences, (B, P, t, h, w) float64 in logit units.
-
-    Without a baseline they sum over (t, h, w) to logit(present) - logit(not present) of each finding. baseline:
-    (P, t, h, w) raw terms of a reference (`raw_token_terms` averaged over reference CTs, `map_baseline`),
-    subtracted before scaling: the terms then sum to the logit difference minus the reference's share of it
-    (the same factor applied), i.e. each token's share of how far this CT's logit exceeds the reference's.
-    """
+def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
+    """Exact per-token terms of the zero-shot logit differences, (B, P, t, h, w) float64 in logit units: they sum
+    over (t, h, w) to logit(present) - logit(not present) of each finding."""
     terms, factor = raw_token_terms(model, codes, prompt_latents)
-    if baseline is not None:
-        terms = terms - baseline.to(terms)
     return terms * factor[:, None, None, None, None]
 
 

@@ -1,6 +1,7 @@
 """The report's finding maps (`report --maps`): a `ReportSection` that computes each case's CT-CLIP finding maps
 (inference.maps), adds key images through the hottest point of each positive finding's map (circled there), lists
-those points, and writes one NIfTI map per finding into the case's `maps/` folder.
+those points, and writes the positive findings' maps (NIfTI on the CT's grid) into the case's `maps/` folder (only
+the positives: a full-size CT's map is hundreds of MB, and a batch has many cases).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def maps_section(runtime: CTCLIPRuntime, grid: str = "ct") -> ReportSection:
 
         def write_files(case_folder: Path) -> dict:
             folder = case_folder / MAPS_FOLDER
-            record = maps_record(folder, write_map_niftis(maps, volume, folder, grid=grid), runtime.model_id, grid)
+            written = write_map_niftis(maps, volume, folder, positives, grid) if positives else {}
+            record = maps_record(folder, written, runtime.model_id, grid)
             return {"files": {**record, "folder": MAPS_FOLDER}}
 
         data = {"model": runtime.model_id, "hottest_ras_mm": hottest}
@@ -46,8 +48,9 @@ def section_html(hottest: dict[str, list[float]]) -> str:
                      for name, ras in hottest.items())
     note = ("<p class='muted'>Each map is the exact per-token share of the finding's zero-shot logit in CT-CLIP's "
             "last layer (in the spirit of class activation maps: where the linear head reads the finding from, not "
-            "a segmentation). Key images are added through the maximum of each positive finding's map, circled; "
-            "the maps are in the <code>maps/</code> folder beside this report (NIfTI, one per finding).</p>\n")
+            "a segmentation; its height within the chest is not reliable, docs/maps.md). Key images are added "
+            "through the maximum of each positive finding's map, circled; their maps are in the "
+            "<code>maps/</code> folder beside this report (NIfTI, one per positive finding).</p>\n")
     if not hottest:
         return note + "<p>No positive finding.</p>"
     return (note + "<table class='maps'>\n<thead><tr><th>positive finding</th><th class='num'>map maximum "
