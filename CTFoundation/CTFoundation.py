@@ -60,6 +60,7 @@ from CTFoundationLib.errors import CTFoundationError, CTInputError, DependencyEr
 from CTFoundationLib.host.process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationLib.weights import load_registry  # noqa: E402
 from CTFoundationMRML import anatomy  # noqa: E402
+from CTFoundationMRML import maps as findingMaps  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
 TORCH_REQUIREMENT = ">=2.1"
@@ -309,6 +310,7 @@ class DetectionOutcome:
     report: dict
     tableNode: vtkMRMLTableNode
     volumeNode: vtkMRMLScalarVolumeNode
+    mapFiles: dict | None = None  # finding -> its map file (token grid, patient space), kept past the job
 
 
 @dataclass
@@ -529,7 +531,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
         def arguments(workDir: Path) -> list[str]:
             request = {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
-                       "out": str(workDir / "result.json")}
+                       "out": str(workDir / "result.json"), "maps": str(workDir / "maps"), "map_grid": "tokens"}
             return ["detect", writeRequest(workDir, request)]
 
         return self._runInBackground(
@@ -608,7 +610,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         findingsTable(result, tableNode)
         storeResultOnVolume(volumeNode, result, tableNode)
         self.getParameterNode().findingsTable = tableNode
-        return DetectionOutcome(result, report, tableNode, volumeNode)
+        return DetectionOutcome(result, report, tableNode, volumeNode, findingMaps.keepMapFiles(report))
 
     # --- anatomy-grounded findings ---------------------------------------------------------------------
 
@@ -1054,9 +1056,11 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setupResultsSection(self) -> None:
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
+        self.mapControls = findingMaps.MapControls(self.ui.resultsCollapsibleButton, self.ui.resultsTableView)
 
     def showResults(self, outcome: DetectionOutcome) -> None:
         self.ui.resultsTableView.setMRMLTableNode(outcome.tableNode)
+        self.mapControls.setResults(outcome.volumeNode, outcome.tableNode, outcome.mapFiles)
         highlightPositiveRows(self.ui.resultsTableView, outcome.tableNode)
         self.logic.showTableInLayout(outcome.tableNode)
         tableWidget = slicer.app.layoutManager().tableWidget(0)

@@ -104,7 +104,9 @@ def run_detect(args: argparse.Namespace) -> Path:
     runtime.keep_tokens = bool(request.get("maps"))  # the maps reuse detection's image pass
     result = runtime.detect(volume, thresholds)
     maps = None
-    if request.get("maps"):
+    if request.get("maps") and runtime.method == "lipro":
+        emit("warning", code="NO_MAPS", message=f"{runtime.model_id}: the LiPro head has no finding maps")
+    elif request.get("maps"):
         maps = runtime.write_maps(volume, Path(request["maps"]), grid=request.get("map_grid", "ct"))
     step("write result")
     out = Path(request["out"])

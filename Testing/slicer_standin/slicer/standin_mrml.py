@@ -114,8 +114,62 @@ class vtkMRMLScalarVolumeNode(vtkMRMLTransformableNode):
     def GetSpacing(self) -> tuple[float, float, float]:
         return tuple(float(s) for s in self._spacing)
 
+    def CreateDefaultDisplayNodes(self) -> None:
+        if getattr(self, "_display", None) is None:
+            self._display = vtkMRMLScalarVolumeDisplayNode()
+
+    def GetDisplayNode(self):
+        return getattr(self, "_display", None)
+
     def GetOrigin(self) -> tuple[float, float, float]:
         return tuple(float(o) for o in self._origin)
+
+
+class vtkMRMLScalarVolumeDisplayNode(vtkMRMLNode):
+    """Colour node, window/level and threshold of a scalar volume's display, as set (nothing is drawn)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._colour, self._auto, self._window, self._threshold = None, True, None, [False, 0.0, 0.0]
+
+    def SetAndObserveColorNodeID(self, nodeId: str) -> None:
+        self._colour = nodeId
+
+    def GetColorNodeID(self) -> str | None:
+        return self._colour
+
+    def SetAutoWindowLevel(self, automatic: bool) -> None:
+        self._auto = bool(automatic)
+
+    def GetAutoWindowLevel(self) -> bool:
+        return self._auto
+
+    def SetWindowLevelMinMax(self, minimum: float, maximum: float) -> None:
+        self._window = (float(minimum), float(maximum))
+
+    def GetWindowLevelMin(self) -> float:
+        return self._window[0]
+
+    def GetWindowLevelMax(self) -> float:
+        return self._window[1]
+
+    def SetApplyThreshold(self, apply: bool) -> None:
+        self._threshold[0] = bool(apply)
+
+    def GetApplyThreshold(self) -> bool:
+        return self._threshold[0]
+
+    def SetLowerThreshold(self, value: float) -> None:
+        self._threshold[1] = float(value)
+
+    def GetLowerThreshold(self) -> float:
+        return self._threshold[1]
+
+    def SetUpperThreshold(self, value: float) -> None:
+        self._threshold[2] = float(value)
+
+    def GetUpperThreshold(self) -> float:
+        return self._threshold[2]
 
 
 class vtkMRMLTableNode(vtkMRMLNode):

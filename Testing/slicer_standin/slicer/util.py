@@ -55,8 +55,16 @@ def loadVolume(filename: str, properties: dict | None = None, returnNode: bool =
         image = nibabel.load(str(path))
     except Exception as error:
         raise RuntimeError(f"Failed to load volume: {filename}") from error
-    name = path.name.removesuffix(".gz").removesuffix(".nii")
+    name = (properties or {}).get("name") or path.name.removesuffix(".gz").removesuffix(".nii")
     return _addVolumeNode(np.asanyarray(image.dataobj), image.affine, name)
+
+
+sliceViewerLayers: dict = {}  # what setSliceViewerLayers was last asked to show (there are no slice views)
+
+
+def setSliceViewerLayers(background="keep-current", foreground="keep-current", label="keep-current",
+                         foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False) -> None:
+    sliceViewerLayers.update(background=background, foreground=foreground, foregroundOpacity=foregroundOpacity)
 
 
 def _ijkToRas(volumeNode) -> np.ndarray:
