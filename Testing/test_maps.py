@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import data_root
+from small_models import bert_vocab, make_small_ctclip
 
+from CTFoundationLib.cli import main
 from CTFoundationLib.inference.maps import (
     FindingMaps,
     TokenGrid,
@@ -164,3 +167,13 @@ def test_map_niftis_overlay_the_ct(tmp_path):
     for file in (written["Emphysema"].path, small["Emphysema"].path):
         assert finding_of_map_file(file) == "Emphysema"
     assert finding_of_map_file(tmp_path / "other.nii.gz") is None
+
+
+def test_a_lipro_checkpoint_has_no_maps_and_says_so_before_the_image_pass(tmp_path, capsys):
+    checkpoint, constructors, _ = make_small_ctclip(tmp_path / "small", lipro=True)
+    ct = data_root() / "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
+    code = main(["detect", str(ct), "--weights", str(checkpoint), "--model-config", str(constructors),
+                 "--text-encoder", str(bert_vocab()), "--maps", str(tmp_path / "maps"), "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert code == 2 and "maps need a zero-shot checkpoint" in error and "Traceback" not in error
+    assert not list((tmp_path / "maps").iterdir())

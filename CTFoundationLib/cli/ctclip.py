@@ -100,6 +100,8 @@ def run_detect(args: argparse.Namespace) -> int:
     maps = None
     with step_progress("ct-clip") as progress:
         runtime = load_ctclip(args, progress)
+        if args.maps:
+            runtime.require_maps()  # before the image pass: a LiPro checkpoint has none
         runtime.keep_tokens = bool(args.maps)  # the maps reuse detection's image pass
         result = runtime.detect(volume, thresholds)
         if args.maps:

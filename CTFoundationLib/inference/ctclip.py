@@ -249,13 +249,17 @@ class CTCLIPRuntime:
             timings_s=dict(self.timings_s),
         )
 
-    def finding_maps(self, volume: CTVolume) -> FindingMaps:
-        """Per-finding token maps of one CT (one image pass, shared with `detect` under `keep_tokens`): each token's
-        exact share of the finding's zero-shot logit difference, placed in patient space (see inference.maps)."""
+    def require_maps(self) -> None:
+        """A CTFoundationError unless this checkpoint has finding maps (zero-shot heads do, LiPro does not)."""
         if self.method == "lipro":
             raise CTFoundationError(
                 f"{self.model_id}: maps need a zero-shot checkpoint (the LiPro head takes relu of the normalised "
                 "latent, which does not split into per-token terms); use CT-CLIP_v2.pt or CT_VocabFine_v2.pt")
+
+    def finding_maps(self, volume: CTVolume) -> FindingMaps:
+        """Per-finding token maps of one CT (one image pass, shared with `detect` under `keep_tokens`): each token's
+        exact share of the finding's zero-shot logit difference, placed in patient space (see inference.maps)."""
+        self.require_maps()
         _, tokens = self.encode_volume(volume, return_tokens=True)
         with self._timed("maps"):
             terms = token_contributions(self.model, tokens, self.prompt_latents())[0]

@@ -22,6 +22,7 @@ MAPS_FOLDER = "maps"
 
 def maps_section(runtime: CTCLIPRuntime, grid: str = "ct") -> ReportSection:
     """The finding-maps section. The runtime keeps detection's token grid, so the maps cost no second image pass."""
+    runtime.require_maps()
     runtime.keep_tokens = True
 
     def compute(volume: CTVolume, detection: DetectionResult) -> SectionOutput:
