@@ -63,6 +63,7 @@ from CTFoundationLib.host.client import ModelProcess  # noqa: E402
 from CTFoundationLib.host.process import WorkerProcess, python_command  # noqa: E402
 from CTFoundationLib.weights import load_registry  # noqa: E402
 from CTFoundationMRML import anatomy  # noqa: E402
+from CTFoundationMRML import maps as findingMaps  # noqa: E402
 from CTFoundationSimilar import SimilarCasesPanel, similarCases  # noqa: E402
 
 REQUIREMENTS_FILE = "slicer-requirements.txt"
@@ -318,6 +319,7 @@ class DetectionOutcome:
     report: dict
     tableNode: vtkMRMLTableNode
     volumeNode: vtkMRMLScalarVolumeNode
+    mapFiles: dict | None = None  # finding -> its map file (token grid, patient space), kept past the job
 
 
 @dataclass
@@ -573,7 +575,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
 
         def arguments(workDir: Path) -> tuple[str, dict]:
             return "detect", {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
-                              "out": str(workDir / "result.json")}
+                              "out": str(workDir / "result.json"), "maps": str(workDir / "maps"),
+                              "map_grid": "tokens"}
 
         return self._runInBackground(
             "detect", arguments,
@@ -657,7 +660,7 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         findingsTable(result, tableNode)
         storeResultOnVolume(volumeNode, result, tableNode)
         self.getParameterNode().findingsTable = tableNode
-        return DetectionOutcome(result, report, tableNode, volumeNode)
+        return DetectionOutcome(result, report, tableNode, volumeNode, findingMaps.keepMapFiles(report))
 
     # --- anatomy-grounded findings ---------------------------------------------------------------------
 
@@ -1151,11 +1154,13 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setupResultsSection(self) -> None:
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
+        self.mapControls = findingMaps.MapControls(self.ui.resultsCollapsibleButton, self.ui.resultsTableView)
 
     def showResults(self, outcome: DetectionOutcome) -> None:
         self._detectionOutcome = outcome
         self.ui.exportDicomButton.enabled = True
         self.ui.resultsTableView.setMRMLTableNode(outcome.tableNode)
+        self.mapControls.setResults(outcome.volumeNode, outcome.tableNode, outcome.mapFiles)
         highlightPositiveRows(self.ui.resultsTableView, outcome.tableNode)
         self.logic.showTableInLayout(outcome.tableNode)
         tableWidget = slicer.app.layoutManager().tableWidget(0)

@@ -190,6 +190,7 @@ def test_detect_on_ricord_into_a_table_node(ctf, scene, ct_dir, small, ricord_vo
     outcome = logic.detect(node, model="ct-clip-v2", progress=lambda step, fraction: steps.append((step, fraction)))
 
     runtime = CTCLIPRuntime(small[0], bert_vocab(), config=small[2], device="cpu", cache_dir=tmp_path / "c")
+    runtime.keep_tokens = True  # the maps below reuse this image pass
     expected = runtime.detect(ricord_volume)
     result = outcome.result
     assert [f.name for f in result.findings] == list(CT_RATE_ABNORMALITIES)
@@ -221,6 +222,23 @@ def test_detect_on_ricord_into_a_table_node(ctf, scene, ct_dir, small, ricord_vo
     assert outcome.report["input"]["source"] == node.GetName() == "ricord"
     assert outcome.report["input"]["shape_ijk"] == [512, 512, 255]
     assert outcome.report["detection"] == result.to_dict()
+
+    # the worker's token-grid maps, kept past the job; a finding's map shown over the CT with its colour map
+    assert set(outcome.mapFiles) == set(CT_RATE_ABNORMALITIES) and outcome.report["maps"]["grid"] == "tokens"
+    expected_maps = runtime.finding_maps(ricord_volume)
+    mapNode = ctf.findingMaps.showFindingMap(node, "Emphysema", outcome.mapFiles["Emphysema"], opacity=0.6,
+                                             threshold=0.4)
+    values = scene.util.arrayFromVolume(mapNode).transpose(2, 1, 0)  # (k, j, i) -> the file's (i, j, k)
+    expected = expected_maps.token_map("Emphysema")
+    assert values.shape == expected.shape == (24, 24, 24)
+    np.testing.assert_allclose(values, expected, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(scene.util._ijkToRas(mapNode), expected_maps.grid.affine_ras, atol=1e-4)
+    display = mapNode.GetDisplayNode()
+    assert display.GetColorNodeID() == ctf.findingMaps.MAP_COLOUR_NODE_ID and not display.GetAutoWindowLevel()
+    assert display.GetWindowLevelMin() == pytest.approx(-np.abs(expected).max(), rel=1e-4)
+    assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4 * expected.max(), rel=1e-4)
+    assert scene.util.sliceViewerLayers == {"background": node, "foreground": mapNode, "foregroundOpacity": 0.6}
+    assert ctf.findingMaps.showFindingMap(node, "Emphysema", outcome.mapFiles["Emphysema"]) is mapNode  # loaded once
 
 
 def test_cancel_from_the_timer_driven_path(ctf, scene, ct_dir, small, tmp_path) -> None:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, data_root
@@ -30,6 +31,7 @@ from training.demo.reports import NEGATIVE
 from training.demo.synth import DemoDataSpec, load_base, make_case, to_working_grid
 
 SEED = 12345
+IN_PLANE_POINTING_FLOOR = 0.45  # measured 0.57 (docs/maps.md); a column picked at random scores about 0.2
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +138,11 @@ def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypat
     # differs between the in-memory and the reloaded model
     assert float(line.split(": ")[1]) == pytest.approx(record["test_mean_auroc"], abs=0.01)
     assert all(name in printed for name in DEMO_FINDINGS)
+    lines = printed.splitlines()
+    pointing = next(line for line in lines if line.startswith("pointing-game accuracy (focal findings): "))
+    assert 0.0 <= float(pointing.split(": ")[1]) <= 1.0
+    in_plane = next(line for line in lines if line.startswith("in the axial plane"))
+    assert float(in_plane.split("focal findings ")[1].split(",")[0]) >= IN_PLANE_POINTING_FLOOR, in_plane
     assert set(record["stages"]) == {"contrastive", "vocabfine"}
     assert all(stage["loss_last"] < stage["loss_first"] for stage in record["stages"].values()), record["stages"]
 
@@ -238,3 +245,41 @@ def test_retrieval_metrics_on_the_held_out_demo_cases(demo_home, monkeypatch, ca
     for direction in ("report_to_image", "image_to_report"):
         assert metrics[direction]["10"] > 1.3 * 10 / cases, metrics  # chance: K / cases
     assert metrics["image_to_image"]["5"] > metrics["image_to_image_chance"] + 0.15, metrics
+
+
+@pytest.mark.slow
+def test_detect_and_report_write_maps_on_the_ct_grid(demo_home, monkeypatch, capsys, tmp_path):
+    """`detect --maps` writes one map per finding on the CT's grid; `report --maps` the positives' maps, and key
+    images through their maxima."""
+    home, _ = demo_home
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    ct = held_out_case_with(home, "Medical material")
+    volume = read_ct(ct)
+    out = tmp_path / "detect.json"
+    maps = tmp_path / "maps"
+    assert main(["detect", str(ct), "--model", "ct-clip-demo", "--maps", str(maps), "--out", str(out)]) == 0
+    record = json.loads(out.read_text())["maps"]
+    assert set(record["findings"]) == set(CT_RATE_ABNORMALITIES) and record["grid"] == "ct"
+    image = nib.load(maps / record["findings"]["Lung opacity"]["file"])
+    assert image.shape == volume.shape_ijk and np.allclose(image.affine, volume.affine_ras)
+    values = np.asarray(image.dataobj)
+    assert values.max() == pytest.approx(record["findings"]["Lung opacity"]["maximum"], abs=1e-5)
+    assert main(["report", str(ct), "--out", str(tmp_path / "report"), "--model", "ct-clip-demo", "--maps"]) == 0
+    capsys.readouterr()
+    result = json.loads(next((tmp_path / "report").rglob("result.json")).read_text())
+    positives = {f["name"] for f in result["detection"]["findings"] if f["positive"]}
+    section = result["sections"]["maps"]
+    assert "Medical material" in positives and set(section["hottest_ras_mm"]) == positives
+    assert set(section["files"]["findings"]) == positives
+    through = {image["through"] for image in result["key_images"]}
+    assert {f"{name}: map maximum" for name in positives} <= through
+    case_folder = next((tmp_path / "report").rglob("result.json")).parent
+    assert all((case_folder / "maps" / f["file"]).is_file() for f in section["files"]["findings"].values())
+
+
+def held_out_case_with(home, finding: str):
+    """The first held-out demo case with `finding` inserted."""
+    data = home / "demo_data" / DemoDataSpec().key()
+    manifest = json.loads((data / "test_findings.json").read_text())
+    name = next(name for name, entry in manifest.items() if finding in {f["name"] for f in entry["findings"]})
+    return next((data / "test").rglob(name))

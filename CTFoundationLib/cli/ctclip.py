@@ -16,6 +16,7 @@ from CTFoundationLib.cli.ct import add_input_arguments, device_name, read_input
 from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.embeddings import save_embedding
+from CTFoundationLib.inference.maps import MAP_GRIDS
 from CTFoundationLib.inference.results import DetectionResult, detection_report
 from CTFoundationLib.io.files import require_writable_folder, write_json_atomic
 from CTFoundationLib.io.sanity import summarize
@@ -67,6 +68,11 @@ def register(subparsers) -> None:
     add_model_arguments(detect)
     detect.add_argument("--thresholds", type=Path, help="JSON {finding: threshold} for the positive flags")
     detect.add_argument("--out", type=Path, help="write the result JSON here")
+    detect.add_argument("--maps", type=Path, metavar="DIR",
+                        help="write a localisation map per finding (NIfTI on the CT's grid) into DIR; docs/maps.md")
+    detect.add_argument("--map-grid", choices=tuple(MAP_GRIDS), default="ct",
+                        help="maps on the CT's voxel grid (.nii, the CT's size in float32) or on the model's token "
+                             "grid (.nii.gz, a few KB, the same patient space)")
     detect.set_defaults(run=run_detect)
 
     embed = subparsers.add_parser("embed", help="CT-CLIP image latent (and token grid) of a CT, or text latents")
@@ -86,17 +92,27 @@ def register(subparsers) -> None:
 def run_detect(args: argparse.Namespace) -> int:
     if args.out:
         require_writable_folder(args.out.parent, "--out")
+    if args.maps:
+        require_writable_folder(args.maps, "--maps")
     volume = read_input(args)
     summary = summarize(volume)
     thresholds = load_thresholds(args.thresholds)
+    maps = None
     with step_progress("ct-clip") as progress:
         runtime = load_ctclip(args, progress)
+        if args.maps:
+            runtime.require_maps()  # before the image pass: a LiPro checkpoint has none
+        runtime.keep_tokens = bool(args.maps)  # the maps reuse detection's image pass
         result = runtime.detect(volume, thresholds)
+        if args.maps:
+            maps = runtime.write_maps(volume, args.maps, grid=args.map_grid)
     for warning in summary["warnings"]:
         print(f"warning [{warning['code']}]: {warning['message']}", file=sys.stderr)
     print(format_findings(result))
+    if maps:
+        print(f"maps: {args.maps} ({len(maps['findings'])} NIfTI files, one per finding)")
     if args.out:
-        write_json_atomic(args.out, detection_report(summary, result))
+        write_json_atomic(args.out, detection_report(summary, result, maps))
         print(f"result: {args.out}")
     return 0
 

@@ -46,6 +46,9 @@ def add_report_arguments(report: argparse.ArgumentParser) -> None:
         metavar="CHAT_MODEL",
         help=f"add a report written by CT-CHAT (default {DEFAULT_CHAT_MODEL}); needs its CT-CLIP as --model",
     )
+    report.add_argument("--maps", action="store_true",
+                        help="finding maps: key images through each positive finding's map maximum, and one NIfTI "
+                             "map per finding in each case's maps/ folder (docs/maps.md)")
     add_model_arguments(report)
     anatomy = report.add_argument_group(
         "findings per anatomy (off by default: TotalSegmentator takes minutes per case, the built-in "
@@ -104,7 +107,7 @@ def report_options(args: argparse.Namespace) -> dict:
     return {"ctclip": ctclip_options(args), "thresholds": args.thresholds, "anatomy": args.anatomy,
             "use_totalsegmentator": not args.no_totalsegmentator, "fvlm": fvlm_options(args),
             "narrative": args.narrative, "chat": chat_model_options(args), "generation": generation_settings(args),
-            "shard": args.shard, "force": args.force, "dicom_out": args.dicom_out}
+            "shard": args.shard, "force": args.force, "dicom_out": args.dicom_out, "maps": args.maps}
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

@@ -124,8 +124,9 @@ def request_thresholds(request: Mapping[str, Any], task: str) -> dict:
 
 
 def detect(request: Mapping[str, Any], context: JobContext) -> Path:
-    """Request: ct, volume_info, out (JSON file), ctclip (CTCLIPRuntime.from_registry's options), thresholds.
-    Writes what `ctfoundation detect --out` writes."""
+    """Request: ct, volume_info, out (JSON file), ctclip (CTCLIPRuntime.from_registry's options), thresholds, and
+    optionally maps (a folder: one NIfTI localisation map per finding, listed under "maps" in the JSON) and
+    map_grid ("ct" or "tokens"). Writes what `ctfoundation detect --out [--maps]` writes."""
     from CTFoundationLib.inference.results import detection_report
     from CTFoundationLib.io.files import write_json_atomic
     from CTFoundationLib.io.sanity import summarize
@@ -138,10 +139,19 @@ def detect(request: Mapping[str, Any], context: JobContext) -> Path:
     for warning in summary["warnings"]:
         context.emit("warning", **warning)
     thresholds = request_thresholds(request, "detect")
+    maps_folder, grid = request.get("maps"), request.get("map_grid", "ct")
+    if grid not in ("ct", "tokens"):
+        raise WorkerError(f"worker request (detect): 'map_grid' must be ct or tokens, got {grid!r}")
     runtime = context.models.ctclip(options_field(request, "ctclip", CTCLIP_OPTIONS, "detect"), step)
+    runtime.keep_tokens = bool(maps_folder)  # the maps reuse detection's image pass
     result = runtime.detect(volume, thresholds)
+    maps = None
+    if maps_folder and runtime.method == "lipro":
+        context.emit("warning", code="NO_MAPS", message=f"{runtime.model_id}: the LiPro head has no finding maps")
+    elif maps_folder:
+        maps = runtime.write_maps(volume, Path(text_field(request, "maps", "detect")), grid=grid)
     step("write result")
-    write_json_atomic(out, detection_report(summary, result))
+    write_json_atomic(out, detection_report(summary, result, maps))
     return out
 
 

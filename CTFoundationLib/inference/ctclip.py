@@ -24,6 +24,13 @@ from CTFoundationLib.inference.common import (
     file_sha256,
     load_thresholds,
 )
+from CTFoundationLib.inference.maps import (
+    FindingMaps,
+    TokenGrid,
+    maps_record,
+    token_contributions,
+    write_map_niftis,
+)
 from CTFoundationLib.inference.results import DetectionResult, Finding
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
@@ -263,6 +270,34 @@ class CTCLIPRuntime:
             with self._timed("load_text_tower"):
                 self.model = load_ctclip(self.checkpoint, self._config, device=self.device, dtype=DTYPES[self.dtype])
         return self.model
+
+    def require_maps(self) -> None:
+        """A CTFoundationError unless this checkpoint has finding maps (zero-shot heads do, LiPro does not)."""
+        if self.method == "lipro":
+            raise CTFoundationError(
+                f"{self.model_id}: maps need a zero-shot checkpoint (the LiPro head takes relu of the normalised "
+                "latent, which does not split into per-token terms); use CT-CLIP_v2.pt or CT_VocabFine_v2.pt")
+
+    def finding_maps(self, volume: CTVolume) -> FindingMaps:
+        """Per-finding token maps of one CT (one image pass, shared with `detect` under `keep_tokens`): each token's
+        exact share of the finding's zero-shot logit difference, placed in patient space (see inference.maps)."""
+        self.require_maps()
+        _, tokens = self.encode_volume(volume, return_tokens=True)
+        with self._timed("maps"):
+            terms = token_contributions(self.model, tokens, self.prompt_latents())[0]
+            vision = self.model.config.vision
+            grid = TokenGrid.of_model_input(volume, self.spec, (vision.temporal_patch_size, *vision.patch_size),
+                                            terms.shape[1:])
+        return FindingMaps(list(CT_RATE_ABNORMALITIES), terms.float().numpy(), grid, self.model_id)
+
+    def write_maps(self, volume: CTVolume, folder: Path, names: Sequence[str] | None = None, grid: str = "ct"
+                   ) -> dict:
+        """`finding_maps` of the CT as one NIfTI per finding (all, or `names`) in `folder` (grid: "ct" or
+        "tokens", see `write_map_niftis`); returns the `maps_record` for a result JSON."""
+        maps = self.finding_maps(volume)
+        with self._timed("write_maps"):
+            written = write_map_niftis(maps, volume, Path(folder), names, grid)
+        return maps_record(Path(folder), written, self.model_id, grid)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -48,6 +48,7 @@ class DetectionResult:
         return next(f.probability for f in self.findings if f.name == name)
 
 
-def detection_report(summary: dict, result: DetectionResult) -> dict:
-    """What `ctfoundation detect --out` (and the worker's detect task) writes: the input summary and the result."""
-    return {"input": summary, "detection": result.to_dict()}
+def detection_report(summary: dict, result: DetectionResult, maps: dict | None = None) -> dict:
+    """What `ctfoundation detect --out` (and the worker's detect task) writes: the input summary and the result,
+    and with `--maps` the maps' record (inference.maps.maps_record)."""
+    return {"input": summary, "detection": result.to_dict(), **({"maps": maps} if maps else {})}

@@ -243,6 +243,8 @@ def _fill_result(
     for section in sections:
         with clock(f"section:{section.key}"):
             outputs[section.key] = section.compute(volume, detection)
+            if outputs[section.key].files is not None:
+                outputs[section.key].data.update(outputs[section.key].files(folder))
     result["sections"] = {key: output.data for key, output in outputs.items()}
     if dicom is not None:
         with clock("dicom"):

@@ -25,6 +25,7 @@ from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.report.anatomy_section import anatomy_section
 from CTFoundationLib.report.batch import BatchProgress, BatchSummary, Shard, run_batch
 from CTFoundationLib.report.dicom import DicomExport
+from CTFoundationLib.report.maps_section import maps_section
 from CTFoundationLib.report.narrative import narrative_section
 from CTFoundationLib.report.sections import ReportSection
 
@@ -39,6 +40,7 @@ def report_cases(
     use_totalsegmentator: bool = True,
     fvlm: Mapping[str, Any] | None = None,
     narrative: str | None = None,
+    maps: bool = False,
     chat: Mapping[str, Any] | None = None,
     generation: GenerationSettings = GenerationSettings(),
     shard: Shard | None = None,
@@ -55,6 +57,8 @@ def report_cases(
     anatomy: add the per-anatomy findings section (fvlm: FVLMScoring.from_registry's options).
     narrative: a CT-CHAT registry id whose report is added (chat: load_chat_model's options; it reads the token
     grid of the detection model, which must be the CT-CLIP that CT-CHAT was trained with).
+    maps: add the finding-maps section (key images through each positive finding's map maximum, one NIfTI map per
+    finding in the case's maps/ folder).
     skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
     dicom_out: a folder for a DICOM SEG (anatomy, positive-finding regions) and SR (the findings) per DICOM case,
     in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source.
@@ -84,6 +88,8 @@ def report_cases(
         request = AnatomyRequest(use_totalsegmentator=use_totalsegmentator, device=device)
         scoring = models.fvlm({**dict(fvlm or {}), "device": device}, on_model_step)
         sections.append(anatomy_section(request, scoring))
+    if maps:
+        sections.append(maps_section(runtime))
     if narrative:
         model = models.chat_model(narrative, {**dict(chat or {}), "device": ctclip.get("device", "auto")},
                                   on_model_step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from CTFoundationLib.anatomy.masks import AnatomyMasks
@@ -20,13 +21,15 @@ from CTFoundationLib.report.keyimages import MarkedPoint, Overlay
 @dataclass
 class SectionOutput:
     """data: JSON-serialisable. html: a fragment whose text the section has escaped itself. anatomy: the anatomy
-    the section made, if any (reused by the DICOM SEG)."""
+    the section made, if any (reused by the DICOM SEG). files: when set, called with the case's output folder to
+    write the section's files there; what it returns joins `data`."""
 
     data: dict
     html: str = ""
     points: Sequence[MarkedPoint] = field(default_factory=tuple)
     overlays: Sequence[Overlay] = field(default_factory=tuple)
     anatomy: AnatomyMasks | None = None
+    files: Callable[[Path], dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--if-missing", action="store_true", help="do nothing when a current build is installed")
     for recipe in STAGES:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
-    evaluate = commands.add_parser("eval", help="zero-shot AUROC of ct-clip-demo on the held-out demo cases "
-                                                "(builds it first if needed)")
+    evaluate = commands.add_parser("eval", help="zero-shot AUROC and the maps' pointing game of ct-clip-demo on the "
+                                                "held-out demo cases (builds it first if needed)")
     for command in (build, evaluate):
         command.add_argument("--data", type=Path, default=None,
                              help="the shared data folder with ct/ (default: $CTFOUNDATION_DATA, else ../shared/data)")

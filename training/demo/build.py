@@ -38,7 +38,8 @@ from ..export import write_prompt_latents, write_thresholds
 from ..trainer import Trainer, TrainingResult
 from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
-from .synth import DemoDataSpec, build_demo_data
+from .pointing import pointing_report, run_pointing_game
+from .synth import DemoDataSpec, build_demo_data, load_base
 
 MODEL_ID = "ct-clip-demo"
 DEMO_VERSION = load_registry().get(MODEL_ID).runtime.demo_version  # what `resolve_weights` asks of a build
@@ -187,7 +188,8 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
 
 
 def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> float:
-    """Print the per-finding table and `demo zero-shot mean AUROC: <value>` on the held-out test split."""
+    """Print the per-finding table and `demo zero-shot mean AUROC: <value>` on the held-out test split, then the
+    maps' pointing game (`pointing-game accuracy (focal findings): <value>`); returns the mean AUROC."""
     checkpoint = installed_demo(home)
     if checkpoint is None:
         say(f"{MODEL_ID} is not built yet (or was built by an older version): training it now")
@@ -202,6 +204,8 @@ def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> fl
     say(format_evaluation(evaluation))
     value = mean_auroc(evaluation)
     say(f"demo zero-shot mean AUROC: {value:.3f}")
+    pointing, cases = run_pointing_game(runtime, data, load_base(Path(data_root)), spec.prevalence)
+    say(pointing_report(pointing, cases))
     return value
 
 

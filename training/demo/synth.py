@@ -95,14 +95,21 @@ def check_base(data_root: Path) -> Path:
     return path
 
 
-def make_case(loaded: LoadedBase, seed: int, prevalence: float) -> tuple[np.ndarray, list, tuple[str, str]]:
-    """One case: the base with inserted findings -> (int16 HU, inserted records, (findings, impressions))."""
+def make_case(loaded: LoadedBase, seed: int, prevalence: float, masks: dict[str, np.ndarray] | None = None
+              ) -> tuple[np.ndarray, list, tuple[str, str]]:
+    """One case: the base with inserted findings -> (int16 HU, inserted records, (findings, impressions)).
+
+    masks: when given, receives each inserted finding's voxels (those its inserter changed) by name.
+    """
     rng = np.random.default_rng(seed)
     hu = loaded.hu.copy()
     inserted = []
     for name in DEMO_FINDINGS:
         if rng.random() < prevalence:
+            before = hu.copy() if masks is not None else None
             inserted.append(INSERTERS[name](hu, loaded.anatomy, rng))
+            if masks is not None:
+                masks[name] = hu != before
     hu += rng.normal(0.0, rng.uniform(5.0, 20.0), size=hu.shape).astype(np.float32)
     hu = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     return hu, inserted, write_report(inserted, rng)
