@@ -562,21 +562,22 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
     # --- detection ----------------------------------------------------------------------------------------
 
     def detect(self, volumeNode: vtkMRMLScalarVolumeNode, model: str | None = None, device: str | None = None,
-               waitForCompletion: bool = True, callback=None, progress=None):
+               waitForCompletion: bool = True, callback=None, progress=None, maps: bool = True):
         """Findings for one CT volume node, computed in a background process.
 
         model / device: default to the parameter node's (ct-clip-v2, auto); the other options (weights file,
         config, text encoder, thresholds, dtype) come from the parameter node.
-        progress(stepName, fraction 0..1) is called while it runs.
+        progress(stepName, fraction 0..1) is called while it runs. maps: also the per-finding maps (token grid, shown
+        as overlays from the results table; `DetectionOutcome.mapFiles`).
         waitForCompletion=True: returns a DetectionOutcome (raises CTFoundationError on failure).
         waitForCompletion=False: returns the BackgroundTask (cancel() it to stop); callback(outcome, error)
         is called on the main thread when it ends, with exactly one of the two set.
         """
 
         def arguments(workDir: Path) -> tuple[str, dict]:
+            mapOptions = {"maps": str(workDir / "maps"), "map_grid": "tokens"} if maps else {}
             return "detect", {**self._volumeRequest(volumeNode, workDir), **self._modelOptions(model, device),
-                              "out": str(workDir / "result.json"), "maps": str(workDir / "maps"),
-                              "map_grid": "tokens"}
+                              "out": str(workDir / "result.json"), **mapOptions}
 
         return self._runInBackground(
             "detect", arguments,

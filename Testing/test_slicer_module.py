@@ -232,12 +232,14 @@ def test_detect_on_ricord_into_a_table_node(ctf, scene, ct_dir, small, ricord_vo
     expected = expected_maps.token_map("Emphysema")
     assert values.shape == expected.shape == (24, 24, 24)
     np.testing.assert_allclose(values, expected, atol=1e-4 * np.abs(expected).max())
-    np.testing.assert_allclose(scene.util._ijkToRas(mapNode), expected_maps.grid.affine_ras, atol=1e-4)
+    np.testing.assert_allclose(ctf.ijkToRasArray(mapNode), expected_maps.grid.affine_ras, atol=1e-4)
     display = mapNode.GetDisplayNode()
     assert display.GetColorNodeID() == ctf.findingMaps.MAP_COLOUR_NODE_ID and not display.GetAutoWindowLevel()
     assert display.GetWindowLevelMin() == pytest.approx(-np.abs(expected).max(), rel=1e-4)
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4 * expected.max(), rel=1e-4)
-    assert scene.util.sliceViewerLayers == {"background": node, "foreground": mapNode, "foregroundOpacity": 0.6}
+    for composite in scene.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # every slice view shows it over the CT
+        assert composite.GetBackgroundVolumeID() == node.GetID() and composite.GetForegroundVolumeID() == mapNode.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.6)
     assert ctf.findingMaps.showFindingMap(node, "Emphysema", outcome.mapFiles["Emphysema"]) is mapNode  # loaded once
 
 

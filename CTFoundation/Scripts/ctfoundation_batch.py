@@ -106,9 +106,9 @@ def detectOne(logic: CTFoundationLogic, args: argparse.Namespace, source: Path) 
         from DICOMLib import DICOMUtils
 
         with DICOMUtils.TemporaryDICOMDatabase():
-            outcome = logic.detect(loadDicomFolder(source), model=args.model, device=args.device)
+            outcome = logic.detect(loadDicomFolder(source), model=args.model, device=args.device, maps=False)
     else:
-        outcome = logic.detect(loadVolumeFile(source), model=args.model, device=args.device)
+        outcome = logic.detect(loadVolumeFile(source), model=args.model, device=args.device, maps=False)
     write_json_atomic(outputPath(args, source), outcome.report)
     print(f"{source}: {outputPath(args, source)}", flush=True)
 
