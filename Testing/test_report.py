@@ -281,6 +281,21 @@ def test_shard_text_is_checked():
         main(["report", "x", "--out", "y", "--shard", "0/2"])
 
 
+def test_reading_ahead_in_worker_processes_gives_the_same_reports(runtime, cases, batch, tmp_path):
+    """read_workers: the next CTs are read in worker processes; every result (the corrupt case's one-line error
+    included) is the one the in-turn run wrote, in the same order."""
+    in_turn, _, _, _ = batch
+    summary = run_batch(runtime, cases, tmp_path, read_workers=2)
+    assert [o.case_id for o in summary.outcomes] == [case.case_id for case in cases]
+    for case in cases:
+        ahead, reference = (json.loads((folder / case.case_id / "result.json").read_text())
+                            for folder in (tmp_path, in_turn))
+        assert ahead["status"] == reference["status"], case.case_id
+        assert ahead.get("detection", {}).get("findings") == reference.get("detection", {}).get("findings")
+        assert ahead.get("error", {}).get("message") == reference.get("error", {}).get("message")
+    assert summary.with_status("failed")[0].case_id == CORRUPT and "Traceback" not in summary.outcomes[-1].error
+
+
 def small_model_arguments(small) -> list[str]:
     checkpoint, config_path, _ = small
     return ["--weights", str(checkpoint), "--model-config", str(config_path), "--text-encoder", str(bert_vocab())]

@@ -21,6 +21,13 @@ from CTFoundationLib.weights import load_registry
 CASES_FAILED = 1  # exit code when some cases failed (fatal errors exit 2, see errors.report_errors)
 
 
+
+def non_negative(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number 0 or more, got {text!r}")
+    return int(text)
+
 def register(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="batch reports: findings JSON + HTML page per CT, index.html and summary.csv"
@@ -38,6 +45,9 @@ def add_report_arguments(report: argparse.ArgumentParser) -> None:
         "--shard", type=parse_shard, metavar="I/N", help="process only part I of N (1-based), e.g. 1/4 ... 4/4"
     )
     report.add_argument("--force", action="store_true", help="redo cases that are already finished")
+    report.add_argument("--read-workers", type=non_negative, default=0, metavar="N",
+                        help="read and decode the next N CTs in worker processes while the model works (worth it "
+                             "on a GPU, where reading is slower than the model; default 0: read each in turn)")
     report.add_argument("--dicom-out", type=Path, metavar="DIR",
                         help="also write a DICOM SEG (anatomy, positive-finding regions) and a DICOM SR (the findings) "
                              "per DICOM case into DIR/<case>/; needs DICOM inputs")
@@ -107,7 +117,8 @@ def report_options(args: argparse.Namespace) -> dict:
     return {"ctclip": ctclip_options(args), "thresholds": args.thresholds, "anatomy": args.anatomy,
             "use_totalsegmentator": not args.no_totalsegmentator, "fvlm": fvlm_options(args),
             "narrative": args.narrative, "chat": chat_model_options(args), "generation": generation_settings(args),
-            "shard": args.shard, "force": args.force, "dicom_out": args.dicom_out, "maps": args.maps}
+            "shard": args.shard, "force": args.force, "dicom_out": args.dicom_out, "maps": args.maps,
+            "read_workers": args.read_workers}
 
 
 def print_summary(summary: BatchSummary, found: int, shard: Shard | None) -> None:

@@ -49,6 +49,7 @@ def report_cases(
     on_case_step: Callable[[BatchProgress], None] | None = None,
     skipped_inputs: Sequence[SkippedInput] = (),
     dicom_out: Path | str | None = None,
+    read_workers: int = 0,
     models: ModelStore | None = None,
 ) -> BatchSummary:
     """Report every case (of the shard) into `out`; cases finished before with the same settings are skipped.
@@ -62,6 +63,7 @@ def report_cases(
     skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
     dicom_out: a folder for a DICOM SEG (anatomy, positive-finding regions) and SR (the findings) per DICOM case,
     in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source.
+    read_workers: processes that read the next CTs while the model works (for a GPU; 0: read in turn).
     models: where the models come from and stay loaded (a long-lived process's store); default: loaded for this call.
     """
     ctclip = dict(ctclip or {})
@@ -97,4 +99,4 @@ def report_cases(
         chat_runtime = ChatRuntime(model, runtime, progress=on_model_step, cache_tokens=False)
         sections.append(narrative_section(chat_runtime, narrative, generation, chat))
     return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
-                     progress=on_case_step, skipped_inputs=skipped_inputs, dicom=dicom)
+                     progress=on_case_step, skipped_inputs=skipped_inputs, dicom=dicom, read_workers=read_workers)
