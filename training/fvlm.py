@@ -285,12 +285,7 @@ def enable_gradient_checkpointing(model: FVLM) -> None:
 def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0) -> FVLM:
     """A fresh FVLM; the text tower from a local BERT folder when given (never the Hub)."""
     torch.manual_seed(seed)
-    model = FVLM(config)
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+    model = FVLM(config)  # PyTorch's default initialisation; the learned tables as the reference's ViT / BLIP
     nn.init.trunc_normal_(model.visual_encoder.patch_embedding.position_embeddings, std=0.02)
     nn.init.trunc_normal_(model.query_tokens, std=0.02)
     if text_init is not None:
