@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,12 +14,16 @@ import torch.nn.functional as F
 from conftest import data_root
 from small_models import bert_vocab
 
+import training.demo.__main__ as demo_command
+from CTFoundationLib.cli import main
 from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.inference.fvlm import FVLMRuntime, prepare_fvlm_input
+from CTFoundationLib.inference.grounding import GROUNDED_FILE
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.fvlm import ZERO_SHOT_ITEMS, FVLMConfig, encode_prompt_pairs, read_fvlm_config
 from CTFoundationLib.preprocess import FVLM_DEMO, FVLM_DEMO_WINDOWS
 from training.config import load_config
+from training.demo.fvlm_demo import train_fvlm_demo
 from training.fvlm import (
     AnatomyLabeller,
     TrainableFVLM,
@@ -161,7 +166,7 @@ def tiny_run(tmp_path_factory):
         "data: {root: train, reports_csv: train_reports.csv, preprocess: fvlm-demo, num_workers: 0,"
         " cache_images: true}\n"
         "train: {recipe: fvlm, batch_size: 4, lr: 3.0e-3, min_lr: 1.0e-4, weight_decay: 0.05, steps: 6,"
-        " warmup_steps: 2, schedule: cosine, log_every: 2, save_every: 3, output_dir: run}\n"
+        " warmup_steps: 2, schedule: cosine, log_every: 2, save_every: 3, keep_checkpoints: 1, output_dir: run}\n"
         "export: {thresholds: false}\n")
     config = load_config(config_file, {"model": {"tokenizer": str(bert_vocab())}})
     trainer = Trainer(config)
@@ -198,3 +203,41 @@ def test_the_runtime_scores_the_export_as_the_training_time_model(tiny_run):
     got = torch.tensor([f.probability for f in scored.findings], dtype=torch.float64)
     assert len(got) == len(items)
     torch.testing.assert_close(got, expected.double(), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fvlm_demo(demo_home):
+    """fvlm-demo built by the real command path into the CT-CLIP demo's cache (its demo set reused)."""
+    home, _ = demo_home
+    started = time.perf_counter()
+    record = train_fvlm_demo(data_root(), home)
+    print(f"fvlm-demo build: {time.perf_counter() - started:.0f} s")
+    return home, record
+
+
+@pytest.mark.slow
+def test_the_demo_fvlm_reaches_the_auroc_target_on_held_out_cases(fvlm_demo, monkeypatch, capsys):
+    home, record = fvlm_demo
+    assert record["test_per_organ_mean_auroc"] >= 0.9, record["test"]
+    assert record["stages"]["fvlm"]["loss_last"] < record["stages"]["fvlm"]["loss_first"], record["stages"]
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    arguments = ["eval", "--model", "fvlm-demo", "--data", str(data_root())]
+    assert demo_command.run(demo_command.build_parser().parse_args(arguments)) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("demo fVLM per-organ mean AUROC: "))
+    assert float(line.split(": ")[1]) == pytest.approx(record["test_per_organ_mean_auroc"], abs=0.01)
+    assert "lung: Lung nodule" in printed and "aorta: Arterial wall calcification" in printed
+
+
+@pytest.mark.slow
+def test_ground_uses_the_demo_fvlm_without_official_weights_and_says_so(fvlm_demo, monkeypatch, capsys, tmp_path):
+    home, _ = fvlm_demo
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    ct = data_root() / RICORD_3MM
+    assert main(["ground", str(ct), "--model", "ct-clip-demo", "--no-totalsegmentator", "--out",
+                 str(tmp_path)]) == 0
+    assert "the organ scores come from the demo fVLM (fvlm-demo: trained on demo data" in capsys.readouterr().err
+    grounded = json.loads((tmp_path / GROUNDED_FILE).read_text())
+    fvlm = grounded["models"]["fvlm"]
+    assert fvlm["model"] == "fvlm-demo" and "not for diagnosis" in fvlm["notice"]
+    assert [organ["status"] for organ in fvlm["organs"]] == ["scored", "absent"]  # built-in anatomy: no aorta
