@@ -31,13 +31,15 @@ class ModelSection:
     init_checkpoint: an official-layout checkpoint to start from (VocabFine, LiPro, or resuming elsewhere).
     text_init: a local BERT folder for the text tower (e.g. CXR-BERT, MiniLM); tokenizer: vocab.txt/folder.
     temperature_init: starting value of the learned temperature (logit scale = exp of it) of a fresh model;
-    None keeps the reference's 1.0."""
+    None keeps the reference's 1.0. query_init_std (fvlm): organ queries drawn with this std (0: the reference's
+    zeros, an even average over the organ's tokens at the start)."""
 
     constructors: Any = "full_size"
     init_checkpoint: Path | None = None
     text_init: Path | None = None
     tokenizer: Path | None = None
     temperature_init: float | None = None
+    query_init_std: float = 0.0
 
     def constructor_arguments(self) -> dict:
         if self.constructors == "full_size":

@@ -282,12 +282,14 @@ def enable_gradient_checkpointing(model: FVLM) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0) -> FVLM:
-    """A fresh FVLM; the text tower from a local BERT folder when given (never the Hub)."""
+def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0, query_init_std: float = 0.0) -> FVLM:
+    """A fresh FVLM; the text tower from a local BERT folder when given (never the Hub). The organ queries start
+    at zero as the reference's (uniform attention over the organ's tokens) unless query_init_std > 0."""
     torch.manual_seed(seed)
-    model = FVLM(config)  # PyTorch's default initialisation; the learned tables as the reference's ViT / BLIP
+    model = FVLM(config)  # PyTorch's default initialisation; the position table as the reference's ViT
     nn.init.trunc_normal_(model.visual_encoder.patch_embedding.position_embeddings, std=0.02)
-    nn.init.trunc_normal_(model.query_tokens, std=0.02)
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, query_init_std) if query_init_std > 0 else model.query_tokens.zero_()
     if text_init is not None:
         load_bert_into_text_tower(model, Path(text_init))
     return model

@@ -75,7 +75,8 @@ def initial_model(config: TrainingConfig) -> TrainableCTCLIP | fvlm.TrainableFVL
     """A fresh model (contrastive, fvlm) or the init checkpoint with its codebook use counts (fine-tuning)."""
     model = config.model
     if config.train.recipe == "fvlm":
-        return fvlm.TrainableFVLM(fvlm.build_fvlm(model.fvlm_config(), model.text_init, config.train.seed))
+        return fvlm.TrainableFVLM(fvlm.build_fvlm(model.fvlm_config(), model.text_init, config.train.seed,
+                                                  model.query_init_std))
     if model.init_checkpoint is None:
         return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed,
                                           model.temperature_init))
