@@ -4,11 +4,18 @@ the same `evaluate` as CT-CLIP's, plus the mean per organ and the mean of those 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
 from CTFoundationLib.evaluation.ctclip import Evaluation, evaluate, format_evaluation
-from CTFoundationLib.models.fvlm import ZeroShotItem
+
+
+class ZeroShotItem(Protocol):
+    """What is read of `CTFoundationLib.models.fvlm.ZeroShotItem` (not imported: evaluation stays torch-free)."""
+
+    organ: str
+    finding: str
 
 
 def item_name(item: ZeroShotItem) -> str:
