@@ -256,11 +256,14 @@ class FVLMRuntime:
         text encoder; `config` / `text_encoder` replace them."""
         runtime = load_registry().get(model_id).runtime
         checkpoint = resolve_weights(model_id, weights, home=home)
-        folder = checkpoint.parent if weights is None else resolve_weights(model_id, home=home).parent
-        if config is None and runtime.constructors:
-            config = folder / runtime.constructors
-        if text_encoder is None and runtime.tokenizer:
-            text_encoder = folder / runtime.tokenizer
+
+        def installed(name: str | None, given: Path | str | None) -> Path | str | None:
+            """`given`, else the file the registry names in the installed model's folder (None: neither)."""
+            if given is not None or not name:
+                return given
+            return (checkpoint.parent if weights is None else resolve_weights(model_id, home=home).parent) / name
+
+        config, text_encoder = installed(runtime.constructors, config), installed(runtime.tokenizer, text_encoder)
         tokenizer = resolve_weights(runtime.text_encoder or "cxr-bert", text_encoder, home=home)
         return cls(checkpoint, tokenizer, read_fvlm_config(Path(config)) if config else None, device,
                    progress=progress, spec=SPECS[runtime.preprocess or FVLM_SPEC.name], model_id=model_id)
