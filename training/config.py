@@ -81,7 +81,9 @@ class DataSection:
     metadata_csv + stored_values "raw" for first-release volumes; validation_* the same for the validation
     split that thresholds are chosen on. The training text is each report's whole Findings (the reference's).
     masks (recipe fvlm): a folder with each volume's segmentation, `<masks>/<volume stem>/` (one NIfTI per
-    structure) or `<masks>/<volume stem>.nii.gz` (a label map of `mask_scheme`); None: the built-in anatomy."""
+    structure) or `<masks>/<volume stem>.nii.gz` (a label map of `mask_scheme`); None: the built-in anatomy.
+    organ_text (fvlm): "all" (each organ's whole text, the reference's) or "sentence" (one of its sentences drawn
+    at random each time the case is read)."""
 
     root: Path | None = None
     reports_csv: Path | None = None
@@ -95,6 +97,7 @@ class DataSection:
     preprocess: str = "ct-clip-v2"
     masks: Path | None = None
     mask_scheme: str = "total"
+    organ_text: str = "all"
     num_workers: int = 4
     cache_images: bool = False
 
@@ -174,6 +177,8 @@ class TrainingConfig:
 
     def _check_data(self) -> None:
         data = self.data
+        if data.organ_text not in ("all", "sentence"):
+            raise TrainingError(f"{self.source}: data.organ_text must be all or sentence, got {data.organ_text!r}")
         if data.preprocess not in SPECS:
             raise TrainingError(f"{self.source}: data.preprocess must be one of {sorted(SPECS)}, "
                                 f"got {data.preprocess!r}")

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 from CTFoundationLib.anatomy.masks import anatomy_table
-from CTFoundationLib.anatomy.sentences import SentenceGrounder, default_grounder
+from CTFoundationLib.anatomy.sentences import SentenceGrounder, default_grounder, split_sentences
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.inference.fvlm import FVLMInput, prepare_fvlm_input
 from CTFoundationLib.io.files import atomic_path
@@ -101,6 +101,17 @@ def organ_texts(report: str, organs: Sequence[str],
     return texts, abnormal
 
 
+def one_sentence(text: str, organ: str, generator: torch.Generator | None = None) -> str:
+    """One sentence of an organ text drawn at random; a normal organ's keeps its template in front."""
+    template = normal_template(organ)
+    normal = text.startswith(template)
+    sentences = split_sentences(text[len(template):] if normal else text)
+    if not sentences:
+        return text
+    chosen = sentences[int(torch.randint(len(sentences), (1,), generator=generator))]
+    return f"{template} {chosen}" if normal else chosen
+
+
 @dataclass(frozen=True)
 class FVLMCase:
     name: str
@@ -126,10 +137,13 @@ def load_fvlm_cases(volumes: dict[str, Path], reports_csv: Path, organs: Sequenc
 class FVLMDataset(Dataset):
     """Items {"image": (1, Z, Y, X) float32, "labels": (Z, Y, X) uint8, "texts": [organ texts],
     "abnormal": (n_organs,) bool}. With `cache_dir`, each prepared input is written once as float16 image +
-    uint8 labels (`<name>.npz`) and read from there afterwards."""
+    uint8 labels (`<name>.npz`) and read from there afterwards. sentence_per_item: each item carries one sentence
+    of each organ text drawn at random (`one_sentence`) instead of the whole text."""
 
     def __init__(self, cases: list[FVLMCase], organs: Sequence[str], spec: PreprocessSpec,
-                 windows: OrganWindowSpec, organ_labels: OrganLabeller, cache_dir: Path | None = None) -> None:
+                 windows: OrganWindowSpec, organ_labels: OrganLabeller, cache_dir: Path | None = None,
+                 sentence_per_item: bool = False) -> None:
+        self.sentence_per_item = sentence_per_item
         if not cases:
             raise TrainingError("the fVLM training set is empty")
         self.cases, self.organs, self.spec, self.windows = cases, tuple(organs), spec, windows
@@ -156,7 +170,12 @@ class FVLMDataset(Dataset):
         inp, case = self.prepared(index), self.cases[index]
         return {"image": torch.from_numpy(np.ascontiguousarray(inp.image))[None],
                 "labels": torch.from_numpy(np.ascontiguousarray(inp.labels)),
-                "texts": list(case.texts), "abnormal": torch.tensor(case.abnormal)}
+                "texts": self.texts(case), "abnormal": torch.tensor(case.abnormal)}
+
+    def texts(self, case: FVLMCase) -> list[str]:
+        if not self.sentence_per_item:
+            return list(case.texts)
+        return [one_sentence(text, organ) for text, organ in zip(case.texts, self.organs)]
 
 
 def collate_fvlm(items: list[dict]) -> dict:

@@ -68,7 +68,8 @@ def fvlm_dataset(config: TrainingConfig) -> fvlm.FVLMDataset:
     cases = fvlm.load_fvlm_cases(find_volumes(data.root), data.reports_csv, organs)
     cache = Path(config.train.output_dir) / "inputs" if data.cache_images else None
     return fvlm.FVLMDataset(cases, organs, SPECS[data.preprocess], ORGAN_WINDOWS[data.preprocess],
-                            fvlm.AnatomyLabeller(organs, data.masks, data.mask_scheme), cache)
+                            fvlm.AnatomyLabeller(organs, data.masks, data.mask_scheme), cache,
+                            data.organ_text == "sentence")
 
 
 def initial_model(config: TrainingConfig) -> TrainableCTCLIP | fvlm.TrainableFVLM:

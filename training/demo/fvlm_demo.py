@@ -78,10 +78,11 @@ def demo_items(organs: tuple[str, ...]) -> list[ZeroShotItem]:
     return [item for item in ZERO_SHOT_ITEMS if item.organ in organs and item.finding in DEMO_FINDINGS]
 
 
-def split_dataset(data: Path, split: str, labeller: DemoLabeller, home: Path | None) -> FVLMDataset:
+def split_dataset(data: Path, split: str, labeller: DemoLabeller, home: Path | None,
+                  sentence_per_item: bool = False) -> FVLMDataset:
     cases = load_fvlm_cases(find_volumes(data / split), data / f"{split}_reports.csv", labeller.organs)
     cache = cache_root(home) / "fvlm_inputs" / data.name / split
-    return FVLMDataset(cases, labeller.organs, FVLM_DEMO, FVLM_DEMO_WINDOWS, labeller, cache)
+    return FVLMDataset(cases, labeller.organs, FVLM_DEMO, FVLM_DEMO_WINDOWS, labeller, cache, sentence_per_item)
 
 
 def demo_runtime(checkpoint: Path, home: Path | None) -> FVLMRuntime:
@@ -133,7 +134,7 @@ def train_fvlm_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpe
     config = load_config(CONFIG, overrides)
     organs = config.model.fvlm_config().organs
     labeller = DemoLabeller.from_base(organs, Path(data_root))
-    dataset = split_dataset(data, "train", labeller, home)
+    dataset = split_dataset(data, "train", labeller, home, config.data.organ_text == "sentence")
     say(f"training {MODEL_ID} ({EXPECTED}): {config.train.steps} steps of {config.train.batch_size} cases, "
         f"organs {list(organs)}; the first pass prepares and caches each case's input")
     result = Trainer(config, dataset).train()
