@@ -31,6 +31,7 @@ from training.fvlm import (
     fvlm_step,
     intact_organs,
     normal_template,
+    one_sentence,
     organ_texts,
     soft_targets,
 )
@@ -64,6 +65,15 @@ def test_organ_texts_follow_the_report_and_the_normal_template():
     _, vascular = organ_texts("Calcified atheroma plaques were observed in the mediastinal main vascular "
                               "structures.", ("aorta",))
     assert vascular == [True]
+
+
+def test_one_sentence_keeps_a_normal_organ_normal():
+    generator = torch.Generator().manual_seed(0)
+    drawn = {one_sentence(f"{LUNG_NORMAL} No effusion. No nodule.", "lung", generator) for _ in range(20)}
+    assert drawn == {f"{LUNG_NORMAL} No effusion.", f"{LUNG_NORMAL} No nodule."}
+    drawn = {one_sentence("Nodules in both lungs. No effusion was seen.", "lung", generator) for _ in range(20)}
+    assert drawn == {"Nodules in both lungs.", "No effusion was seen."}
+    assert one_sentence(LUNG_NORMAL, "lung", generator) == LUNG_NORMAL
 
 
 def test_two_normal_organs_and_two_identical_texts_are_positives():
