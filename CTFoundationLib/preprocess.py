@@ -77,7 +77,10 @@ FVLM = PreprocessSpec(
 # window and padding at a coarse 3 mm isotropic grid, 96 x 112 x 112 (288 x 336 x 336 mm).
 CTCLIP_DEMO = replace(CTCLIP_V2, name="ct-clip-demo", spacing_mm=(3.0, 3.0, 3.0), shape=(96, 112, 112))
 
-SPECS = {spec.name: spec for spec in (CTCLIP_V2, FVLM, CTCLIP_DEMO)}
+# The fVLM demo model (training/demo/fvlm_demo.py): fVLM's axes and HU window on the demo cases' 3 mm isotropic grid.
+FVLM_DEMO = replace(FVLM, name="fvlm-demo", spacing_mm=(3.0, 3.0, 3.0), pad_multiple=(8, 8, 16))
+
+SPECS = {spec.name: spec for spec in (CTCLIP_V2, FVLM, CTCLIP_DEMO, FVLM_DEMO)}
 
 
 def preprocess(volume: CTVolume, spec: PreprocessSpec) -> np.ndarray:
@@ -151,6 +154,10 @@ class OrganWindowSpec:
 
 # fVLM's data preparation (crop +5 slices / +20 voxels, pad to 112 x 256 x 352) and eval.py's roi.
 FVLM_WINDOWS = OrganWindowSpec(box_margin=(5, 20, 20), min_shape=(112, 256, 352), roi=(112, 288, 352))
+# The demo's 3 mm grid: the same margins in mm (15, 20, 20 -> 5, 7, 7 voxels); one window holds the whole chest
+# (312 x 240 x 384 mm), so every organ is pooled from the same, whole-volume pass it was trained on.
+FVLM_DEMO_WINDOWS = OrganWindowSpec(box_margin=(5, 7, 7), min_shape=(104, 80, 128), roi=(104, 80, 128))
+ORGAN_WINDOWS = {FVLM.name: FVLM_WINDOWS, "fvlm-demo": FVLM_DEMO_WINDOWS}  # by PreprocessSpec name
 
 
 def resample_labels(labels: np.ndarray, spacing_mm: tuple[float, float, float], spec: PreprocessSpec) -> np.ndarray:

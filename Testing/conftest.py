@@ -33,3 +33,14 @@ def ct_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"shared CT data not found at {path}; set CTFOUNDATION_DATA")
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """ct-clip-demo built by the real command path into a fresh cache (demo set, training, export, install); one
+    per test session, so that the demo fVLM reuses its demo set. Returns (home, training record)."""
+    from training.demo import build
+
+    home = tmp_path_factory.mktemp("home")
+    record = build.train_demo(data_root(), home)
+    return home, record

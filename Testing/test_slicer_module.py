@@ -238,7 +238,8 @@ def test_detect_on_ricord_into_a_table_node(ctf, scene, ct_dir, small, ricord_vo
     assert display.GetWindowLevelMin() == pytest.approx(-np.abs(expected).max(), rel=1e-4)
     assert display.GetApplyThreshold() and display.GetLowerThreshold() == pytest.approx(0.4 * expected.max(), rel=1e-4)
     for composite in scene.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # every slice view shows it over the CT
-        assert composite.GetBackgroundVolumeID() == node.GetID() and composite.GetForegroundVolumeID() == mapNode.GetID()
+        assert composite.GetBackgroundVolumeID() == node.GetID()
+        assert composite.GetForegroundVolumeID() == mapNode.GetID()
         assert composite.GetForegroundOpacity() == pytest.approx(0.6)
     assert ctf.findingMaps.showFindingMap(node, "Emphysema", outcome.mapFiles["Emphysema"]) is mapNode  # loaded once
 

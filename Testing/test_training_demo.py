@@ -119,14 +119,6 @@ def test_negative_case_has_no_inserted_finding(base):
     assert hu.dtype == np.int16 and hu.max() < 2000  # no device drawn
 
 
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    """The demo model built by the real command path into a fresh cache (demo set, training, export, install)."""
-    home = tmp_path_factory.mktemp("home")
-    record = build.train_demo(data_root(), home)
-    return home, record
-
-
 @pytest.mark.slow
 def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypatch, capsys):
     home, record = demo_home

@@ -16,26 +16,30 @@ import yaml
 
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.models.ctclip import FULL_SIZE_CONSTRUCTORS, CTCLIPConfig
+from CTFoundationLib.models.fvlm import FVLMConfig
 from CTFoundationLib.preprocess import SPECS
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.ctrate import STORED_VALUES
 
-RECIPES = ("contrastive", "vocabfine", "lipro")
+RECIPES = ("contrastive", "vocabfine", "lipro", "fvlm")
 
 
 @dataclass
 class ModelSection:
-    """constructors: "full_size", a JSON file, or inline {"CTViT", "BertConfig", "CTCLIP"} arguments.
+    """constructors: "full_size", a JSON file, or inline {"CTViT", "BertConfig", "CTCLIP"} arguments (recipe fvlm:
+    {"ViT", "BertConfig", "BlipPretrain"[, "organ_pooling"]}; full_size = the released fVLM).
     init_checkpoint: an official-layout checkpoint to start from (VocabFine, LiPro, or resuming elsewhere).
     text_init: a local BERT folder for the text tower (e.g. CXR-BERT, MiniLM); tokenizer: vocab.txt/folder.
     temperature_init: starting value of the learned temperature (logit scale = exp of it) of a fresh model;
-    None keeps the reference's 1.0."""
+    None keeps the reference's 1.0. query_init_std (fvlm): organ queries drawn with this std (0: the reference's
+    zeros, an even average over the organ's tokens at the start)."""
 
     constructors: Any = "full_size"
     init_checkpoint: Path | None = None
     text_init: Path | None = None
     tokenizer: Path | None = None
     temperature_init: float | None = None
+    query_init_std: float = 0.0
 
     def constructor_arguments(self) -> dict:
         if self.constructors == "full_size":
@@ -61,12 +65,25 @@ class ModelSection:
         except (ValueError, TypeError, KeyError, AttributeError) as error:
             raise TrainingError(f"model.constructors: not usable CT-CLIP constructor arguments ({error})") from None
 
+    def fvlm_config(self) -> FVLMConfig:
+        """The FVLMConfig of `constructors` (full_size: the released fVLM, its four organs)."""
+        if self.constructors == "full_size":
+            return FVLMConfig()
+        try:
+            return FVLMConfig.from_reference_constructors(self.constructor_arguments())
+        except (ValueError, TypeError, KeyError, AttributeError, StopIteration) as error:
+            raise TrainingError(f"model.constructors: not usable fVLM constructor arguments ({error})") from None
+
 
 @dataclass
 class DataSection:
     """A CT-RATE split: root (the split folder), reports_csv, labels_csv (VocabFine, LiPro, validation),
     metadata_csv + stored_values "raw" for first-release volumes; validation_* the same for the validation
-    split that thresholds are chosen on. The training text is each report's whole Findings (the reference's)."""
+    split that thresholds are chosen on. The training text is each report's whole Findings (the reference's).
+    masks (recipe fvlm): a folder with each volume's segmentation, `<masks>/<volume stem>/` (one NIfTI per
+    structure) or `<masks>/<volume stem>.nii.gz` (a label map of `mask_scheme`); None: the built-in anatomy.
+    organ_text (fvlm): "all" (each organ's whole text, the reference's) or "sentence" (one of its sentences drawn
+    at random each time the case is read)."""
 
     root: Path | None = None
     reports_csv: Path | None = None
@@ -78,6 +95,9 @@ class DataSection:
     validation_labels_csv: Path | None = None
     validation_metadata_csv: Path | None = None
     preprocess: str = "ct-clip-v2"
+    masks: Path | None = None
+    mask_scheme: str = "total"
+    organ_text: str = "all"
     num_workers: int = 4
     cache_images: bool = False
 
@@ -86,7 +106,8 @@ class DataSection:
 class TrainSection:
     """Optimisation. Defaults are the reference CTClipTrainer's: batch 8, Adam (betas 0.9/0.99) lr 1.25e-6,
     no weight decay, gradient-norm clip 0.5, 100,001 steps, constant learning rate. text_lr: another rate for
-    the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed."""
+    the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed.
+    epochs: when set, steps = epochs x batches per epoch; min_lr: where the cosine ends and the warm-up starts."""
 
     recipe: str = "contrastive"
     batch_size: int = 8
@@ -96,7 +117,9 @@ class TrainSection:
     betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float | None = 0.5
     steps: int = 100001
+    epochs: int | None = None
     warmup_steps: int = 0
+    min_lr: float = 0.0
     schedule: str = "constant"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -140,17 +163,22 @@ class TrainingConfig:
                 f"{self.source}: train.batch_size, steps, log_every and save_every must be positive")
         if train.keep_checkpoints < 1:
             raise TrainingError(f"{self.source}: train.keep_checkpoints must be at least 1")
-        if train.recipe != "contrastive" and self.model.init_checkpoint is None:
+        if train.recipe in ("vocabfine", "lipro") and self.model.init_checkpoint is None:
             raise TrainingError(f"{self.source}: {train.recipe} fine-tunes a trained model: set model.init_checkpoint")
         if not _is_pos_weight(train.pos_weight):
             raise TrainingError(f"{self.source}: train.pos_weight must be auto or {len(CT_RATE_ABNORMALITIES)} numbers "
                                 f"(CT-RATE's finding order), got {train.pos_weight!r}")
         self._check_data()
-        self.model.clip_config()
+        if train.recipe == "fvlm":
+            self.model.fvlm_config()
+        else:
+            self.model.clip_config()
         return self
 
     def _check_data(self) -> None:
         data = self.data
+        if data.organ_text not in ("all", "sentence"):
+            raise TrainingError(f"{self.source}: data.organ_text must be all or sentence, got {data.organ_text!r}")
         if data.preprocess not in SPECS:
             raise TrainingError(f"{self.source}: data.preprocess must be one of {sorted(SPECS)}, "
                                 f"got {data.preprocess!r}")

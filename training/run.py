@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train()
         if trainer.accelerator.is_main_process:
             print(f"{config.train.recipe}: {result.steps} steps in {result.seconds:.0f} s -> {result.checkpoint}")
-            export_thresholds(config, result.checkpoint)
+            if config.train.recipe != "fvlm":  # fVLM's findings are scored per organ, without thresholds
+                export_thresholds(config, result.checkpoint)
 
     return report_errors(body)
 

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.models.ctclip import load_ctclip
-from CTFoundationLib.preprocess import SPECS
+from CTFoundationLib.preprocess import ORGAN_WINDOWS, SPECS
+from training import fvlm
 from training.config import TrainingConfig
-from training.ctrate import CTRateDataset, load_cases, read_metadata
+from training.ctrate import CTRateDataset, find_volumes, load_cases, read_metadata
 from training.export import save_checkpoint
 from training.modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
 from training.recipes import LiProHead, contrastive_step, lipro_step, positive_class_weights, vocabfine_step
@@ -43,10 +44,12 @@ class TrainingResult:
     losses: list[float]
 
 
-def training_dataset(config: TrainingConfig) -> CTRateDataset:
+def training_dataset(config: TrainingConfig) -> CTRateDataset | fvlm.FVLMDataset:
     data = config.data
     if data.root is None or data.reports_csv is None:
         raise TrainingError(f"{config.source}: data.root and data.reports_csv are required")
+    if config.train.recipe == "fvlm":
+        return fvlm_dataset(config)
     needs_labels = config.train.recipe != "contrastive"
     if needs_labels and data.labels_csv is None:
         raise TrainingError(f"{config.source}: {config.train.recipe} needs data.labels_csv")
@@ -57,9 +60,24 @@ def training_dataset(config: TrainingConfig) -> CTRateDataset:
     return CTRateDataset(cases, SPECS[data.preprocess], data.stored_values, metadata, data.cache_images)
 
 
-def initial_model(config: TrainingConfig) -> TrainableCTCLIP:
-    """A fresh model (contrastive) or the init checkpoint with its codebook use counts (fine-tuning)."""
+def fvlm_dataset(config: TrainingConfig) -> fvlm.FVLMDataset:
+    """The fVLM training split: organ texts from the reports, organ masks from data.masks (or built-in anatomy)."""
+    data, organs = config.data, config.model.fvlm_config().organs
+    if data.preprocess not in ORGAN_WINDOWS:
+        raise TrainingError(f"{config.source}: recipe fvlm needs data.preprocess one of {sorted(ORGAN_WINDOWS)}")
+    cases = fvlm.load_fvlm_cases(find_volumes(data.root), data.reports_csv, organs)
+    cache = Path(config.train.output_dir) / "inputs" if data.cache_images else None
+    return fvlm.FVLMDataset(cases, organs, SPECS[data.preprocess], ORGAN_WINDOWS[data.preprocess],
+                            fvlm.AnatomyLabeller(organs, data.masks, data.mask_scheme), cache,
+                            data.organ_text == "sentence")
+
+
+def initial_model(config: TrainingConfig) -> TrainableCTCLIP | fvlm.TrainableFVLM:
+    """A fresh model (contrastive, fvlm) or the init checkpoint with its codebook use counts (fine-tuning)."""
     model = config.model
+    if config.train.recipe == "fvlm":
+        return fvlm.TrainableFVLM(fvlm.build_fvlm(model.fvlm_config(), model.text_init, config.train.seed,
+                                                  model.query_init_std))
     if model.init_checkpoint is None:
         return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed,
                                           model.temperature_init))
@@ -79,19 +97,22 @@ def make_optimizer(params: list[dict], config: TrainingConfig) -> torch.optim.Op
 
 
 def lr_factor(step: int, config: TrainingConfig) -> float:
-    """Linear warm-up over warmup_steps, then constant (reference CT-CLIP) or cosine to 0 (fine-tuning)."""
+    """Linear warm-up from min_lr over warmup_steps, then constant (reference CT-CLIP) or cosine to min_lr
+    (fine-tuning, fVLM)."""
     train = config.train
+    floor = train.min_lr / train.lr
     if step < train.warmup_steps:
-        return (step + 1) / train.warmup_steps
+        return floor + (1 - floor) * (step + 1) / train.warmup_steps
     if train.schedule == "constant":
         return 1.0
     progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def parameter_groups(model: TrainableCTCLIP, config: TrainingConfig) -> list[dict]:
     """Text tower at text_lr (when set), everything else at lr."""
-    text = [p for p in model.clip.text_transformer.parameters() if p.requires_grad]
+    tower = model.fvlm.text_encoder if isinstance(model, fvlm.TrainableFVLM) else model.clip.text_transformer
+    text = [p for p in tower.parameters() if p.requires_grad]
     text_ids = {id(p) for p in text}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in text_ids]
     return [{"params": rest, "lr": config.train.lr}, {"params": text, "lr": config.train.text_lr or config.train.lr}]
@@ -101,8 +122,10 @@ def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
     """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains)."""
     if count <= 0:
         return
-    bert = model.clip.text_transformer
-    for module in (bert.embeddings, *bert.encoder.layer[:count]):
+    is_fvlm = isinstance(model, fvlm.TrainableFVLM)
+    bert = model.fvlm.text_encoder if is_fvlm else model.clip.text_transformer
+    layers = bert.encoder["layer"] if is_fvlm else bert.encoder.layer
+    for module in (bert.embeddings, *layers[:count]):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
 
@@ -129,8 +152,12 @@ class Trainer:
             raise TrainingError(f"{config.source}: model.tokenizer is required for {train.recipe}")
         self.dataset = dataset or training_dataset(config)
         self.model = initial_model(config)
+        self.is_fvlm = train.recipe == "fvlm"
         if train.gradient_checkpointing:
-            enable_gradient_checkpointing(self.model.clip)
+            if self.is_fvlm:
+                fvlm.enable_gradient_checkpointing(self.model.fvlm)
+            else:
+                enable_gradient_checkpointing(self.model.clip)
         freeze_text_layers(self.model, train.freeze_text_layers)
         self.head = self.pos_weight = None
         if train.recipe == "lipro":
@@ -140,11 +167,13 @@ class Trainer:
         self.optimizer = make_optimizer(params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         loader = DataLoader(
-            self.dataset, batch_size=train.batch_size, shuffle=True, drop_last=train.recipe == "contrastive",
-            num_workers=config.data.num_workers,
+            self.dataset, batch_size=train.batch_size, shuffle=True, drop_last=train.recipe in ("contrastive", "fvlm"),
+            num_workers=config.data.num_workers, collate_fn=fvlm.collate_fvlm if self.is_fvlm else None,
         )
         if len(loader) == 0:
             raise TrainingError(f"{config.source}: {len(self.dataset)} cases make no full batch of {train.batch_size}")
+        if train.epochs is not None:
+            train.steps = train.epochs * len(loader)
         prepared = self.accelerator.prepare(trainable, self.optimizer, loader, self.scheduler)
         trainable, self.optimizer, self.loader, self.scheduler = prepared
         if self.head is not None:
@@ -168,11 +197,19 @@ class Trainer:
             self.pos_weight = torch.tensor([float(w) for w in weights])
 
     @property
-    def core(self) -> TrainableCTCLIP:
+    def core(self) -> TrainableCTCLIP | fvlm.TrainableFVLM:
         return self.accelerator.unwrap_model(self.model)
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fVLM's texts, truncated at max_txt_len (padding beyond the longest changes nothing, see encode_text)."""
+        tokens = self.tokenizer(texts, padding="longest", truncation=True,
+                                max_length=self.core.fvlm.config.max_txt_len, return_tensors="pt")
+        return tokens["input_ids"], tokens["attention_mask"]
 
     def loss(self, batch: dict) -> torch.Tensor:
         recipe = self.config.train.recipe
+        if recipe == "fvlm":
+            return fvlm.fvlm_step(self.model, batch, self.tokenize, self.core.fvlm.config.organs)
         if recipe == "lipro":
             return lipro_step(self.model, self.head, batch, self.pos_weight)
         step = contrastive_step if recipe == "contrastive" else vocabfine_step
@@ -221,11 +258,15 @@ class Trainer:
         return float(loss.detach())
 
     def _log(self, step: int, loss: float, seconds: float, bar: tqdm, log: Logger | None) -> None:
-        temperature = float(self.core.clip.temperature.detach())
+        if self.is_fvlm:  # fVLM divides by its temperature; CT-CLIP multiplies by exp(temperature)
+            temperature = float(self.core.fvlm.temp.detach())
+            scale = 1.0 / temperature
+        else:
+            temperature = float(self.core.clip.temperature.detach())
+            scale = math.exp(temperature)
         record = {
             "step": step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
-            "temperature": round(temperature, 5), "logit_scale": round(math.exp(temperature), 4),
-            "seconds": round(seconds, 1),
+            "temperature": round(temperature, 5), "logit_scale": round(scale, 4), "seconds": round(seconds, 1),
         }
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record['logit_scale']:.2f}")
         if self.accelerator.is_main_process:
@@ -258,6 +299,9 @@ class Trainer:
         path = Path(self.config.export.checkpoint or self.output_dir / "model.pt")
         if self.accelerator.is_main_process:
             core = self.core
-            save_checkpoint(core.clip, path, core.quantizer.cluster_size)
+            if self.is_fvlm:
+                fvlm.save_fvlm_checkpoint(core.fvlm, path)
+            else:
+                save_checkpoint(core.clip, path, core.quantizer.cluster_size)
         self.accelerator.wait_for_everyone()
         return path

@@ -84,6 +84,8 @@ def run_ground(args: argparse.Namespace) -> int:
         case = ground_ct(volume, args.out, runtime, scoring, anatomy_request(args), text, thresholds, progress)
     if scoring.runtime is None:
         print(f"note: {scoring.skipped}", file=sys.stderr)
+    elif scoring.notice:
+        print(f"note: {scoring.notice}", file=sys.stderr)
     print(format_case(case))
     print(f"result: {args.out / GROUNDED_FILE} and {len(case.segments)} masks in {args.out / 'masks'}")
     return 0

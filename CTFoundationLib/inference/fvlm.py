@@ -43,6 +43,8 @@ from CTFoundationLib.models.fvlm import (
 from CTFoundationLib.preprocess import FVLM as FVLM_SPEC
 from CTFoundationLib.preprocess import (
     FVLM_WINDOWS,
+    ORGAN_WINDOWS,
+    SPECS,
     OrganWindowSpec,
     PreprocessSpec,
     crop_to_labels,
@@ -214,13 +216,16 @@ class FVLMRuntime:
 
     checkpoint: fVLM `checkpoint_*.pth` ({'model': ...}) or a bare state dict file.
     tokenizer_source: CXR-BERT folder or vocab.txt. config: sizes for non-standard checkpoints.
+    spec: the input `PreprocessSpec` (its organ windows: `ORGAN_WINDOWS`); model_id: the name results carry.
     The prompts are encoded once per runtime (`prompt_features`).
     """
 
     def __init__(self, checkpoint: Path, tokenizer_source: Path, config: FVLMConfig | None = None,
                  device: str = "auto", cache_dir: Path | None = None, progress: Progress | None = None,
-                 items: Sequence[ZeroShotItem] = ZERO_SHOT_ITEMS) -> None:
+                 items: Sequence[ZeroShotItem] = ZERO_SHOT_ITEMS, spec: PreprocessSpec = FVLM_SPEC,
+                 model_id: str = "fvlm") -> None:
         self.checkpoint = Path(checkpoint)
+        self.model_id, self.spec, self.windows = model_id, spec, ORGAN_WINDOWS[spec.name]
         self.device = select_device(device)
         self._progress = progress or (lambda message: None)
         self._timed = StepTimer(self._progress, label=lambda step: f"fvlm: {step.replace('_', ' ')}")
@@ -246,12 +251,22 @@ class FVLMRuntime:
         home: Path | str | None = None,
         progress: Progress | None = None,
     ) -> FVLMRuntime:
-        """The installed fVLM (or `weights`), its tokenizer from the registry's text encoder (or `text_encoder`)."""
-        spec = load_registry().get(model_id)
+        """The installed fVLM (or `weights`) with the sizes, tokenizer and input spec the registry names in its
+        folder (`runtime.constructors`, `.tokenizer`, `.preprocess`), else the released sizes and the registry's
+        text encoder; `config` / `text_encoder` replace them."""
+        runtime = load_registry().get(model_id).runtime
         checkpoint = resolve_weights(model_id, weights, home=home)
-        tokenizer = resolve_weights(spec.runtime.text_encoder or "cxr-bert", text_encoder, home=home)
+
+        def installed(name: str | None, given: Path | str | None) -> Path | str | None:
+            """`given`, else the file the registry names in the installed model's folder (None: neither)."""
+            if given is not None or not name:
+                return given
+            return (checkpoint.parent if weights is None else resolve_weights(model_id, home=home).parent) / name
+
+        config, text_encoder = installed(runtime.constructors, config), installed(runtime.tokenizer, text_encoder)
+        tokenizer = resolve_weights(runtime.text_encoder or "cxr-bert", text_encoder, home=home)
         return cls(checkpoint, tokenizer, read_fvlm_config(Path(config)) if config else None, device,
-                   progress=progress)
+                   progress=progress, spec=SPECS[runtime.preprocess or FVLM_SPEC.name], model_id=model_id)
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts padded to max_txt_len (384) like the reference (padding='max_length', truncation)."""
@@ -276,10 +291,10 @@ class FVLMRuntime:
         """Organ-wise findings of one CT; organ_labels: (i, j, k) uint8 ids 1..4 on the CT's grid."""
         started = time.perf_counter()
         with self._timed("preprocess"):
-            inp = prepare_fvlm_input(volume, organ_labels, self.organs)
+            inp = prepare_fvlm_input(volume, organ_labels, self.organs, self.spec, self.windows)
         prompts = self.prompt_features()
         with self._timed("encode_and_score"):
-            scores = score_windows(self.model, inp, prompts, self.items, mode, progress=self._progress)
+            scores = score_windows(self.model, inp, prompts, self.items, mode, self.windows.roi, self._progress)
         thresholds = thresholds or {}
         findings = [
             OrganFinding(item.finding, round(p, 6), thresholds.get(item.finding),
@@ -287,5 +302,5 @@ class FVLMRuntime:
             for item, p in scores.probabilities.items()
         ]
         self.timings_s["score_total"] = round(time.perf_counter() - started, 3)
-        return FVLMResult("fvlm", str(self.checkpoint), self.checkpoint_sha256, str(self.device), mode,
+        return FVLMResult(self.model_id, str(self.checkpoint), self.checkpoint_sha256, str(self.device), mode,
                           [scores.statuses[o] for o in self.organs], findings, dict(self.timings_s))

@@ -27,7 +27,7 @@ from CTFoundationLib.io.sanity import summarize
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.resources import ANATOMY_RESOURCES
 from CTFoundationLib.vocab import FVLM_ORGANS
-from CTFoundationLib.weights import resolve_weights
+from CTFoundationLib.weights import load_registry, resolve_weights
 
 DEFAULT_THRESHOLD = 0.5
 GROUNDED_FILE = "grounded.json"
@@ -104,19 +104,25 @@ class GroundedCase:
                 "finding_map": finding_map()["description"]}
 
 
+DEMO_FVLM = "fvlm-demo"  # stands in for the official fVLM when that is not installed
+
+
 @dataclass
 class FVLMScoring:
-    """A loaded fVLM with its thresholds and mode, or (runtime None) why fVLM is skipped."""
+    """A loaded fVLM with its thresholds and mode, or (runtime None) why fVLM is skipped. notice: what the output
+    must say about the model used (the demo fVLM standing in for missing official weights)."""
 
     runtime: FVLMRuntime | None
     skipped: str | None = None
     thresholds: Mapping[str, float] | None = None
     mode: str = "organ"
+    notice: str | None = None
 
     @classmethod
     def from_registry(cls, *, weights: Path | str | None = None, thresholds: Path | str | None = None,
                       mode: str = "organ", **runtime_options) -> FVLMScoring:
-        """The installed fVLM (or `weights`) ready to score; without either, a scoring that says fVLM is skipped.
+        """The installed fVLM (or `weights`) ready to score; without either, the demo fVLM (`fvlm-demo`) when it
+        is built, with a notice saying so; else a scoring that says fVLM is skipped.
 
         runtime_options: FVLMRuntime.from_registry's (config, text_encoder, device, home, progress).
         """
@@ -127,7 +133,15 @@ class FVLMScoring:
         except WeightsError as error:
             if weights is not None:
                 raise
-            return cls(None, f"fVLM skipped: {error}")
+            try:
+                resolve_weights(DEMO_FVLM, home=runtime_options.get("home"))
+            except WeightsError:
+                return cls(None, f"fVLM skipped: {error} (or build the demo fVLM: `python -m training.demo build "
+                                 "--model fvlm-demo` from the repository root)")
+            runtime = FVLMRuntime.from_registry(DEMO_FVLM, **runtime_options)
+            notice = (f"no official fVLM weights installed: the organ scores come from the demo fVLM "
+                      f"({load_registry().get(DEMO_FVLM).runtime.notice})")
+            return cls(runtime, None, load_thresholds(Path(thresholds) if thresholds else None), mode, notice)
         runtime = FVLMRuntime.from_registry(weights=weights, **runtime_options)
         return cls(runtime, None, load_thresholds(Path(thresholds) if thresholds else None), mode)
 
@@ -135,12 +149,13 @@ class FVLMScoring:
         """(fVLM result or None, its record for `GroundedCase.models`) of one CT and its anatomy."""
         if self.runtime is None:
             return None, {"available": False, "reason": self.skipped}
-        organ_labels = anatomy.fvlm_labels(FVLM_ORGANS)
+        organs = self.runtime.organs
+        organ_labels = anatomy.fvlm_labels(organs)
         if not organ_labels.any():
-            reason = "fVLM skipped: none of its organs (lung, heart, esophagus, aorta) is in the anatomy masks"
+            reason = f"fVLM skipped: none of its organs ({', '.join(organs)}) is in the anatomy masks"
             return None, {"available": False, "reason": reason}
         result = self.runtime.score(volume, organ_labels, self.thresholds, self.mode)
-        return result, result.to_dict()
+        return result, {**result.to_dict(), **({"notice": self.notice} if self.notice else {})}
 
 
 def _score(probability: float, threshold: float | None) -> Score:

@@ -112,10 +112,16 @@ class FVLMConfig:
         """From a fixture's `constructors` block: ViT(...), the med BertConfig and BlipPretrain(...) arguments.
 
         The pooling width follows the ViT width (the fixture's documented deviation; both are 768 for real).
+        An optional "organ_pooling" section (ours; the reference hard-codes it) gives "organs", "levels"
+        and "heads" of a model trained with another organ list or depth.
         """
         vit = constructors["ViT"]
         bert = next(v for k, v in constructors.items() if k.startswith("BertConfig"))
         blip = constructors["BlipPretrain"]
+        pooling = constructors.get("organ_pooling", {})
+        unknown = sorted(set(pooling.get("organs", ())) - set(FVLM_ORGANS))
+        if unknown:
+            raise ValueError(f"organ_pooling.organs {unknown} are not fVLM organs {list(FVLM_ORGANS)}")
         if bert.get("hidden_act", "gelu") != "gelu" or bert.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only hidden_act 'gelu' with absolute position embeddings is implemented")
         if bert.get("add_cross_attention", False):
@@ -128,7 +134,24 @@ class FVLMConfig:
             text_heads=bert["num_attention_heads"], text_intermediate=bert["intermediate_size"],
             max_position_embeddings=bert["max_position_embeddings"],
             text_layer_norm_eps=bert.get("layer_norm_eps", 1e-12), max_txt_len=blip["max_txt_len"],
+            organs=tuple(pooling.get("organs", FVLM_ORGANS)), pool_levels=tuple(pooling.get("levels", (3, 6, 9))),
+            pool_heads=pooling.get("heads", 4),
         )
+
+    def to_reference_constructors(self) -> dict:
+        """The constructor JSON `from_reference_constructors` reads back into this config."""
+        return {
+            "ViT": {"in_channels": self.in_channels, "img_size": list(self.img_size),
+                    "patch_size": list(self.patch_size), "hidden_size": self.vit_hidden, "mlp_dim": self.vit_mlp,
+                    "num_layers": self.vit_layers, "num_heads": self.vit_heads, "qkv_bias": self.vit_qkv_bias},
+            "BertConfig": {"vocab_size": self.vocab_size, "hidden_size": self.text_hidden,
+                           "num_hidden_layers": self.text_layers, "num_attention_heads": self.text_heads,
+                           "intermediate_size": self.text_intermediate,
+                           "max_position_embeddings": self.max_position_embeddings,
+                           "layer_norm_eps": self.text_layer_norm_eps},
+            "BlipPretrain": {"embed_dim": self.embed_dim, "max_txt_len": self.max_txt_len},
+            "organ_pooling": {"organs": list(self.organs), "levels": list(self.pool_levels), "heads": self.pool_heads},
+        }
 
 
 def read_fvlm_config(path: Path) -> FVLMConfig:

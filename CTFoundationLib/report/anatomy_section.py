@@ -37,8 +37,9 @@ def anatomy_section(request: AnatomyRequest, fvlm: FVLMScoring) -> ReportSection
 
     fvlm_settings = (
         {"skipped": fvlm.skipped} if fvlm.runtime is None else
-        {"checkpoint_sha256": fvlm.runtime.checkpoint_sha256, "thresholds": dict(fvlm.thresholds or {}),
-         "mode": fvlm.mode}
+        {"model": fvlm.runtime.model_id, "checkpoint_sha256": fvlm.runtime.checkpoint_sha256,
+         "thresholds": dict(fvlm.thresholds or {}), "mode": fvlm.mode,
+         **({"notice": fvlm.notice} if fvlm.notice else {})}
     )
     settings = {"totalsegmentator": request.use_totalsegmentator, "fvlm": fvlm_settings}
     return ReportSection(SECTION_KEY, "Findings per anatomy", compute, settings)
@@ -49,6 +50,8 @@ def section_html(case: GroundedCase) -> str:
     rows = "\n".join(_row(segment) for segment in case.segments.values())
     fvlm = case.models["fvlm"]
     note = "" if fvlm.get("available", True) else f"<p class='muted'>{escape(str(fvlm['reason']))}</p>"
+    if fvlm.get("notice"):
+        note += f"<p class='muted'>Note: {escape(str(fvlm['notice']))}</p>"
     return (f"<p class='muted'>Anatomy: {escape(case.anatomy['source'])}. Positive segments are tinted on the key "
             "images by their highest probability (pale yellow &lt; 0.2 … dark red &ge; 0.8).</p>\n" + note +
             "<table class='anatomy'>\n<thead><tr><th></th><th>anatomy</th><th>region</th><th class='num'>ml</th>"

@@ -1,4 +1,5 @@
-"""`python -m training.demo build|eval`: build the demo CT-CLIP into the weights cache, or evaluate it."""
+"""`python -m training.demo build|eval [--model ct-clip-demo|fvlm-demo]`: build a demo model into the weights
+cache, or evaluate it (ct-clip-demo by default)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from pathlib import Path
 from CTFoundationLib.errors import report_errors
 from CTFoundationLib.resources import shared_data_root
 
-from .build import STAGES, eval_demo, installed_demo, train_demo
+from .build import MODEL_ID, STAGES, eval_demo, installed_demo, train_demo
+from .fvlm_demo import EXPECTED, eval_fvlm_demo, installed_fvlm_demo, train_fvlm_demo
+
+MODELS = (MODEL_ID, "fvlm-demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--if-missing", action="store_true", help="do nothing when a current build is installed")
     for recipe in STAGES:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
+    build.add_argument("--fvlm-steps", type=int, help="steps of the fvlm-demo training (default: its config's)")
     evaluate = commands.add_parser("eval", help="zero-shot AUROC and the maps' pointing game of ct-clip-demo on the "
                                                 "held-out demo cases (builds it first if needed)")
     for command in (build, evaluate):
+        command.add_argument("--model", choices=MODELS, default=MODEL_ID,
+                             help=f"which demo model (fvlm-demo: {EXPECTED}; default: %(default)s)")
         command.add_argument("--data", type=Path, default=None,
                              help="the shared data folder with ct/ (default: $CTFOUNDATION_DATA, else ../shared/data)")
     return parser
@@ -30,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     data = args.data or shared_data_root()
+    if args.model == "fvlm-demo":
+        return run_fvlm(args, data)
     if args.command == "eval":
         eval_demo(data)
         return 0
@@ -39,6 +48,19 @@ def run(args: argparse.Namespace) -> int:
     steps = {recipe: count for recipe in STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
     record = train_demo(data, steps=steps)
     print(f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model")
+    return 0
+
+
+def run_fvlm(args: argparse.Namespace, data: Path) -> int:
+    if args.command == "eval":
+        eval_fvlm_demo(data)
+        return 0
+    if args.if_missing and installed_fvlm_demo() is not None:
+        print(f"fvlm-demo is installed: {installed_fvlm_demo()}")
+        return 0
+    record = train_fvlm_demo(data, steps=args.fvlm_steps)
+    print(f"demo fVLM per-organ mean AUROC (test, held-out): {record['test_per_organ_mean_auroc']:.3f}; "
+          "record: training_record.json beside the model")
     return 0
 
 

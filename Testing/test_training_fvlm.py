@@ -1,0 +1,256 @@
+"""The fVLM recipe (training/fvlm.py): organ texts, the dual false-negative soft targets, the loss on a fixed
+batch, and a tiny run through the shared trainer on the real RICORD CT whose export the runtime scores alike."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import data_root
+from small_models import bert_vocab
+
+import training.demo.__main__ as demo_command
+from CTFoundationLib.cli import main
+from CTFoundationLib.inference.ctclip import load_tokenizer
+from CTFoundationLib.inference.fvlm import FVLMRuntime, prepare_fvlm_input
+from CTFoundationLib.inference.grounding import GROUNDED_FILE
+from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.models.fvlm import ZERO_SHOT_ITEMS, FVLMConfig, encode_prompt_pairs, read_fvlm_config
+from CTFoundationLib.preprocess import FVLM_DEMO, FVLM_DEMO_WINDOWS
+from training.config import load_config
+from training.demo.fvlm_demo import train_fvlm_demo
+from training.fvlm import (
+    AnatomyLabeller,
+    TrainableFVLM,
+    build_fvlm,
+    fvlm_step,
+    intact_organs,
+    normal_template,
+    one_sentence,
+    organ_texts,
+    soft_targets,
+)
+from training.trainer import Trainer
+
+RICORD_3MM = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
+LUNG_NORMAL = normal_template("lung")
+
+
+def tiny_constructors(organs: list[str]) -> dict:
+    """An fVLM of the reference's structure, tiny widths, for the fvlm-demo input (104 x 80 x 128 at 3 mm)."""
+    return {
+        "ViT": {"in_channels": 1, "img_size": [104, 80, 128], "patch_size": [8, 16, 16], "hidden_size": 16,
+                "mlp_dim": 32, "num_layers": 2, "num_heads": 2, "qkv_bias": True},
+        "BertConfig": {"vocab_size": 30522, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "intermediate_size": 64, "max_position_embeddings": 512},
+        "BlipPretrain": {"embed_dim": 16, "max_txt_len": 64},
+        "organ_pooling": {"organs": organs, "levels": [0], "heads": 2},
+    }
+
+
+def test_organ_texts_follow_the_report_and_the_normal_template():
+    report = ("Nodules are observed in both lungs. There is pleural effusion in the right hemithorax. "
+              "There are wall calcifications in the aorta. Pericardial effusion was not detected.")
+    texts, abnormal = organ_texts(report, ("lung", "heart", "esophagus", "aorta"))
+    assert texts[0] == "Nodules are observed in both lungs. There is pleural effusion in the right hemithorax."
+    assert texts[1] == "heart shows no significant abnormalities. Pericardial effusion was not detected."
+    assert texts[2] == "esophagus shows no significant abnormalities."
+    assert texts[3] == "There are wall calcifications in the aorta."
+    assert abnormal == [True, False, False, True]
+    _, vascular = organ_texts("Calcified atheroma plaques were observed in the mediastinal main vascular "
+                              "structures.", ("aorta",))
+    assert vascular == [True]
+
+
+def test_one_sentence_keeps_a_normal_organ_normal():
+    generator = torch.Generator().manual_seed(0)
+    drawn = {one_sentence(f"{LUNG_NORMAL} No effusion. No nodule.", "lung", generator) for _ in range(20)}
+    assert drawn == {f"{LUNG_NORMAL} No effusion.", f"{LUNG_NORMAL} No nodule."}
+    drawn = {one_sentence("Nodules in both lungs. No effusion was seen.", "lung", generator) for _ in range(20)}
+    assert drawn == {"Nodules in both lungs.", "No effusion was seen."}
+    assert one_sentence(LUNG_NORMAL, "lung", generator) == LUNG_NORMAL
+
+
+def test_two_normal_organs_and_two_identical_texts_are_positives():
+    texts = [LUNG_NORMAL, f"{LUNG_NORMAL} No effusion was detected.", "Nodule in the left lung.",
+             "Nodule in the left lung.", "Effusion on the right."]
+    targets = soft_targets(texts, [t.startswith(LUNG_NORMAL) for t in texts])
+    expected = torch.tensor([[0.5, 0.5, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0.5, 0.5, 0], [0, 0, 0.5, 0.5, 0],
+                             [0, 0, 0, 0, 1.0]])
+    torch.testing.assert_close(targets, expected)
+
+
+def _handmade_batch() -> dict:
+    """Four patients with both organs; patient 2's aorta touches the volume's border (not intact)."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(4, 1, 16, 32, 32, generator=generator)
+    labels = torch.zeros(4, 16, 32, 32, dtype=torch.uint8)
+    labels[:, 2:14, 4:28, 4:16] = 1
+    labels[:, 4:12, 8:24, 20:28] = 2
+    labels[2, 4:12, 8:24, 28:32] = 2  # reaches the last x column: cut off, not intact
+    aorta_normal = normal_template("aorta")
+    texts = [[LUNG_NORMAL, aorta_normal], [LUNG_NORMAL, "Calcified plaques in the aorta."],
+             ["Nodule in the left lung.", aorta_normal], ["Nodule in the left lung.", aorta_normal]]
+    abnormal = torch.tensor([[False, False], [False, True], [True, False], [True, False]])
+    return {"image": image, "labels": labels, "texts": texts, "abnormal": abnormal}
+
+
+def _tiny_model(organs: list[str]) -> TrainableFVLM:
+    constructors = tiny_constructors(organs)
+    constructors["ViT"].update(img_size=[16, 32, 32], patch_size=[4, 8, 8])
+    return TrainableFVLM(build_fvlm(FVLMConfig.from_reference_constructors(constructors), seed=0))
+
+
+def _tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = load_tokenizer(bert_vocab())(texts, padding="longest", return_tensors="pt")
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+def test_the_loss_is_the_soft_infonce_of_the_intact_organs_with_an_abnormal_case():
+    """The aorta counts (patient 1 is abnormal) over its intact patients 0, 1, 3 only; the lung counts too;
+    both are checked against a hand computation with the expected targets."""
+    batch, model = _handmade_batch(), _tiny_model(["lung", "aorta"])
+    assert intact_organs(batch["labels"], 2).tolist() == [[True, True], [True, True], [True, False], [True, True]]
+    loss = fvlm_step(model, batch, _tokenize, ("lung", "aorta"))
+    with torch.no_grad():
+        feats = model.fvlm.encode_organs(batch["image"], batch["labels"])
+        temp = model.fvlm.temp
+
+        def soft_ce(images, texts, targets):
+            sim = images @ model.fvlm.encode_text(*_tokenize(texts)).t() / temp
+            return (-(F.log_softmax(sim, 1) * targets).sum(1).mean() - (F.log_softmax(sim.t(), 1) * targets)
+                    .sum(1).mean()) / 2
+
+        lung_targets = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+        aorta_targets = torch.tensor([[0.5, 0, 0.5], [0, 1.0, 0], [0.5, 0, 0.5]])
+    lung_texts = [LUNG_NORMAL, LUNG_NORMAL, "Nodule in the left lung.", "Nodule in the left lung."]
+    aorta_texts = [normal_template("aorta"), "Calcified plaques in the aorta.", normal_template("aorta")]
+    with torch.no_grad():
+        lung = soft_ce(feats[:, 0], lung_texts, lung_targets)
+        aorta = soft_ce(feats[[0, 1, 3], 1], aorta_texts, aorta_targets)
+    torch.testing.assert_close(loss.detach(), lung + aorta, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loss_is_finite_and_falls_on_a_fixed_batch():
+    batch, model = _handmade_batch(), _tiny_model(["lung", "aorta"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    losses = []
+    for _ in range(25):
+        loss = fvlm_step(model, batch, _tokenize, ("lung", "aorta"))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+REPORTS = ["Nodules are observed in both lungs.", "No nodule was detected in both lungs.",
+           "Consolidation areas are observed in the lower lobe of the right lung.",
+           "Emphysematous changes are present in both lungs."]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Four RICORD volumes (links to the real 3 mm scan, built-in anatomy) trained 6 steps through the trainer."""
+    folder = tmp_path_factory.mktemp("fvlm")
+    rows = []
+    for n, text in enumerate(REPORTS, start=1):
+        name = f"train_{n}_a_1.nii.gz"
+        target = folder / "train" / f"train_{n}" / f"train_{n}_a" / name
+        target.parent.mkdir(parents=True)
+        target.symlink_to(data_root() / RICORD_3MM)
+        rows.append({"VolumeName": name, "Findings_EN": text, "Impressions_EN": ""})
+    with open(folder / "train_reports.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "constructors.json").write_text(json.dumps(tiny_constructors(["lung"])))
+    config_file = folder / "tiny.yaml"
+    config_file.write_text(
+        "model: {constructors: constructors.json}\n"
+        "data: {root: train, reports_csv: train_reports.csv, preprocess: fvlm-demo, num_workers: 0,"
+        " cache_images: true}\n"
+        "train: {recipe: fvlm, batch_size: 4, lr: 3.0e-3, min_lr: 1.0e-4, weight_decay: 0.05, steps: 6,"
+        " warmup_steps: 2, schedule: cosine, log_every: 2, save_every: 3, keep_checkpoints: 1, output_dir: run}\n"
+        "export: {thresholds: false}\n")
+    config = load_config(config_file, {"model": {"tokenizer": str(bert_vocab())}})
+    trainer = Trainer(config)
+    return folder, trainer, trainer.train()
+
+
+def test_a_tiny_run_logs_checkpoints_and_exports_the_released_layout(tiny_run):
+    folder, trainer, result = tiny_run
+    assert result.steps == 6 and all(np.isfinite(result.losses))
+    log = [json.loads(line) for line in (folder / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 6] and all(0.001 <= r["temperature"] <= 0.5 for r in log)
+    assert sorted(p.name for p in (folder / "run" / "checkpoints").iterdir()) == ["step_6"]
+    assert len(list((folder / "run" / "inputs").glob("*.npz"))) == 4  # prepared inputs cached once per case
+    saved = torch.load(result.checkpoint, weights_only=True)
+    assert set(saved) == {"model"} and "query_tokens" in saved["model"]
+    assert read_fvlm_config(folder / "run" / "constructors.json") == trainer.core.fvlm.config
+
+
+def test_the_runtime_scores_the_export_as_the_training_time_model(tiny_run):
+    folder, trainer, result = tiny_run
+    runtime = FVLMRuntime(result.checkpoint, bert_vocab(), read_fvlm_config(result.checkpoint.parent /
+                          "constructors.json"), "cpu", folder / "runtime", spec=FVLM_DEMO, model_id="tiny")
+    volume = read_ct(data_root() / RICORD_3MM)
+    labels = AnatomyLabeller(("lung",))(volume, "ricord")
+    scored = runtime.score(volume, labels)
+    assert [s.status for s in scored.organs] == ["scored"] and scored.model == "tiny"
+    model = trainer.core.fvlm.eval()
+    items = [item for item in ZERO_SHOT_ITEMS if item.organ == "lung"]
+    inp = prepare_fvlm_input(volume, labels, ("lung",), FVLM_DEMO, FVLM_DEMO_WINDOWS)
+    with torch.no_grad():
+        image, organ_ids = (torch.from_numpy(a)[None] for a in (inp.image, inp.labels))
+        feats = model.encode_organs(image[:, None], organ_ids)
+        expected = model.zero_shot_p_positive(feats[0], encode_prompt_pairs(model, runtime.tokenize, items), items)
+    got = torch.tensor([f.probability for f in scored.findings], dtype=torch.float64)
+    assert len(got) == len(items)
+    torch.testing.assert_close(got, expected.double(), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fvlm_demo(demo_home):
+    """fvlm-demo built by the real command path into the CT-CLIP demo's cache (its demo set reused)."""
+    home, _ = demo_home
+    started = time.perf_counter()
+    record = train_fvlm_demo(data_root(), home)
+    print(f"fvlm-demo build: {time.perf_counter() - started:.0f} s")
+    return home, record
+
+
+@pytest.mark.slow
+def test_the_demo_fvlm_learns_its_organs_on_held_out_cases(fvlm_demo, monkeypatch, capsys):
+    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.78 measured, docs/training.md); this holds
+    what the recipe does reach: the aorta's finding separated, the mean clearly above chance."""
+    home, record = fvlm_demo
+    assert record["test"]["aorta: Arterial wall calcification"]["auroc"] >= 0.95, record["test"]
+    assert record["test_per_organ_mean_auroc"] >= 0.7, record["test"]
+    assert record["stages"]["fvlm"]["loss_last"] < record["stages"]["fvlm"]["loss_first"], record["stages"]
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    arguments = ["eval", "--model", "fvlm-demo", "--data", str(data_root())]
+    assert demo_command.run(demo_command.build_parser().parse_args(arguments)) == 0
+    printed = capsys.readouterr().out
+    line = next(line for line in printed.splitlines() if line.startswith("demo fVLM per-organ mean AUROC: "))
+    assert float(line.split(": ")[1]) == pytest.approx(record["test_per_organ_mean_auroc"], abs=0.01)
+    assert "lung: Lung nodule" in printed and "aorta: Arterial wall calcification" in printed
+
+
+@pytest.mark.slow
+def test_ground_uses_the_demo_fvlm_without_official_weights_and_says_so(fvlm_demo, monkeypatch, capsys, tmp_path):
+    home, _ = fvlm_demo
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    ct = data_root() / RICORD_3MM
+    assert main(["ground", str(ct), "--model", "ct-clip-demo", "--no-totalsegmentator", "--out",
+                 str(tmp_path)]) == 0
+    assert "the organ scores come from the demo fVLM (fvlm-demo: trained on demo data" in capsys.readouterr().err
+    grounded = json.loads((tmp_path / GROUNDED_FILE).read_text())
+    fvlm = grounded["models"]["fvlm"]
+    assert fvlm["model"] == "fvlm-demo" and "not for diagnosis" in fvlm["notice"]
+    assert [organ["status"] for organ in fvlm["organs"]] == ["scored", "absent"]  # built-in anatomy: no aorta
