@@ -865,8 +865,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setupDetectionSection()
         self.setupResultsSection()
         self.setupAnatomySection()
-        self.similarPanel = SimilarCasesPanel(self.logic, self.ui.resultsCollapsibleButton,
-                                              lambda: self._parameterNode.inputVolume)
+        self.similarPanel = SimilarCasesPanel(self.logic, self.ui, lambda: self._parameterNode.inputVolume)
         self.chatPanel = ChatPanel(self.logic, self.ui, lambda: self._parameterNode.inputVolume, self.groundText)
         self.initializeParameterNode()
 
@@ -1155,7 +1154,7 @@ class CTFoundationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setupResultsSection(self) -> None:
         self.ui.resultsTableView.setMRMLScene(slicer.mrmlScene)
         self.ui.exportDicomButton.connect("clicked(bool)", self.onExportDicom)
-        self.mapControls = findingMaps.MapControls(self.ui.resultsCollapsibleButton, self.ui.resultsTableView)
+        self.mapControls = findingMaps.MapControls(self.ui)
 
     def showResults(self, outcome: DetectionOutcome) -> None:
         self._detectionOutcome = outcome

@@ -34,7 +34,8 @@ EXAMPLE_TEXTS = {
     "chatStatusLabel": "ready: ct-chat-llama3.1-8b on cuda:0",
 }
 TABLE_COLUMNS = {"resultsTableView": ("finding", "probability", "threshold", "positive", "model"),
-                 "anatomyTableView": ("anatomy", "title", "region", "finding", "ctclip", "fvlm", "positive", "score")}
+                 "anatomyTableView": ("anatomy", "title", "region", "finding", "ctclip", "fvlm", "positive", "score"),
+                 "similarTableWidget": ("Image", "Similarity", "Case", "Findings", "Report")}
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Rendering:
 def _widget_classes():
     """PySide6 classes named as Slicer's, each the Qt widget its .ui <extends> names (kept alive: the loader
     holds no Python reference to a registered class)."""
-    from PySide6 import QtWidgets
+    from PySide6 import QtCore, QtWidgets
 
     class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801 (Slicer's class names)
         def setText(self, text: str) -> None:
@@ -62,6 +63,10 @@ def _widget_classes():
     class ctkPathLineEdit(QtWidgets.QLineEdit):  # noqa: N801
         pass
 
+    class ctkSliderWidget(QtWidgets.QSlider):  # noqa: N801 (a slider with its value box, drawn as the slider)
+        def __init__(self, parent=None) -> None:
+            super().__init__(QtCore.Qt.Orientation.Horizontal, parent)
+
     class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
         pass
 
@@ -71,8 +76,8 @@ def _widget_classes():
     class qMRMLWidget(QtWidgets.QWidget):  # noqa: N801
         pass
 
-    return (ctkCollapsibleButton, ctkCollapsibleGroupBox, ctkPathLineEdit, qMRMLNodeComboBox, qMRMLTableView,
-            qMRMLWidget)
+    return (ctkCollapsibleButton, ctkCollapsibleGroupBox, ctkPathLineEdit, ctkSliderWidget, qMRMLNodeComboBox,
+            qMRMLTableView, qMRMLWidget)
 
 
 def _application():
@@ -113,9 +118,13 @@ def load_panel(ui_path: Path):
     for bar in panel.findChildren(QtWidgets.QProgressBar):  # the module hides them until a job runs
         bar.hide()
     for table in panel.findChildren(QtWidgets.QTableView):
-        columns = TABLE_COLUMNS.get(table.objectName(), ())
+        columns = list(TABLE_COLUMNS.get(table.objectName(), ()))
+        if isinstance(table, QtWidgets.QTableWidget):  # the module sets its columns as it does here
+            table.setColumnCount(len(columns))
+            table.setHorizontalHeaderLabels(columns)
+            continue
         model = QtGui.QStandardItemModel(0, len(columns), table)
-        model.setHorizontalHeaderLabels(list(columns))
+        model.setHorizontalHeaderLabels(columns)
         table.setModel(model)
     return panel
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 UI = REPO / "Resources" / "UI" / "CTFoundation.ui"
-ORDER = ["Input", "Models", "Detection", "Results", "Findings per anatomy", "Chat (CT-CHAT)"]
+ORDER = ["Input", "Models", "Detection", "Results", "Similar cases", "Findings per anatomy", "Chat (CT-CHAT)"]
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,17 @@ def test_the_clipping_check_sees_a_squeezed_panel(tmp_path) -> None:
 
 
 def test_every_widget_the_module_uses_is_in_the_ui() -> None:
-    """`self.ui.name` in the module and `ui.name` in the chat panel: each an object of the .ui."""
+    """`self.ui.name` in the module and `ui.name` in its panels (chat, similar cases, maps): each an object of the
+    .ui, which is the whole layout (no section or widget is built in code)."""
     names = set(re.findall(r'name="(\w+)"', UI.read_text(encoding="utf-8")))
-    module = (REPO / "CTFoundation" / "CTFoundation.py").read_text(encoding="utf-8")
-    chat = (REPO / "CTFoundation" / "CTFoundationChat" / "__init__.py").read_text(encoding="utf-8")
-    used = set(re.findall(r"self\.ui\.(\w+)", module)) | set(re.findall(r"\bui\.(chat\w+)", chat))
-    assert len(used) >= 35 and used <= names, sorted(used - names)
+    module = REPO / "CTFoundation"
+    used = set(re.findall(r"self\.ui\.(\w+)", (module / "CTFoundation.py").read_text(encoding="utf-8")))
+    for panel in ("CTFoundationChat/__init__.py", "CTFoundationSimilar/__init__.py", "CTFoundationMRML/maps.py"):
+        used |= set(re.findall(r"\bui\.(\w+)", (module / panel).read_text(encoding="utf-8")))
+    assert len(used) >= 45 and used <= names, sorted(used - names)
+    for panel in module.glob("CTFoundation*/*.py"):
+        assert not re.search(r"qt\.Q\w*(Layout|Button|Label|Widget|SpinBox|ComboBox)\(|ctk\.ctk\w+\(",
+                             panel.read_text(encoding="utf-8")), f"{panel.name} builds widgets; put them in the .ui"
 
 
 def test_the_docs_show_the_current_panel() -> None:

@@ -76,24 +76,17 @@ class MapControls:
     """Under the results table: a click on a finding's row shows its map; sliders set the map's opacity and
     threshold (the fraction of its maximum below which nothing is drawn)."""
 
-    def __init__(self, parentWidget, tableView) -> None:
-        import ctk
-        import qt
+    def __init__(self, ui) -> None:
+        """The Results section's widgets of the .ui: resultsTableView, mapHintLabel, mapOpacitySlider and
+        mapThresholdSlider."""
+        self.tableView, self.volumeNode, self.tableNode, self.mapFiles, self.finding = (
+            ui.resultsTableView, None, None, {}, None)
+        self.label = ui.mapHintLabel
+        self.opacity = self._slider(ui.mapOpacitySlider, DEFAULT_OPACITY)
+        self.threshold = self._slider(ui.mapThresholdSlider, DEFAULT_THRESHOLD)
+        self.tableView.connect("clicked(QModelIndex)", self.onRowClicked)
 
-        self.tableView, self.volumeNode, self.tableNode, self.mapFiles, self.finding = tableView, None, None, {}, None
-        self.label = qt.QLabel("Click a finding in the table to show where the model reads it from (its map).")
-        self.label.wordWrap = True
-        self.opacity = self._slider(ctk, DEFAULT_OPACITY)
-        self.threshold = self._slider(ctk, DEFAULT_THRESHOLD)
-        form = qt.QFormLayout()
-        form.addRow(self.label)
-        form.addRow("Map opacity:", self.opacity)
-        form.addRow("Map threshold:", self.threshold)
-        parentWidget.layout().addLayout(form)
-        tableView.connect("clicked(QModelIndex)", self.onRowClicked)
-
-    def _slider(self, ctk, value: float):
-        slider = ctk.ctkSliderWidget()
+    def _slider(self, slider, value: float):
         slider.minimum, slider.maximum, slider.singleStep, slider.value = 0.0, 1.0, 0.05, value
         slider.connect("valueChanged(double)", lambda _value: self.refresh())
         return slider

@@ -79,50 +79,28 @@ def loadSimilarCase(hit: dict) -> vtkMRMLScalarVolumeNode:
 class SimilarCasesPanel:
     """The Similar cases section: index folder, number of cases, Find (or Cancel), the hits table, Load case."""
 
-    def __init__(self, logic, after, currentVolume) -> None:
-        """A new collapsible section placed right below the widget `after` (the Results section)."""
+    def __init__(self, logic, ui, currentVolume) -> None:
+        """The .ui's Similar cases section (similarCollapsibleButton and its similar* widgets)."""
         self.logic, self.currentVolume = logic, currentVolume
         self.task = None
         self.hits: list[dict] = []
-        section = ctk.ctkCollapsibleButton()
-        layout = after.parentWidget().layout()
-        layout.insertWidget(layout.indexOf(after) + 1, section)
-        self._build(section)
-
-    def _build(self, section) -> None:
-        section.text = _("Similar cases")
-        section.collapsed = True
-        form = qt.QFormLayout(section)
-        self.indexEdit = ctk.ctkPathLineEdit()
+        self.indexEdit = ui.similarIndexPathLineEdit
         self.indexEdit.filters = ctk.ctkPathLineEdit.Dirs
         self.indexEdit.currentPath = str(qt.QSettings().value(INDEX_SETTING, ""))
-        self.indexEdit.toolTip = _("Case index folder made by `ctfoundation index` (its model is used)")
-        form.addRow(_("Case index:"), self.indexEdit)
-        self.countSpinBox = qt.QSpinBox()
-        self.countSpinBox.setRange(1, 50)
-        self.countSpinBox.value = 5
-        self.targetSelector = qt.QComboBox()
+        self.countSpinBox, self.targetSelector = ui.similarCountSpinBox, ui.similarTargetSelector
         self.targetSelector.addItem(_("by image"), "images")
         self.targetSelector.addItem(_("by report"), "reports")
-        row = qt.QHBoxLayout()
-        row.addWidget(self.countSpinBox)
-        row.addWidget(self.targetSelector)
-        form.addRow(_("Cases:"), row)
-        self.findButton = qt.QPushButton(_("Find similar cases"))
+        self.findButton, self.statusLabel = ui.similarFindButton, ui.similarStatusLabel
         self.findButton.connect("clicked(bool)", self.onFindOrCancel)
-        self.statusLabel = qt.QLabel("")
-        form.addRow(self.findButton, self.statusLabel)
-        self.table = qt.QTableWidget(0, len(COLUMNS))
+        self.table = ui.similarTableWidget
+        self.table.setColumnCount(len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
         self.table.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.table.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.table.horizontalHeader().setStretchLastSection(True)
         self.table.connect("itemSelectionChanged()", self.updateLoadButton)
-        form.addRow(self.table)
-        self.loadButton = qt.QPushButton(_("Load selected case"))
-        self.loadButton.enabled = False
+        self.loadButton = ui.similarLoadButton
         self.loadButton.connect("clicked(bool)", self.onLoad)
-        form.addRow(self.loadButton)
 
     def onResultsShown(self) -> None:
         """After detection: search at once when an index is chosen (in the background)."""
@@ -168,11 +146,12 @@ class SimilarCasesPanel:
         self.hits = hits
         self.table.setRowCount(len(hits))
         for row, hit in enumerate(hits):
-            if hit["thumbnail"]:
-                pixmap, image = qt.QPixmap(hit["thumbnail"]), qt.QLabel()
-                image.setPixmap(pixmap)
-                self.table.setCellWidget(row, 0, image)
+            if hit["thumbnail"]:  # drawn by the cell itself (its decoration), no widget per row
+                pixmap, image = qt.QPixmap(hit["thumbnail"]), qt.QTableWidgetItem()
+                image.setData(qt.Qt.DecorationRole, pixmap)
+                self.table.setItem(row, 0, image)
                 self.table.setRowHeight(row, pixmap.height() + 4)
+                self.table.setIconSize(pixmap.size())
             findings = _("not recorded") if hit["findings"] is None else (", ".join(hit["findings"]) or _("none"))
             for column, text in enumerate((f"{hit['score']:.3f}", hit["case_id"], findings, hit["report"] or ""), 1):
                 item = qt.QTableWidgetItem(text)
