@@ -32,6 +32,7 @@ class LoraSettings:
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
+    targets: tuple[str, ...] | None = None  # None: every Linear of the LLM but lm_head (the reference's choice)
 
 
 class TrainableCTChat(nn.Module):
@@ -87,8 +88,8 @@ class TrainableCTChat(nn.Module):
         """Stage 2: peft LoRA on every Linear of the LLM but lm_head; projector and added-token rows trainable."""
         from peft import LoraConfig, get_peft_model
 
-        targets = sorted({name.split(".")[-1] for name, module in self.llm.named_modules()
-                          if isinstance(module, nn.Linear) and "lm_head" not in name})
+        targets = list(settings.targets or sorted({name.split(".")[-1] for name, module in self.llm.named_modules()
+                                                   if isinstance(module, nn.Linear) and "lm_head" not in name}))
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
                             target_modules=targets, task_type="CAUSAL_LM")
         if gradient_checkpointing:
