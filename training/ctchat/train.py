@@ -158,7 +158,8 @@ def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Ten
     template = PLAIN if config.stage == "pretrain" else config.template
     examples = [tokenize_item(item, model.tokenizer, template, config.max_length) for item in items]
     n_queries = model.projector.config.n_queries
-    batches_per_epoch = max(1, len(examples) // config.batch_size)
+    world, rank = accelerator.num_processes, accelerator.process_index  # each process takes its own batches
+    batches_per_epoch = max(1, len(examples) // (config.batch_size * world))
     total = config.steps or max(1, round(config.epochs * batches_per_epoch / config.grad_accum))
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, config.warmup_ratio))
@@ -177,7 +178,8 @@ def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Ten
         epoch, offset = divmod(micro, batches_per_epoch)
         order.seed(config.seed + epoch)
         order.shuffle(shuffled)
-        chosen = shuffled[offset * config.batch_size: (offset + 1) * config.batch_size]
+        first = (offset * world + rank) * config.batch_size
+        chosen = shuffled[first: first + config.batch_size]
         batch = collate([examples[i] for i in chosen], grids, n_queries, pad)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         model.train()

@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
     evaluate = commands.add_parser("eval", help="zero-shot AUROC of ct-clip-demo on the held-out demo cases "
                                                 "(builds it first if needed)")
+    build.add_argument("--chat-steps", type=int, nargs=2, metavar=("PRETRAIN", "LORA"),
+                       help="with --model ct-chat-demo: steps of its two stages (default 40 40)")
     for command in (build, evaluate):
+        command.add_argument("--model", choices=("ct-clip-demo", "ct-chat-demo"), default="ct-clip-demo",
+                             help="which demo model (ct-chat-demo: the demo CT-CHAT, about 25 minutes on 2 cores; "
+                                  "builds ct-clip-demo first when missing)")
         command.add_argument("--data", type=Path, default=None,
                              help="the shared data folder with ct/ (default: $CTFOUNDATION_DATA, else ../shared/data)")
     return parser
@@ -30,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     data = args.data or shared_data_root()
+    if args.model == "ct-chat-demo":
+        return run_chat_demo(args, data)
     if args.command == "eval":
         eval_demo(data)
         return 0
@@ -39,6 +46,24 @@ def run(args: argparse.Namespace) -> int:
     steps = {recipe: count for recipe in STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
     record = train_demo(data, steps=steps)
     print(f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model")
+    return 0
+
+
+def run_chat_demo(args: argparse.Namespace, data: Path) -> int:
+    from training.ctchat.demo import build_chat_demo, evaluate_chat_demo, installed_chat_demo
+
+    if args.command == "eval":
+        if installed_chat_demo() is None:
+            print("ct-chat-demo is not built yet: building it now")
+            build_chat_demo(data)
+            return 0
+        evaluate_chat_demo(data)
+        return 0
+    if args.if_missing and installed_chat_demo() is not None:
+        print(f"ct-chat-demo is installed: {installed_chat_demo()}")
+        return 0
+    steps = dict(zip(("pretrain", "lora"), args.chat_steps)) if args.chat_steps else None
+    build_chat_demo(data, steps=steps)
     return 0
 
 
