@@ -178,7 +178,8 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
     stage1 = train_stage(replace(PRETRAIN, llm=llm, output_dir=staging / "run_pretrain",
                                  steps=steps.get("pretrain", PRETRAIN.steps), resume=False), items, grids, say=say)
     stage2 = train_stage(replace(LORA, llm=llm, output_dir=staging / "run_lora", init_projector=stage1.output,
-                                 steps=steps.get("lora", LORA.steps), resume=False), items, grids, say=say)
+                                 steps=steps.get("lora", LORA.steps), resume=False), items, grids, stage1.model,
+                         say=say)  # continues stage 1's model: the LLM is not loaded twice
     shutil.copytree(stage2.output, staging / "lora")
     record = {
         "model": MODEL_ID, "demo_version": demo_version(), "command": "python -m training.demo build --model "
