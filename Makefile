@@ -32,6 +32,10 @@ demo: venv
 demo-models: venv
 	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --if-missing
 
+# The demo CT-CHAT (SmolLM2-135M + projector + LoRA on ct-clip-demo's token grids; about 20 minutes on 2 cores).
+demo-chat: demo-models
+	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --model ct-chat-demo --if-missing
+
 lint: venv
 	$(VENV)/bin/ruff check --no-cache .
 

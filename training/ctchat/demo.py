@@ -107,13 +107,15 @@ def case_questions(findings: list[dict], impression: str, rng, all_presence: boo
     return qas
 
 
-def demo_items(data: Path, split: str, seed: int = 0, all_presence: bool = False) -> list[dict]:
-    """Single-question conversation items of a demo split (the image name is the case's VolumeName)."""
+def demo_items(data: Path, split: str, seed: int = 0, all_presence: bool = False, cases: int | None = None,
+               ) -> list[dict]:
+    """Single-question conversation items of a demo split (the image name is the case's VolumeName); `cases`: only
+    the first so many cases (by name)."""
     findings = json.loads((data / f"{split}_findings.json").read_text())
     reports = {row["VolumeName"]: row for row in read_rows(data / f"{split}_reports.csv",
                                                              ("VolumeName", "Impressions_EN"))}
     items = []
-    for name in sorted(reports):
+    for name in sorted(reports)[:cases]:
         case = findings.get(name, {})  # a case without a record has no inserted finding
         rng = case_rng(seed, name, "demo")
         qas = case_questions(case.get("findings", []), reports[name]["Impressions_EN"], rng, all_presence)
@@ -162,14 +164,16 @@ def demo_data_folder(data_root: Path, home: Path | None, say: Say) -> Path:
 
 
 def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, int] | None = None,
-                    say: Say = print) -> dict:
-    """Train both stages, install `ct-chat-demo` (and its base LLM) into the weights cache, evaluate; the record."""
+                    say: Say = print, train_cases: int | None = None, test_cases: int | None = None) -> dict:
+    """Train both stages, install `ct-chat-demo` (and its base LLM) into the weights cache, evaluate; the record.
+
+    steps / train_cases / test_cases: fewer steps and cases than the recipe's (a quick check, e.g. in CI)."""
     started = time.perf_counter()
     data = demo_data_folder(data_root, home, say)
     staging = cache_root(home) / "build" / MODEL_ID
     shutil.rmtree(staging, ignore_errors=True)
     llm = smollm2_gguf()
-    items = demo_items(data, "train")
+    items = demo_items(data, "train", cases=train_cases)
     grids = demo_grids(data, "train", [item["image"] for item in items], home, say)
     steps = steps or {}
     say(f"training {MODEL_ID}: stage 1 {steps.get('pretrain', PRETRAIN.steps)} steps, stage 2 "
@@ -195,7 +199,7 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
     import_model(LLM_ID, llm, home=home, accept_licenses=True)
     import_model(MODEL_ID, staging, home=home, accept_licenses=True, link=True)
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
-    evaluation = evaluate_chat_demo(data_root, home, say=say)
+    evaluation = evaluate_chat_demo(data_root, home, say=say, cases=test_cases)
     record.update(build_seconds=round(time.perf_counter() - started, 1), test=evaluation)
     write_json_atomic(resolve_weights(MODEL_ID, home=home).parent / "training_record.json", record)
     return record
@@ -204,7 +208,8 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 
-def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = print) -> dict:
+def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = print, cases: int | None = None,
+                       ) -> dict:
     """The installed ct-chat-demo on the held-out test cases: yes/no accuracy (every inserted finding asked about
     in every case), text metrics per question type, clinical F1 of its short reports; prints and returns them."""
     from tqdm import tqdm
@@ -218,7 +223,7 @@ def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = pri
 
     data = demo_data_folder(data_root, home, say)
     model = load_chat_model(MODEL_ID, device="cpu", precision="fp32", home=home)
-    items = demo_items(data, "test", all_presence=True)
+    items = demo_items(data, "test", all_presence=True, cases=cases)
     grids = demo_grids(data, "test", [item["image"] for item in items], home, say)
     say(f"answering {len(items)} held-out questions about {len(grids)} test cases")
     with tqdm(total=len(items), desc="answer", unit="question", file=sys.stderr, disable=None) as bar:
