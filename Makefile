@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo demo-models lint test clean
+.PHONY: venv demo demo-models demo-chat lint test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
