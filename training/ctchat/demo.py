@@ -37,6 +37,7 @@ DEMO_FINDINGS = ("Lung nodule", "Pleural effusion", "Consolidation", "Lung opaci
                  "Arterial wall calcification", "Medical material")
 NOTICE = "ct-chat-demo: trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EVALUATION_FILE = "evaluation.json"  # beside the installed model: the build's record with its held-out figures
 # Small-scale settings (2 CPU cores): 16 image queries, LoRA r 16 on q/v (the reference: 256 queries, r 128 on
 # every Linear of an 8B LLM).
 PRETRAIN = ChatTrainConfig(stage="pretrain", template=TEMPLATE, kinds=["report_generation"], steps=40, batch_size=8,
@@ -201,7 +202,7 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
     evaluation = evaluate_chat_demo(data_root, home, say=say, cases=test_cases)
     record.update(build_seconds=round(time.perf_counter() - started, 1), test=evaluation)
-    write_json_atomic(resolve_weights(MODEL_ID, home=home).parent / "training_record.json", record)
+    write_json_atomic(resolve_weights(MODEL_ID, home=home).parent / EVALUATION_FILE, record)
     return record
 
 
