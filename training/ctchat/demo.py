@@ -40,10 +40,10 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EVALUATION_FILE = "evaluation.json"  # beside the installed model: the build's record with its held-out figures
 # Small-scale settings (2 CPU cores): 16 image queries, LoRA r 16 on q/v (the reference: 256 queries, r 128 on
 # every Linear of an 8B LLM).
-PRETRAIN = ChatTrainConfig(stage="pretrain", template=TEMPLATE, kinds=["report_generation"], steps=40, batch_size=8,
-                           lr=1e-3, projector={"n_queries": 16, "n_heads": 8}, max_length=96, log_every=5,
+PRETRAIN = ChatTrainConfig(stage="pretrain", template=TEMPLATE, kinds=["report_generation"], steps=60, batch_size=8,
+                           lr=2e-3, projector={"n_queries": 16, "n_heads": 8}, max_length=256, log_every=5,
                            save_every=10_000)
-LORA = replace(PRETRAIN, stage="lora", kinds=None, steps=40, lr=4e-4, projector_lr=4e-4,
+LORA = replace(PRETRAIN, stage="lora", kinds=None, steps=50, lr=5e-4, projector_lr=1e-3,
                lora={"r": 16, "alpha": 32, "dropout": 0.05, "targets": ("q_proj", "v_proj")})
 
 
@@ -86,14 +86,11 @@ def where(finding: dict) -> str | None:
     return f"In the {side} {zone}." if zone else f"On the {side} side."
 
 
-def case_questions(findings: list[dict], impression: str, rng, all_presence: bool) -> list[QA]:
-    """Presence (all findings, or one present and one absent), where, how big, and a short report."""
+def case_questions(findings: list[dict], impression: str, rng) -> list[QA]:
+    """Presence of every demo finding (in a seeded order), where, how big, and a short report."""
     present = {f["name"]: f for f in findings}
     names = list(DEMO_FINDINGS)
-    if not all_presence:
-        positives = [n for n in names if n in present]
-        negatives = [n for n in names if n not in present]
-        names = ([rng.choice(positives)] if positives else []) + ([rng.choice(negatives)] if negatives else [])
+    rng.shuffle(names)
     qas = [QA(f"Is there {lower_finding(name)}?", "Yes." if name in present else "No.", "short_answer")
            for name in names]
     for finding in findings:
@@ -108,10 +105,11 @@ def case_questions(findings: list[dict], impression: str, rng, all_presence: boo
     return qas
 
 
-def demo_items(data: Path, split: str, seed: int = 0, all_presence: bool = False, cases: int | None = None,
+def demo_items(data: Path, split: str, seed: int = 0, conversations: bool = False, cases: int | None = None,
                ) -> list[dict]:
-    """Single-question conversation items of a demo split (the image name is the case's VolumeName); `cases`: only
-    the first so many cases (by name)."""
+    """Conversation items of a demo split (the image name is the case's VolumeName): one question each, or with
+    `conversations` (training) one multi-turn conversation per case of its short questions plus the report as its
+    own item (one pass then trains on every answer about the case). `cases`: the first so many cases by name."""
     findings = json.loads((data / f"{split}_findings.json").read_text())
     reports = {row["VolumeName"]: row for row in read_rows(data / f"{split}_reports.csv",
                                                              ("VolumeName", "Impressions_EN"))}
@@ -119,8 +117,13 @@ def demo_items(data: Path, split: str, seed: int = 0, all_presence: bool = False
     for name in sorted(reports)[:cases]:
         case = findings.get(name, {})  # a case without a record has no inserted finding
         rng = case_rng(seed, name, "demo")
-        qas = case_questions(case.get("findings", []), reports[name]["Impressions_EN"], rng, all_presence)
-        items += [conversation_item(name, [qa], f"{name}#{i}") for i, qa in enumerate(qas)]
+        qas = case_questions(case.get("findings", []), reports[name]["Impressions_EN"], rng)
+        if not conversations:
+            items += [conversation_item(name, [qa], f"{name}#{i}") for i, qa in enumerate(qas)]
+            continue
+        short = [qa for qa in qas if qa.kind == "short_answer"]
+        items.append(conversation_item(name, short, f"{name}#questions"))
+        items += [conversation_item(name, [qa], f"{name}#report") for qa in qas if qa.kind != "short_answer"]
     return items
 
 
@@ -174,7 +177,7 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
     staging = cache_root(home) / "build" / MODEL_ID
     shutil.rmtree(staging, ignore_errors=True)
     llm = smollm2_gguf()
-    items = demo_items(data, "train", cases=train_cases)
+    items = demo_items(data, "train", conversations=True, cases=train_cases)
     grids = demo_grids(data, "train", [item["image"] for item in items], home, say)
     steps = steps or {}
     say(f"training {MODEL_ID}: stage 1 {steps.get('pretrain', PRETRAIN.steps)} steps, stage 2 "
@@ -224,7 +227,7 @@ def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = pri
 
     data = demo_data_folder(data_root, home, say)
     model = load_chat_model(MODEL_ID, device="cpu", precision="fp32", home=home)
-    items = demo_items(data, "test", all_presence=True, cases=cases)
+    items = demo_items(data, "test", cases=cases)
     grids = demo_grids(data, "test", [item["image"] for item in items], home, say)
     say(f"answering {len(items)} held-out questions about {len(grids)} test cases")
     with tqdm(total=len(items), desc="answer", unit="question", file=sys.stderr, disable=None) as bar:
