@@ -220,8 +220,8 @@ def test_detect_and_report_run_with_the_demo_model(demo_home, monkeypatch, capsy
 @pytest.mark.slow
 def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch, capsys):
     """A reduced build of ct-chat-demo (the real SmolLM2 GGUF, both stages, fewer steps and cases) on the demo
-    CT-CLIP's token grids: stage 1's loss falls, it installs, `python -m training.demo eval --model ct-chat-demo` prints its
-    figures, and the default CT-CHAT of a machine without the official weights is the demo one."""
+    CT-CLIP's token grids: stage 1's loss falls, it installs, evaluates and prints its figures, and the default
+    CT-CHAT of a machine without the official weights is the demo one."""
     from CTFoundationLib.inference.chat import ChatRuntime
     from training.ctchat.demo import build_chat_demo, case_volume, demo_data_folder, evaluate_chat_demo
 
