@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 SHARED ?= ../shared
 DEMO_OUT ?= demo_output
 
-.PHONY: venv demo demo-models lint test panel-images clean
+.PHONY: venv demo demo-models demo-chat lint test panel-images clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: venv
 # The demo models, trained on this machine from the shared sample CTs (skipped when a current build is installed).
 demo-models: venv
 	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --if-missing
+
+# The demo CT-CHAT (SmolLM2-135M + projector + LoRA on ct-clip-demo's token grids; about 20 minutes on 2 cores).
+demo-chat: demo-models
+	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --model ct-chat-demo --if-missing
 
 lint: venv
 	$(VENV)/bin/ruff check --no-cache .

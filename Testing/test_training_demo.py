@@ -275,3 +275,34 @@ def held_out_case_with(home, finding: str):
     manifest = json.loads((data / "test_findings.json").read_text())
     name = next(name for name, entry in manifest.items() if finding in {f["name"] for f in entry["findings"]})
     return next((data / "test").rglob(name))
+
+
+@pytest.mark.slow
+def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch, capsys):
+    """A reduced build of ct-chat-demo (the real SmolLM2 GGUF, both stages, fewer steps and cases) on the demo
+    CT-CLIP's token grids: stage 1's loss falls, it installs, evaluates and prints its figures, and the default
+    CT-CHAT of a machine without the official weights is the demo one."""
+    from CTFoundationLib.inference.chat import ChatRuntime
+    from training.ctchat.demo import build_chat_demo, case_volume, demo_data_folder, evaluate_chat_demo
+
+    home, _ = demo_home
+    monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
+    record = build_chat_demo(data_root(), home, steps={"pretrain": 6, "lora": 6}, train_cases=40, test_cases=4)
+    stages = record["stages"]
+    assert stages["pretrain"]["steps"] == stages["lora"]["steps"] == 6
+    assert stages["pretrain"]["loss_last"] < stages["pretrain"]["loss_first"]  # 6 steps: too few to judge stage 2's
+    assert 0 < stages["lora"]["loss_last"] < 10  # finite (its fall is checked by test_ctchat_training.py)
+    test = record["test"]
+    assert test["yes_no_questions"] == 4 * 7 and 0 <= test["yes_no_accuracy"] <= 1
+    assert {"short_answer", "report_generation"} <= set(test["text_metrics"])
+    assert set(test["clinical"]["findings"]) == set(DEMO_FINDINGS)
+    assert "demo CT-CHAT yes/no accuracy: " in capsys.readouterr().out
+    assert evaluate_chat_demo(data_root(), home, cases=2)["yes_no_questions"] == 14
+
+    runtime = ChatRuntime.from_registry(home=home, device="cpu")  # the default model, not installed here
+    assert runtime.model_id == "ct-chat-demo" and "not for diagnosis" in runtime.notice
+    assert runtime.model.image_positions == 16
+    data = demo_data_folder(data_root(), home, print)
+    session = runtime.session(read_ct(case_volume(data, "test", "test_1_a_1.nii.gz")))
+    answer = session.ask("Is there pleural effusion?", "short")
+    assert answer.text.strip() and answer.new_tokens >= 1

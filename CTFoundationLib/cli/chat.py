@@ -77,6 +77,8 @@ def run_chat(args: argparse.Namespace) -> int:
             **options,
         )
         session = runtime.session(volume, settings=settings)
+    if runtime.notice:
+        print(f"note: {runtime.notice}", file=sys.stderr)
     try:
         if args.question or args.report:
             for question in args.question or []:

@@ -36,6 +36,7 @@ from CTFoundationLib.weights import load_registry, resolve_weights
 
 ANSWER_TYPES = tuple(ANSWER_SUFFIXES)
 DEFAULT_CHAT_MODEL = "ct-chat-llama3.1-8b"
+DEMO_CHAT_MODEL = "ct-chat-demo"  # built on this machine (`python -m training.demo build --model ct-chat-demo`)
 REPORT_REQUEST = "Generate the radiology report for this chest CT volume."
 TokenCallback = Callable[[str], None]
 
@@ -181,6 +182,8 @@ class ChatRuntime:
         self.model, self.encoder, self.cache_tokens = model, encoder, cache_tokens
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.progress = progress or (lambda step: None)
+        self.model_id: str | None = None
+        self.notice: str | None = None  # the registry's notice of the model (a demo's), for the caller to show
 
     @classmethod
     def from_registry(
@@ -197,13 +200,18 @@ class ChatRuntime:
         """Load a registered CT-CHAT and its CT-CLIP from the weights cache (ctclip / ctclip_config: a local
         checkpoint and its constructor JSON instead).
 
-        model_options: load_chat_model's (llm, lora, use_lora, projector, template, precision).
+        model_options: load_chat_model's (llm, lora, use_lora, projector, template, precision). The default
+        model falls back to the demo CT-CHAT when only that one is installed (`available_chat_model`).
         """
+        if model_options.get("llm") is None and model_options.get("lora") is None:
+            model_id = available_chat_model(model_id, home)
         encoder = CTCLIPRuntime.from_registry(chat_dependency(model_id, "ct-clip"), weights=ctclip,
                                               model_config=ctclip_config, with_text=False, device=device, home=home,
                                               progress=progress)  # first: it loads in seconds, the LLM in minutes
         model = load_chat_model(model_id, device=device, home=home, progress=progress, **model_options)
-        return cls(model, encoder, progress=progress)
+        runtime = cls(model, encoder, progress=progress)
+        runtime.model_id, runtime.notice = model_id, load_registry().get(model_id).runtime.notice
+        return runtime
 
     def image_embeddings(self, volume: CTVolume) -> torch.Tensor:
         """(1, 256, H) embeddings of a CT: CT-CLIP token grid (cached on disk) through the projector."""
@@ -244,6 +252,20 @@ def load_chat_model(
     template = template or load_registry().get(model_id).runtime.template or "llama3"
     return CTChatModel.load(base, adapter, projector, template, device=device, precision=precision,
                             progress=progress)
+
+
+def available_chat_model(model_id: str, home: Path | str | None = None) -> str:
+    """`model_id`, or the demo CT-CHAT when `model_id` is the default official model, which is not installed, and
+    the demo is: a fresh machine can chat with what `make demo`-style builds installed."""
+    from CTFoundationLib.weights.manage import INSTALLED, model_status
+
+    if model_id != DEFAULT_CHAT_MODEL:
+        return model_id
+    registry = load_registry()
+    if model_status(registry.get(model_id), home).state == INSTALLED or DEMO_CHAT_MODEL not in registry.models:
+        return model_id
+    demo = registry.get(DEMO_CHAT_MODEL)
+    return DEMO_CHAT_MODEL if model_status(demo, home).state == INSTALLED else model_id
 
 
 def chat_dependency(model_id: str, family: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from CTFoundationLib.anatomy.masks import AnatomyRequest
 from CTFoundationLib.errors import CTFoundationError
-from CTFoundationLib.inference.chat import ChatRuntime, chat_dependency
+from CTFoundationLib.inference.chat import ChatRuntime, available_chat_model, chat_dependency
 from CTFoundationLib.inference.common import Progress, load_thresholds
 from CTFoundationLib.inference.store import ModelStore
 from CTFoundationLib.io.cases import Case, SkippedInput, require_outside_series
@@ -68,6 +68,8 @@ def report_cases(
     """
     ctclip = dict(ctclip or {})
     if narrative:
+        if not (chat or {}).get("llm") and not (chat or {}).get("lora"):
+            narrative = available_chat_model(narrative)
         encoder = chat_dependency(narrative, "ct-clip")
         if ctclip.get("model_id", "ct-clip-v2") != encoder:
             raise CTFoundationError(f"a {narrative} narrative needs the detection model {encoder} (its image encoder), "

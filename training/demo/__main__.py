@@ -13,7 +13,7 @@ from CTFoundationLib.resources import shared_data_root
 from .build import MODEL_ID, STAGES, eval_demo, installed_demo, train_demo
 from .fvlm_demo import EXPECTED, eval_fvlm_demo, installed_fvlm_demo, train_fvlm_demo
 
-MODELS = (MODEL_ID, "fvlm-demo")
+MODELS = (MODEL_ID, "fvlm-demo", "ct-chat-demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,11 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
     for recipe in STAGES:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
     build.add_argument("--fvlm-steps", type=int, help="steps of the fvlm-demo training (default: its config's)")
+    build.add_argument("--chat-steps", type=int, nargs=2, metavar=("PRETRAIN", "LORA"),
+                       help="with --model ct-chat-demo: steps of its two stages (default 40 40)")
     evaluate = commands.add_parser("eval", help="zero-shot AUROC and the maps' pointing game of ct-clip-demo on the "
                                                 "held-out demo cases (builds it first if needed)")
     for command in (build, evaluate):
         command.add_argument("--model", choices=MODELS, default=MODEL_ID,
-                             help=f"which demo model (fvlm-demo: {EXPECTED}; default: %(default)s)")
+                             help=f"which demo model (fvlm-demo: {EXPECTED}; ct-chat-demo: the demo CT-CHAT, about "
+                                  "25 minutes on 2 cores; both build ct-clip-demo first when missing; default: "
+                                  "%(default)s)")
         command.add_argument("--data", type=Path, default=None,
                              help="the shared data folder with ct/ (default: $CTFOUNDATION_DATA, else ../shared/data)")
     return parser
@@ -39,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or shared_data_root()
     if args.model == "fvlm-demo":
         return run_fvlm(args, data)
+    if args.model == "ct-chat-demo":
+        return run_chat_demo(args, data)
     if args.command == "eval":
         eval_demo(data)
         return 0
@@ -61,6 +67,24 @@ def run_fvlm(args: argparse.Namespace, data: Path) -> int:
     record = train_fvlm_demo(data, steps=args.fvlm_steps)
     print(f"demo fVLM per-organ mean AUROC (test, held-out): {record['test_per_organ_mean_auroc']:.3f}; "
           "record: training_record.json beside the model")
+    return 0
+
+
+def run_chat_demo(args: argparse.Namespace, data: Path) -> int:
+    from training.ctchat.demo import build_chat_demo, evaluate_chat_demo, installed_chat_demo
+
+    if args.command == "eval":
+        if installed_chat_demo() is None:
+            print("ct-chat-demo is not built yet: building it now")
+            build_chat_demo(data)
+            return 0
+        evaluate_chat_demo(data)
+        return 0
+    if args.if_missing and installed_chat_demo() is not None:
+        print(f"ct-chat-demo is installed: {installed_chat_demo()}")
+        return 0
+    steps = dict(zip(("pretrain", "lora"), args.chat_steps)) if args.chat_steps else None
+    build_chat_demo(data, steps=steps)
     return 0
 
 

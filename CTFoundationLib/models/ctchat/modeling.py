@@ -1,8 +1,8 @@
 """CT-CHAT (ibrahimethemhamamci/CT-CHAT): CT-CLIP token grid -> attn-pool projector -> LoRA-tuned chat LLM.
 
-The 256 projected image embeddings take the place of the `<image>` marker; decoding streams text, stops on an
-event and reuses earlier turns' key/value cache. The language model runs through transformers; templates and
-tokens are in `templates`, file loading in `loading`.
+The projected image embeddings (one per projector query: 256 for CT-CHAT) take the place of the `<image>` marker;
+decoding streams text, stops on an event and reuses earlier turns' key/value cache. The language model runs through
+transformers; templates and tokens are in `templates`, file loading in `loading`.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class CTChatModel:
 
     @torch.inference_mode()
     def image_embeddings(self, token_grid: Tensor) -> Tensor:
-        """CT-CLIP token grid (1, t, h, w, C) -> (1, 256, LLM width) in the LLM's dtype."""
+        """CT-CLIP token grid (1, t, h, w, C) -> (1, image_positions, LLM width) in the LLM's dtype."""
         parameter = next(self.projector.parameters())
         out = self.projector(token_grid.to(device=parameter.device, dtype=parameter.dtype))
         return out.to(self.embedding.weight.dtype)
@@ -154,10 +154,14 @@ class CTChatModel:
     def prompt_ids(self, prompt: str) -> list[int]:
         return tokenize_prompt(self.tokenizer, prompt)
 
-    @staticmethod
-    def sequence_length(ids: Sequence[int]) -> int:
-        """Positions the prompt takes in the context: each `<image>` marker becomes 256 embeddings."""
-        return len(expand_positions(ids))
+    @property
+    def image_positions(self) -> int:
+        """Embeddings one image takes: the projector's query count (256 for CT-CHAT, fewer for a small demo)."""
+        return self.projector.config.n_queries
+
+    def sequence_length(self, ids: Sequence[int]) -> int:
+        """Positions the prompt takes in the context: each `<image>` marker becomes image_positions embeddings."""
+        return len(expand_positions(ids, self.image_positions))
 
     @torch.inference_mode()
     def generate(
@@ -177,7 +181,7 @@ class CTChatModel:
         """
         ids = self.prompt_ids(prompt)
         max_new = self.room_for_answer(ids, settings.max_new_tokens)
-        positions = expand_positions(ids)
+        positions = expand_positions(ids, self.image_positions)
         embeds = embed_with_image(self.embedding, ids, image)
         streamer = CallbackStreamer(self.tokenizer, on_text)
         stopper = EventStoppingCriteria(stop_event)
@@ -211,7 +215,7 @@ class CTChatModel:
         room = self.context_length - used
         if room < 1:
             raise ContextLengthError(
-                f"the conversation needs {used} positions (its text plus {N_IMAGE_EMBEDDINGS} image embeddings) but "
+                f"the conversation needs {used} positions (its text plus {self.image_positions} image embeddings) but "
                 f"the model holds {self.context_length}; start a new conversation or ask a shorter question"
             )
         return min(max_new_tokens, room)
@@ -229,11 +233,11 @@ class CTChatModel:
         )
 
 
-def expand_positions(ids: Sequence[int]) -> list[int]:
-    """What each context position holds: a token id, or IMAGE_TOKEN_INDEX for each of the 256 image positions."""
+def expand_positions(ids: Sequence[int], image_positions: int = N_IMAGE_EMBEDDINGS) -> list[int]:
+    """What each context position holds: a token id, or IMAGE_TOKEN_INDEX for each of the image's positions."""
     positions: list[int] = []
     for token in ids:
-        positions += [token] * (N_IMAGE_EMBEDDINGS if token == IMAGE_TOKEN_INDEX else 1)
+        positions += [token] * (image_positions if token == IMAGE_TOKEN_INDEX else 1)
     return positions
 
 

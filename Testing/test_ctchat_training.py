@@ -1,0 +1,121 @@
+"""CT-CHAT training on a tiny random Llama with SmolLM2's real tokenizer: both stages learn (loss finite and
+falling), a run resumes from its checkpoint, and the exported LoRA folder loaded through the runtime gives the
+training-time model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from small_chat_models import make_tiny_llm, smollm2_tokenizer_folder
+
+from CTFoundationLib.models.ctchat.modeling import CTChatModel, embed_with_image
+from CTFoundationLib.models.ctchat.templates import IMAGE_TOKEN_INDEX
+from training.ctchat.data import PLAIN, collate, segments, tokenize_item
+from training.ctchat.model import IGNORE_INDEX
+from training.ctchat.train import ChatTrainConfig, train_stage
+from training.ctchat.vqa import QA, conversation_item
+
+GRID = (1, 2, 2, 2, 16)  # (B, t, h, w, C) CT-CLIP-like token grid
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory):
+    tokenizer = smollm2_tokenizer_folder(tmp_path_factory.getbasetemp())
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny-llm"), tokenizer, seed=3)
+
+
+def grids_and_items(count: int = 32) -> tuple[dict, list[dict]]:
+    """Token grids whose sign of the mean decides the answer, so that the image carries what the answer needs."""
+    generator = torch.Generator().manual_seed(0)
+    grids, items = {}, []
+    for index in range(count):
+        name = f"case_{index}.nii.gz"
+        positive = index % 2 == 0
+        grids[name] = torch.randn(GRID, generator=generator) * 0.3 + (1.0 if positive else -1.0)
+        qa = QA("Is there a pleural effusion? (a) yes (b) no", "(a) yes" if positive else "(b) no", "multiple_choice")
+        items.append(conversation_item(name, [qa], f"{name}#0"))
+    return grids, items
+
+
+def stage_config(tiny_llm, tmp_path, stage: str, **changes) -> ChatTrainConfig:
+    base = dict(stage=stage, llm=tiny_llm, template="chatml_direct", output_dir=tmp_path / stage, steps=14,
+                batch_size=8, lr=3e-3, warmup_ratio=0.0, projector={"n_queries": 4, "n_heads": 4},
+                lora={"r": 4, "alpha": 8, "dropout": 0.0}, log_every=1, save_every=7)
+    return ChatTrainConfig(**{**base, **changes})
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def test_answers_are_the_only_labels_in_both_formats(tiny_llm):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    item = conversation_item("a.nii.gz", [QA("Is there X?", "Yes.", "short_answer"), QA("Where?", "Left.",
+                                                                                        "short_answer")], "a")
+    rendered = "".join(text for text, _ in segments(item, "chatml_direct"))
+    assert rendered.endswith("<|im_start|>assistant\nLeft.<|im_end|>") and rendered.count("<image>") == 1
+    example = tokenize_item(item, tokenizer, "chatml_direct")
+    answers = tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+    assert answers == "Yes.<|im_end|>Left.<|im_end|>"
+    plain = tokenize_item(item, tokenizer, PLAIN)
+    assert plain.input_ids[0] == IMAGE_TOKEN_INDEX and tokenizer.decode(plain.input_ids[1:]) == "Yes.\n"
+    batch = collate([example, plain], {"a.nii.gz": torch.zeros(GRID)}, 4, 0)
+    assert batch["input_ids"].shape[1] == len(example.input_ids) + 3
+    assert (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1).tolist() == [4, 4]
+
+
+def test_both_stages_learn_resume_and_export_round_trip(tiny_llm, tmp_path):
+    grids, items = grids_and_items()
+    stage1 = train_stage(stage_config(tiny_llm, tmp_path, "pretrain", lr=1e-2), items, grids, say=lambda _: None)
+    assert all(torch.isfinite(torch.tensor(stage1.losses)))
+    # a frozen random LLM moves slowly through the projector alone; the fall is still well above the noise
+    assert mean(stage1.losses[-4:]) < mean(stage1.losses[:4]) - 0.2
+    assert stage1.output.name == "mm_projector.bin"
+    trainable = {n for n, p in stage1.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+
+    config2 = stage_config(tiny_llm, tmp_path, "lora", init_projector=stage1.output, lr=2e-3)
+    stage2 = train_stage(config2, items, grids, say=lambda _: None)
+    assert all(torch.isfinite(torch.tensor(stage2.losses)))
+    assert mean(stage2.losses[-4:]) < mean(stage2.losses[:4])
+    names = {n for n, p in stage2.model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any(n.startswith("projector.") for n in names)
+    assert any("embed_tokens" in n for n in names) and any("lm_head" in n for n in names)
+    # the base vocabulary's rows never move; the added tokens' rows do
+    base = stage2.model.base_rows
+    saved = torch.load(stage2.output / "non_lora_trainables.bin", weights_only=True)
+    table = saved["base_model.model.model.embed_tokens.weight"]
+    assert table.shape[0] == base + 5  # <pad> + CT-CHAT's 4 task tokens
+    from transformers import AutoModelForCausalLM
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_llm).get_input_embeddings().weight.detach()
+    assert torch.equal(table[:base], start)
+    choice_row = table[base + 1]  # "<multiple_choice>", in every question
+    assert not torch.allclose(choice_row, start.mean(0), atol=1e-4)
+    assert any("lora_B" in k for k in __import__("safetensors.torch").torch.load_file(
+        stage2.output / "adapter_model.safetensors"))
+
+    # resume: a rerun to more steps starts at the saved step 14
+    more = train_stage(stage_config(tiny_llm, tmp_path, "lora", init_projector=stage1.output, steps=16, lr=2e-3),
+                       items, grids, say=lambda _: None)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "lora" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 15)) + [15, 16] and more.steps == 16
+
+    # round trip: the exported folder through the runtime = the training-time model
+    model = more.model.eval()
+    runtime = CTChatModel.load(tiny_llm, more.output, template="chatml_direct", device="cpu", precision="fp32")
+    assert runtime.image_positions == 4
+    prompt = runtime.template.render([(items[0]["conversations"][0]["value"], None)])
+    ids = runtime.prompt_ids(prompt)
+    grid = grids["case_0.nii.gz"]
+    with torch.no_grad():
+        expected = model.logits(torch.tensor([sum(([t] * (4 if t == IMAGE_TOKEN_INDEX else 1) for t in ids), [])]),
+                                grid)
+        embeds = embed_with_image(runtime.embedding, ids, runtime.image_embeddings(grid))
+        got = runtime.llm(inputs_embeds=embeds).logits
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
