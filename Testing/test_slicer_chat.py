@@ -49,8 +49,8 @@ def test_console_chat_answers_and_keeps_the_transcript(ctf, scene, small, chat_p
         other = logic.chat(None, model="ct-chat-llama3.1-8b", maxNewTokens=6, **chat_parts)
         other.waitUntilReady(timeout_s=120)
         assert other.startJob.outcome()["loads"] == {"ct-chat": 2}
-        assert logic.chatModels() == ["ct-chat-llama3.1-70b", "ct-chat-llama3.1-8b", "ct-chat-mistral",
-                                      "ct-chat-vicuna"]
+        assert logic.chatModels() == ["ct-chat-demo", "ct-chat-llama3.1-70b", "ct-chat-llama3.1-8b",
+                                      "ct-chat-mistral", "ct-chat-vicuna"]
     finally:
         logic.stopModelProcess()
 

@@ -43,6 +43,7 @@ from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
 from CTFoundationLib.preprocess import OrganWindowSpec, PreprocessSpec
 from training.ctrate import read_reports
+from training.modeling import load_local_bert
 
 NORMAL_TEMPLATE = "{organ} shows no significant abnormalities."
 REGION_ORGANS = {"pleura": "lung"}  # regions without fVLM organ whose findings fVLM scores on an organ
@@ -317,17 +318,7 @@ def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0,
 def load_bert_into_text_tower(model: FVLM, folder: Path) -> None:
     """Copy a local BERT into the text tower. fVLM's tower adds no token-type embedding; BERT adds type 0 to
     every token, so that row is folded into the position embeddings (the same sum for one-segment texts)."""
-    from transformers import BertModel
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        bert = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise TrainingError(f"model.text_init {folder}: not a local BERT model folder ({error})") from None
-    finally:
-        hf_logging.set_verbosity(level)
+    bert = load_local_bert(folder)
     state = {k: v for k, v in bert.state_dict().items()
              if not k.endswith(("position_ids", "token_type_embeddings.weight"))}
     state["embeddings.position_embeddings.weight"] = (

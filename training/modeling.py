@@ -129,22 +129,28 @@ def init_codebook(clip: CTCLIP) -> None:
         embed.copy_(F.normalize(nn.init.kaiming_uniform_(torch.empty_like(embed[0])), dim=-1)[None])
 
 
-def load_text_tower(clip: CTCLIP, folder: Path) -> None:
-    """Copy pretrained BERT weights (a local Hugging Face folder, never the Hub) into the text tower."""
+def load_local_bert(folder: Path):
+    """A pretrained BertModel without pooler from a local Hugging Face folder (never the Hub); TrainingError when
+    the folder is not one."""
     from transformers import BertModel
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # not the load report of the pooler weights this tower leaves out on purpose
+    hf_logging.set_verbosity_error()  # not the load report of the pooler weights the towers leave out on purpose
     hf_logging.disable_progress_bar()
     try:
-        pretrained = BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
+        return BertModel.from_pretrained(str(folder), add_pooling_layer=False, local_files_only=True)
     except (OSError, ValueError) as error:
         raise TrainingError(f"model.text_init {folder}: not a local BERT model folder ({error})") from None
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def load_text_tower(clip: CTCLIP, folder: Path) -> None:
+    """Copy pretrained BERT weights (a local Hugging Face folder, never the Hub) into the text tower."""
+    pretrained = load_local_bert(folder)
     ours, theirs = clip.text_transformer.config, pretrained.config
     fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     different = {f: (getattr(ours, f), getattr(theirs, f)) for f in fields if getattr(ours, f) != getattr(theirs, f)}
