@@ -20,6 +20,7 @@ from CTFoundationLib.models.ctclip import (
     LIPRO_PREFIX,
     V1_MESSAGE,
     CTCLIPConfig,
+    attach_text_tower,
     encode_zero_shot_prompts,
     load_ctclip,
     tokenize,
@@ -249,6 +250,25 @@ def test_bad_checkpoints_raise_checkpoint_error(folder: Path, tmp_path: Path) ->
         assert path.name in message, f"{name}: file not named in {message!r}"
         assert "\n" not in message and "from_reference_constructors" not in message, f"{name}: {message!r}"
         assert re.search(pattern, message, re.DOTALL), f"{name}: {message!r} does not match {pattern!r}"
+
+
+@per_folder
+def test_text_tower_attached_later_equals_a_full_load(folder: Path, tmp_path: Path) -> None:
+    """Image work loads without BERT; attaching it later gives the full model's text latents, and a text tower
+    that does not fit the configuration is a CheckpointError naming the file."""
+    model = load_ctclip(folder / "state_dict.pt", model_config(folder), with_text=False)
+    assert model.text_transformer is None
+    attach_text_tower(model, folder / "state_dict.pt")
+    ids, mask = text_inputs(folder)["prompt"]
+    with torch.inference_mode():
+        torch.testing.assert_close(model.encode_text(ids, mask), fixture_model(folder).encode_text(ids, mask),
+                                   rtol=0, atol=0)
+    state = torch.load(folder / "state_dict.pt", weights_only=True)
+    del state["text_transformer.embeddings.word_embeddings.weight"]
+    torch.save(state, tmp_path / "no_words.pt")
+    with pytest.raises(CheckpointError, match=r"no_words\.pt.*1 missing keys: embeddings\.word_embeddings"):
+        attach_text_tower(load_ctclip(folder / "state_dict.pt", model_config(folder), with_text=False),
+                          tmp_path / "no_words.pt")
 
 
 @per_folder

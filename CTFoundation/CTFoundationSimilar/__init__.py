@@ -16,6 +16,8 @@ import slicer
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 
+from CTFoundationLib.errors import CTFoundationError, CTInputError
+
 INDEX_SETTING = "CTFoundation/SimilarCasesIndex"  # the index folder, kept between Slicer sessions
 COLUMNS = (_("Image"), _("Similarity"), _("Case"), _("Findings"), _("Report"))
 
@@ -60,8 +62,6 @@ def similarCases(logic, volumeNode: vtkMRMLScalarVolumeNode, indexFolder, k: int
 def loadSimilarCase(hit: dict) -> vtkMRMLScalarVolumeNode:
     """Load a hit's CT into the scene: a CT file as it is, a DICOM folder through its first file (the reader
     takes the whole series). A CTInputError when the file is not reachable from this computer."""
-    from CTFoundationLib.errors import CTInputError
-
     source = Path(hit["source_path"])
     if source.is_dir():
         files = sorted(path for path in source.iterdir() if path.is_file())
@@ -120,7 +120,7 @@ class SimilarCasesPanel:
             self.task = similarCases(self.logic, volumeNode, folder, self.countSpinBox.value,
                                      self.targetSelector.currentData, waitForCompletion=False,
                                      callback=self.onFinished, progress=self.onProgress)
-        except Exception as error:
+        except CTFoundationError as error:  # a bug is not caught here: it reaches Slicer's log with its traceback
             self.statusLabel.text = _("failed")
             slicer.util.errorDisplay(str(error))
             return
@@ -176,7 +176,7 @@ class SimilarCasesPanel:
             return
         try:
             node = loadSimilarCase(hit)
-        except Exception as error:
+        except (CTFoundationError, RuntimeError) as error:  # RuntimeError: Slicer's loadVolume could not read it
             slicer.util.errorDisplay(str(error))
             return
         slicer.util.setSliceViewerLayers(background=node, fit=True)

@@ -36,6 +36,7 @@ from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.models.ctclip import (
     CTCLIPConfig,
+    attach_text_tower,
     encode_zero_shot_prompts,
     load_ctclip,
     read_ctclip_config,
@@ -268,7 +269,7 @@ class CTCLIPRuntime:
         """The model with its text tower, loaded from the checkpoint on first need (transformers comes with it)."""
         if self.model.text_transformer is None:
             with self._timed("load_text_tower"):
-                self.model = load_ctclip(self.checkpoint, self._config, device=self.device, dtype=DTYPES[self.dtype])
+                attach_text_tower(self.model, self.checkpoint)
         return self.model
 
     def require_maps(self) -> None:

@@ -596,6 +596,27 @@ def load_ctclip(
     return model.to(device).eval()
 
 
+def attach_text_tower(model: CTCLIP, path: str | Path) -> CTCLIP:
+    """Add the BERT tower of checkpoint `path` to `model` (loaded with with_text=False from the same file).
+
+    Only the text tower's tensors are materialised; the image tower is neither read nor rebuilt again.
+    Raises CheckpointError when the file's text tower does not fit the model's configuration.
+    """
+    from transformers import BertModel
+
+    path = Path(path)
+    tensors, _, _ = _split_layout(_read_checkpoint(path))
+    text = {key.removeprefix(TEXT_TOWER_PREFIX): value for key, value in tensors.items()
+            if key.startswith(TEXT_TOWER_PREFIX) and not IGNORED_CHECKPOINT_KEYS.fullmatch(key)}
+    with torch.device("meta"):
+        bert = BertModel(model.config.bert_config(), add_pooling_layer=False)
+    _check_keys(path, bert, text, [])
+    bert.load_state_dict({key: value.float() for key, value in text.items()}, strict=True, assign=True)
+    _restore_text_index_buffers(bert)
+    model.text_transformer = bert.to(model.device).eval()
+    return model
+
+
 def check_ctclip_checkpoint(path: str | Path, config: CTCLIPConfig | None = None) -> None:
     """CheckpointError unless load_ctclip(path, config) would accept the file; no weight is read or materialised."""
     _checked_checkpoint(Path(path), config)
@@ -666,7 +687,7 @@ def _listing(label: str, items: Sequence[str]) -> str:
     return f"{len(items)} {label}: {shown}{more}"
 
 
-def _check_keys(path: Path, model: CTCLIP, tensors: Mapping[str, Tensor], strays: Sequence[str]) -> None:
+def _check_keys(path: Path, model: nn.Module, tensors: Mapping[str, Tensor], strays: Sequence[str]) -> None:
     """CheckpointError listing (capped) missing keys, unexpected keys and wrong shapes/dtypes, if any."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = sorted(expected.keys() - tensors.keys())
