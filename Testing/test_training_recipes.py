@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from training.ctrate import CTRateDataset, load_cases, read_labels
 from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
 from training.recipes import positive_class_weights
 from training.run import parse_overrides
-from training.trainer import Trainer
+from training.trainer import DataWait, Trainer
 
 STEPS = 8
 
@@ -75,6 +76,7 @@ def test_contrastive_learns_logs_and_exports(pretrained):
     log = [json.loads(line) for line in (folder / "contrastive" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, STEPS + 1))
     assert {"loss", "lr", "temperature", "logit_scale"} <= set(log[0]) and log[0]["lr"] == pytest.approx(1e-2)
+    assert all(0 <= r["data_wait_fraction"] <= 1 and r["data_wait_s"] >= 0 for r in log)
     assert log[-1]["temperature"] != pytest.approx(1.0)  # the temperature is learned
     clip = load_ctclip(result.checkpoint, CTCLIPConfig.from_reference_constructors(tiny_constructors()))
     assert clip.classifier is None and float(clip.temperature) == pytest.approx(log[-1]["temperature"], abs=1e-4)
@@ -216,3 +218,19 @@ def test_names_follow_ct_clip_order(tmp_path):
         writer.writeheader()
         writer.writerow({"VolumeName": "v.nii.gz", **values})
     assert read_labels(path)["v.nii.gz"].tolist() == [float(i % 2) for i in range(len(CT_RATE_ABNORMALITIES))]
+
+
+def test_data_wait_is_the_loaders_share_of_the_wall_time():
+    """A loader taking 40 ms a batch under a 40 ms step: the loop waits about half the time, and says so."""
+    def slow_batches():
+        for index in range(5):
+            time.sleep(0.04)
+            yield {"index": index}
+
+    waits = DataWait(time.perf_counter())
+    for _ in waits.timed(slow_batches()):
+        time.sleep(0.04)
+    record = waits.since_last_log()
+    assert record["data_wait_s"] == pytest.approx(0.2, abs=0.08)
+    assert record["data_wait_fraction"] == pytest.approx(0.5, abs=0.15)
+    assert waits.since_last_log()["data_wait_s"] < 0.01  # counted once, then reset

@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,33 @@ class TrainingResult:
     steps: int
     seconds: float
     losses: list[float]
+
+
+class DataWait:
+    """How long the training loop waits for its batches: the loader's share of the wall time (0 when it keeps up)."""
+
+    def __init__(self, started: float) -> None:
+        self.waited_s, self.last_log = 0.0, started
+
+    def timed(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """The batches, adding the seconds spent waiting for each one."""
+        iterator = iter(batches)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.waited_s += time.perf_counter() - asked
+            yield batch
+
+    def since_last_log(self) -> dict[str, float]:
+        """data_wait_s (seconds waited since the last log) and data_wait_fraction (of the wall time since then)."""
+        now = time.perf_counter()
+        record = {"data_wait_s": round(self.waited_s, 3),
+                  "data_wait_fraction": round(self.waited_s / max(now - self.last_log, 1e-9), 4)}
+        self.waited_s, self.last_log = 0.0, now
+        return record
 
 
 def training_dataset(config: TrainingConfig) -> CTRateDataset | fvlm.FVLMDataset:
@@ -222,18 +249,18 @@ class Trainer:
         steps_per_epoch = len(self.loader)
         started, losses = time.perf_counter(), []
         bar = tqdm(total=train.steps, initial=start, desc=train.recipe, disable=not accelerator.is_main_process)
-        step = start
+        step, waits = start, DataWait(started)
         while step < train.steps:
             epoch, offset = divmod(step, steps_per_epoch)
             self.loader.set_epoch(epoch)
             batches = accelerator.skip_first_batches(self.loader, offset) if offset else self.loader
-            for batch in batches:
+            for batch in waits.timed(batches):
                 loss = self._step(batch)
                 step += 1
                 losses.append(loss)
                 bar.update(1)
                 if step % train.log_every == 0 or step == train.steps:
-                    self._log(step, loss, time.perf_counter() - started, bar, log)
+                    self._log(step, loss, time.perf_counter() - started, waits.since_last_log(), bar, log)
                 if step % train.save_every == 0 or step == train.steps:
                     self._save_state(step)
                 if step >= train.steps:
@@ -257,7 +284,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    def _log(self, step: int, loss: float, seconds: float, bar: tqdm, log: Logger | None) -> None:
+    def _log(self, step: int, loss: float, seconds: float, data_wait: dict[str, float], bar: tqdm,
+             log: Logger | None) -> None:
         if self.is_fvlm:  # fVLM divides by its temperature; CT-CLIP multiplies by exp(temperature)
             temperature = float(self.core.fvlm.temp.detach())
             scale = 1.0 / temperature
@@ -267,7 +295,7 @@ class Trainer:
         record = {
             "step": step, "loss": round(loss, 6), "lr": self.scheduler.get_last_lr()[0],
             "temperature": round(temperature, 5), "logit_scale": round(scale, 4), "seconds": round(seconds, 1),
-        }
+        } | data_wait
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", scale=f"{record['logit_scale']:.2f}")
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
