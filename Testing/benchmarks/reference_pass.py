@@ -83,8 +83,9 @@ class _TorchCudaAsCpu:
         return torch.device("cpu") if device.type == "cuda" else device
 
 
-def import_reference(checkout: Path, tokenizer: Any) -> tuple[type, type]:
-    """Make the checkout importable (with the shims in the module docstring); return (CTViT, CTCLIP)."""
+def import_reference(checkout: Path, tokenizer: Any, cuda: bool = False) -> tuple[type, type]:
+    """Make the checkout importable (with the shims in the module docstring; `cuda`: its own device kept);
+    return (CTViT, CTCLIP)."""
     sys.path[:0] = [str(checkout / "transformer_maskgit"), str(checkout / "CT_CLIP")]
     for name in ("torchvision", "torchvision.transforms", "torchvision.utils"):
         sys.modules.setdefault(name, types.ModuleType(name))
@@ -98,18 +99,19 @@ def import_reference(checkout: Path, tokenizer: Any) -> tuple[type, type]:
     import transformer_maskgit.attention as attention_module
     import transformer_maskgit.ctvit as ctvit_module
 
-    ctvit_module.torch = attention_module.torch = _TorchCudaAsCpu()
+    if not cuda:
+        ctvit_module.torch = attention_module.torch = _TorchCudaAsCpu()
     ct_clip_module.BertTokenizer = types.SimpleNamespace(from_pretrained=lambda *args, **kwargs: tokenizer)
     return ctvit_module.CTViT, ct_clip_module.CTCLIP
 
 
 def build_reference(
-    checkout: Path, checkpoint: Path, tokenizer: Any, constructors: dict[str, dict[str, Any]]
+    checkout: Path, checkpoint: Path, tokenizer: Any, constructors: dict[str, dict[str, Any]], cuda: bool = False
 ) -> tuple[torch.nn.Module, list[str]]:
     """Reference CTCLIP wired as scripts/run_zero_shot.py, checkpoint loaded (strict but for unread_by_zero_shot)."""
     from transformers import BertConfig, BertModel
 
-    ctvit_class, ctclip_class = import_reference(checkout, tokenizer)
+    ctvit_class, ctclip_class = import_reference(checkout, tokenizer, cuda)
     text_encoder = BertModel(BertConfig(**constructors["BertConfig"]))
     text_encoder.resize_token_embeddings(len(tokenizer))
     image_encoder = ctvit_class(**constructors["CTViT"])
@@ -146,6 +148,7 @@ def main() -> None:
                         help="JSON of the reference constructor arguments (bench_ctclip.py writes the full-size ones)")
     parser.add_argument("--passes", type=int, default=1, help="timed forward passes (default 1)")
     parser.add_argument("--pathology", default="Medical material", help="the finding whose prompt pair is scored")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the reference's own device code unshimmed")
     args = parser.parse_args()
 
     import transformers
@@ -153,24 +156,31 @@ def main() -> None:
 
     tokenizer = BertTokenizer(vocab_file=str(args.vocab), do_lower_case=True)
     constructors = json.loads(args.constructors.read_text())
-    model, notes = build_reference(args.checkout.resolve(), args.checkpoint, tokenizer, constructors)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    model, notes = build_reference(args.checkout.resolve(), args.checkpoint, tokenizer, constructors,
+                                   cuda=device.type == "cuda")
+    model = model.to(device)
     volume = torch.load(str(args.volume), map_location=device, weights_only=True).float()
     texts = [f"{args.pathology} is present.", f"{args.pathology} is not present."]
-    times: list[float] = []
     with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
         text_tokens = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=512).to(
             device
         )
-        for _ in range(args.passes):
-            start = time.perf_counter()
-            logits = model(text_tokens, volume, device=device)
-            times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = timed_passes(lambda: model(text_tokens, volume, device=device), device, args.passes)
+        logits = model(text_tokens, volume, device=device)
+        # the image tower alone, as CTCLIP.forward calls it (after the passes above: warm)
+        tower_times = timed_passes(lambda: model.visual_transformer(volume, return_encoded_tokens=True), device,
+                                   args.passes)
         probabilities = torch.nn.Softmax(dim=0)(logits)
     result = {
         "pathology": args.pathology,
         "reference_pass_s": round(sum(times) / len(times), 3),
         "passes_s": [round(t, 3) for t in times],
+        "image_tower_s": round(min(tower_times), 4),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "peak_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
@@ -179,6 +189,20 @@ def main() -> None:
         "notes": notes,
     }
     print(json.dumps(result))
+
+
+def timed_passes(call: Any, device: torch.device, passes: int) -> list[float]:
+    """Wall seconds of each call, the device synchronised around it."""
+    times = []
+    for _ in range(passes):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 if __name__ == "__main__":
