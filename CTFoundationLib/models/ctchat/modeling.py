@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, StoppingCriteria, TextStreamer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from CTFoundationLib.errors import ChatError, ContextLengthError
 from CTFoundationLib.models.ctchat.loading import (
@@ -40,6 +41,9 @@ from CTFoundationLib.models.ctchat.templates import (
 from CTFoundationLib.models.devices import select_device
 
 Progress = Callable[[str], None]
+# generate()'s key/value cache: `cache` in transformers 5.x (the old name warns on every turn and goes in 6.0),
+# `past_key_values` in 4.x
+CACHE_ARGUMENT = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 
 def embed_with_image(embedding: nn.Module, ids: Sequence[int], image: Tensor | None) -> Tensor:
@@ -190,14 +194,14 @@ class CTChatModel:
         output = self.llm.generate(
             inputs_embeds=embeds,
             attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-            past_key_values=cache.reusable(positions) if cache is not None else None,
             generation_config=self._generation_config(settings, max_new),
             streamer=streamer,
             stopping_criteria=[stopper],
+            **{CACHE_ARGUMENT: cache.reusable(positions) if cache is not None else None},
         )
         new_ids = output.sequences[0, output.sequences.shape[1] - streamer.new_tokens:].tolist()
         if cache is not None:
-            cache.store(output.past_key_values, positions + new_ids)
+            cache.store(getattr(output, CACHE_ARGUMENT), positions + new_ids)
         text = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip()
         ended = bool(new_ids) and new_ids[-1] in self._stop_ids
         return Generation(
