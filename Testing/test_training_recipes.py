@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.augment import random_shift, shift_one
 from training.config import load_config
 from training.ctrate import CTRateDataset, load_cases, read_labels
 from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
@@ -27,6 +29,7 @@ from training.run import parse_overrides
 from training.trainer import Trainer
 
 STEPS = 8
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +203,8 @@ def test_config_values_are_typed_and_overrides_checked(tmp_path):
     ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
     ("data.preprocess=ct-clip-v3", "data.preprocess must be one of"),
     ("data.stored_values=raw", "data.root needs data.metadata_csv"),
+    ("data.shift_voxels=[8, 16]", r"data.shift_voxels: \[8, 16\] is not a valid tuple\[int"),
+    ("data.shift_voxels=[8, -1, 16]", r"data.shift_voxels: \[8, -1, 16\] is not a valid tuple\[int"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_read(tmp_path, setting, message):
     (tmp_path / "c.yaml").write_text("data:\n  root: split\n")
@@ -216,3 +221,24 @@ def test_names_follow_ct_clip_order(tmp_path):
         writer.writeheader()
         writer.writerow({"VolumeName": "v.nii.gz", **values})
     assert read_labels(path)["v.nii.gz"].tolist() == [float(i % 2) for i in range(len(CT_RATE_ABNORMALITIES))]
+
+
+def test_shift_moves_a_real_ct_and_fills_with_the_pad_value(split):
+    """Content at voxel i lands at i + offset; what comes in from outside is the fill; the demo configs shift."""
+    config = write_config(split["root"].parent, split, "contrastive")
+    image = dataset(config).image(0)  # (1, *axes) of a real chest CT
+    moved = shift_one(image, [2, -3, 0], -1.0)
+    assert torch.equal(moved[:, 2:, :-3, :], image[:, :-2, 3:, :])
+    assert (moved[:, :2] == -1.0).all() and (moved[:, :, -3:] == -1.0).all()
+    batch = torch.stack([image] * 16)
+    shifted = random_shift(batch, (2, 3, 0), -1.0, torch.Generator().manual_seed(0))
+    offsets = set()
+    for one in shifted:
+        found = [(a, b) for a in range(-2, 3) for b in range(-3, 4)
+                 if torch.equal(one, shift_one(image, [a, b, 0], -1.0))]
+        assert len(found) == 1  # every image is the CT under one offset within the bounds
+        offsets.add(found[0])
+    assert len(offsets) > 8  # drawn per image, not one offset for the batch
+    assert load_config(CONFIGS / "demo.yaml").data.shift_voxels == (8, 16, 16)
+    assert load_config(CONFIGS / "demo_vocabfine.yaml", {"model": {"init_checkpoint": "x.pt"}}).data.shift_voxels == (
+        8, 16, 16)

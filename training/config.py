@@ -83,7 +83,9 @@ class DataSection:
     masks (recipe fvlm): a folder with each volume's segmentation, `<masks>/<volume stem>/` (one NIfTI per
     structure) or `<masks>/<volume stem>.nii.gz` (a label map of `mask_scheme`); None: the built-in anatomy.
     organ_text (fvlm): "all" (each organ's whole text, the reference's) or "sentence" (one of its sentences drawn
-    at random each time the case is read)."""
+    at random each time the case is read). shift_voxels (contrastive, vocabfine): each training image moves by a
+    random whole number of voxels, up to these along the model's three axes, filled with the pad value
+    (training.augment); None: no shift."""
 
     root: Path | None = None
     reports_csv: Path | None = None
@@ -100,6 +102,7 @@ class DataSection:
     organ_text: str = "all"
     num_workers: int = 4
     cache_images: bool = False
+    shift_voxels: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -212,6 +215,11 @@ def _typed(value: Any, kind: str, where: str) -> Any:
             return number(value)
         if kind == "bool" and not isinstance(value, bool):
             raise ValueError
+        if kind.startswith("tuple[int"):
+            triple = tuple(int(v) for v in value)
+            if len(triple) != 3 or min(triple) < 0:
+                raise ValueError
+            return triple
         if kind.startswith("tuple[float"):
             pair = tuple(float(v) for v in value)
             if len(pair) != 2:

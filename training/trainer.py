@@ -27,6 +27,7 @@ from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.models.ctclip import load_ctclip
 from CTFoundationLib.preprocess import ORGAN_WINDOWS, SPECS
 from training import fvlm
+from training.augment import random_shift
 from training.config import TrainingConfig
 from training.ctrate import CTRateDataset, find_volumes, load_cases, read_metadata
 from training.export import save_checkpoint
@@ -212,6 +213,10 @@ class Trainer:
             return fvlm.fvlm_step(self.model, batch, self.tokenize, self.core.fvlm.config.organs)
         if recipe == "lipro":
             return lipro_step(self.model, self.head, batch, self.pos_weight)
+        shift = self.config.data.shift_voxels
+        if shift is not None:
+            fill = SPECS[self.config.data.preprocess].pad_value
+            batch = {**batch, "image": random_shift(batch["image"], shift, fill)}
         step = contrastive_step if recipe == "contrastive" else vocabfine_step
         return step(self.model, batch, self.tokenizer)
 
