@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +28,6 @@ from training.run import parse_overrides
 from training.trainer import Trainer
 
 STEPS = 8
-CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +222,7 @@ def test_names_follow_ct_clip_order(tmp_path):
 
 
 def test_shift_moves_a_real_ct_and_fills_with_the_pad_value(split):
-    """Content at voxel i lands at i + offset; what comes in from outside is the fill; the demo configs shift."""
+    """Content at voxel i lands at i + offset; what comes in from outside is the fill; offsets differ per image."""
     config = write_config(split["root"].parent, split, "contrastive")
     image = dataset(config).image(0)  # (1, *axes) of a real chest CT
     moved = shift_one(image, [2, -3, 0], -1.0)
@@ -239,6 +237,3 @@ def test_shift_moves_a_real_ct_and_fills_with_the_pad_value(split):
         assert len(found) == 1  # every image is the CT under one offset within the bounds
         offsets.add(found[0])
     assert len(offsets) > 8  # drawn per image, not one offset for the batch
-    assert load_config(CONFIGS / "demo.yaml").data.shift_voxels == (8, 16, 16)
-    assert load_config(CONFIGS / "demo_vocabfine.yaml", {"model": {"init_checkpoint": "x.pt"}}).data.shift_voxels == (
-        8, 16, 16)

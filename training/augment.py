@@ -1,9 +1,10 @@
 """Training-time augmentation of model inputs.
 
 `random_shift` moves each image of a batch by a random whole number of voxels along each axis, filling what comes
-in with the preprocessing's pad value. It is for training sets whose cases share one pose (the demo cases are one
-base CT with inserted findings): without it a linear head can read a finding against anatomy that sits at the same
-tokens in every case, so its per-token evidence (inference.maps) need not lie on the finding.
+in with the preprocessing's pad value (`data.shift_voxels`). Meant for training sets whose cases share one pose
+(the demo cases are one base CT with inserted findings), where a head can read a finding against anatomy that sits
+at the same tokens in every case. On the demo it did not make the finding maps point better and up to one token of
+shift stalled the contrastive stage at chance (docs/maps.md), so the demo recipe does not use it.
 """
 
 from __future__ import annotations
