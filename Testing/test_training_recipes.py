@@ -237,3 +237,18 @@ def test_shift_moves_a_real_ct_and_fills_with_the_pad_value(split):
         assert len(found) == 1  # every image is the CT under one offset within the bounds
         offsets.add(found[0])
     assert len(offsets) > 8  # drawn per image, not one offset for the batch
+
+
+def test_the_trainer_shifts_each_training_batch_when_configured(pretrained, split, tmp_path, monkeypatch):
+    _, _, result = pretrained
+    config = write_config(tmp_path, split, "vocabfine", result.checkpoint)
+    config.data.shift_voxels = (3, 3, 3)
+    trainer = Trainer(config, dataset(config))
+    seen = []
+    monkeypatch.setattr("training.trainer.vocabfine_step", lambda model, batch, tokenizer: seen.append(batch["image"]))
+    batch = next(iter(trainer.loader))
+    trainer.loss(batch)
+    fill = TINY_SPEC.pad_value
+    assert seen[0].shape == batch["image"].shape and not torch.equal(seen[0], batch["image"])
+    assert all(any(torch.equal(moved, shift_one(image, [a, b, c], fill)) for a in range(-3, 4) for b in range(-3, 4)
+                   for c in range(-3, 4)) for moved, image in zip(seen[0], batch["image"]))
