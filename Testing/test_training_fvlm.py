@@ -266,11 +266,13 @@ def fvlm_demo(demo_home):
 
 @pytest.mark.slow
 def test_the_demo_fvlm_learns_its_organs_on_held_out_cases(fvlm_demo, monkeypatch, capsys):
-    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.78 measured, docs/training.md); this holds
-    what the recipe does reach: the aorta's finding separated, the mean clearly above chance."""
+    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.83 measured, docs/training.md); this holds
+    what the recipe does reach: the aorta's finding separated, consolidation with the right sign (0.15 before the
+    prompt term, 0.93 with it), the mean above the reports-only recipe's 0.78."""
     home, record = fvlm_demo
     assert record["test"]["aorta: Arterial wall calcification"]["auroc"] >= 0.95, record["test"]
-    assert record["test_per_organ_mean_auroc"] >= 0.7, record["test"]
+    assert record["test"]["lung: Consolidation"]["auroc"] >= 0.8, record["test"]
+    assert record["test_per_organ_mean_auroc"] >= 0.78, record["test"]
     assert record["stages"]["fvlm"]["loss_last"] < record["stages"]["fvlm"]["loss_first"], record["stages"]
     monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
     arguments = ["eval", "--model", "fvlm-demo", "--data", str(data_root())]
