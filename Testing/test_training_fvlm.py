@@ -33,6 +33,7 @@ from training.fvlm import (
     normal_template,
     one_sentence,
     organ_texts,
+    prompt_loss,
     soft_targets,
 )
 from training.trainer import Trainer
@@ -149,6 +150,44 @@ def test_the_loss_is_finite_and_falls_on_a_fixed_batch():
     assert all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
 
 
+PROMPT_ITEMS = tuple(item for item in ZERO_SHOT_ITEMS if item.finding in ("Lung nodule", "Arterial wall calcification"))
+FINDINGS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # (patients, PROMPT_ITEMS), as the texts
+
+
+def test_the_prompt_term_is_the_cross_entropy_of_the_runtime_prompt_pairs_over_intact_organs():
+    """fvlm_step(prompt_weight 2) - fvlm_step(0) = 2 x (mean CE of the lung item over patients 0-3 + that of the
+    aorta item over its intact patients 0, 1, 3), the logits being the runtime's [negative, positive] ones."""
+    batch, model = {**_handmade_batch(), "findings": FINDINGS}, _tiny_model(["lung", "aorta"])
+    assert [item.organ for item in PROMPT_ITEMS] == ["lung", "aorta"]
+    with torch.no_grad():
+        difference = (fvlm_step(model, batch, _tokenize, ("lung", "aorta"), PROMPT_ITEMS, 2.0)
+                      - fvlm_step(model, batch, _tokenize, ("lung", "aorta")))
+        feats = model.fvlm.encode_organs(batch["image"], batch["labels"])
+        prompts = encode_prompt_pairs(model.fvlm, _tokenize, PROMPT_ITEMS)
+        logits = torch.einsum("boe,oke->bok", feats, prompts) / model.fvlm.temp
+        lung = F.cross_entropy(logits[:, 0], FINDINGS[:, 0].long())
+        aorta = F.cross_entropy(logits[[0, 1, 3], 1], FINDINGS[[0, 1, 3], 1].long())
+    torch.testing.assert_close(difference, 2.0 * (lung + aorta), rtol=1e-4, atol=1e-5)
+
+
+def test_the_prompt_term_teaches_the_runtime_prompts_which_side_is_positive():
+    """Trained on the prompt term alone, the runtime's P(positive) of "Nodule." ranks the two nodule lungs above
+    the two without (the sign that report-trained zero-shot got wrong in the demo)."""
+    batch, model = {**_handmade_batch(), "findings": FINDINGS}, _tiny_model(["lung", "aorta"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(25):
+        loss = prompt_loss(model.fvlm, model.fvlm.encode_organs(batch["image"], batch["labels"]),
+                           encode_prompt_pairs(model.fvlm, _tokenize, PROMPT_ITEMS), FINDINGS,
+                           intact_organs(batch["labels"], 2), PROMPT_ITEMS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        p = model.fvlm.zero_shot_p_positive(model.fvlm.encode_organs(batch["image"], batch["labels"]),
+                                            encode_prompt_pairs(model.fvlm, _tokenize, PROMPT_ITEMS), PROMPT_ITEMS)
+    assert p[2:, 0].min() > p[:2, 0].max() and p[1, 1] > p[[0, 3], 1].max(), p
+
+
 REPORTS = ["Nodules are observed in both lungs.", "No nodule was detected in both lungs.",
            "Consolidation areas are observed in the lower lobe of the right lung.",
            "Emphysematous changes are present in both lungs."]
@@ -227,11 +266,13 @@ def fvlm_demo(demo_home):
 
 @pytest.mark.slow
 def test_the_demo_fvlm_learns_its_organs_on_held_out_cases(fvlm_demo, monkeypatch, capsys):
-    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.78 measured, docs/training.md); this holds
-    what the recipe does reach: the aorta's finding separated, the mean clearly above chance."""
+    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.83 measured, docs/training.md); this holds
+    what the recipe does reach: the aorta's finding separated, consolidation with the right sign (0.15 before the
+    prompt term, 0.93 with it), the mean above the reports-only recipe's 0.78."""
     home, record = fvlm_demo
     assert record["test"]["aorta: Arterial wall calcification"]["auroc"] >= 0.95, record["test"]
-    assert record["test_per_organ_mean_auroc"] >= 0.7, record["test"]
+    assert record["test"]["lung: Consolidation"]["auroc"] >= 0.8, record["test"]
+    assert record["test_per_organ_mean_auroc"] >= 0.78, record["test"]
     assert record["stages"]["fvlm"]["loss_last"] < record["stages"]["fvlm"]["loss_first"], record["stages"]
     monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
     arguments = ["eval", "--model", "fvlm-demo", "--data", str(data_root())]

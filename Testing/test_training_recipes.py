@@ -202,6 +202,7 @@ def test_config_values_are_typed_and_overrides_checked(tmp_path):
     ("train.keep_checkpoints=0", "keep_checkpoints must be at least 1"),
     ("data.preprocess=ct-clip-v3", "data.preprocess must be one of"),
     ("data.stored_values=raw", "data.root needs data.metadata_csv"),
+    ("train.prompt_weight=1.0", "train.prompt_weight is for recipe fvlm and needs data.labels_csv"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_read(tmp_path, setting, message):
     (tmp_path / "c.yaml").write_text("data:\n  root: split\n")

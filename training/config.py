@@ -107,7 +107,9 @@ class TrainSection:
     """Optimisation. Defaults are the reference CTClipTrainer's: batch 8, Adam (betas 0.9/0.99) lr 1.25e-6,
     no weight decay, gradient-norm clip 0.5, 100,001 steps, constant learning rate. text_lr: another rate for
     the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed.
-    epochs: when set, steps = epochs x batches per epoch; min_lr: where the cosine ends and the warm-up starts."""
+    epochs: when set, steps = epochs x batches per epoch; min_lr: where the cosine ends and the warm-up starts.
+    prompt_weight (fvlm): > 0 adds that times the loss of fVLM's zero-shot prompt pairs against data.labels_csv
+    (`training.fvlm.prompt_loss`)."""
 
     recipe: str = "contrastive"
     batch_size: int = 8
@@ -132,6 +134,7 @@ class TrainSection:
     resume: bool = True
     dropout: float = 0.3
     pos_weight: Any = "auto"
+    prompt_weight: float = 0.0
 
 
 @dataclass
@@ -169,6 +172,8 @@ class TrainingConfig:
             raise TrainingError(f"{self.source}: train.pos_weight must be auto or {len(CT_RATE_ABNORMALITIES)} numbers "
                                 f"(CT-RATE's finding order), got {train.pos_weight!r}")
         self._check_data()
+        if train.prompt_weight > 0 and (train.recipe != "fvlm" or self.data.labels_csv is None):
+            raise TrainingError(f"{self.source}: train.prompt_weight is for recipe fvlm and needs data.labels_csv")
         if train.recipe == "fvlm":
             self.model.fvlm_config()
         else:

@@ -14,11 +14,17 @@
   the template) and two identical texts are positives, each row normalised to sum 1. The loss is the sum over
   organs of (image->text + text->image) / 2. The temperature is clamped to [0.001, 0.5] before every step.
   Texts that start with the template and say more are encoded without it (as the reference does).
+- Prompt term (optional, `train.prompt_weight` > 0 with `data.labels_csv`; not in the reference): for each of
+  fVLM's zero-shot (organ, finding) items with a positive training case, the cross-entropy of the runtime's own
+  [negative, positive] prompt logits (`FVLM.zero_shot_logits`) against the case's label, over the intact organs,
+  summed over items: what CT-CLIP's VocabFine does for its prompts. Without it, "Not X." and "X." stay almost
+  the same text to a small text tower trained for CPU minutes on reports, and zero-shot can point the wrong way.
 - Export: `torch.save({"model": state_dict})` (the released checkpoint_*.pth layout) + constructors.json.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 from collections.abc import Callable, Sequence
@@ -40,9 +46,9 @@ from CTFoundationLib.inference.fvlm import FVLMInput, prepare_fvlm_input
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.volume import CTVolume
-from CTFoundationLib.models.fvlm import FVLM, FVLMConfig
+from CTFoundationLib.models.fvlm import FVLM, ZERO_SHOT_ITEMS, FVLMConfig, ZeroShotItem
 from CTFoundationLib.preprocess import OrganWindowSpec, PreprocessSpec
-from training.ctrate import read_reports
+from training.ctrate import read_labels, read_reports
 from training.modeling import load_local_bert
 
 NORMAL_TEMPLATE = "{organ} shows no significant abnormalities."
@@ -119,17 +125,38 @@ class FVLMCase:
     path: Path
     texts: tuple[str, ...]
     abnormal: tuple[bool, ...]
+    findings: tuple[float, ...] = ()  # 0/1 label of each prompt item (`prompt_items`), when trained on
 
 
-def load_fvlm_cases(volumes: dict[str, Path], reports_csv: Path, organs: Sequence[str]) -> list[FVLMCase]:
-    """Cases of every volume with a report, in `volumes` order; `volumes`: VolumeName -> file."""
+def prompt_items(organs: Sequence[str], labels_csv: Path) -> tuple[ZeroShotItem, ...]:
+    """fVLM's zero-shot items on the model's organs whose finding has a positive case in labels_csv (a pair
+    without one teaches the prompt nothing about the finding)."""
+    columns = read_csv_header(labels_csv)
+    candidates = [item for item in ZERO_SHOT_ITEMS if item.organ in organs and item.finding in columns]
+    if not candidates:
+        return ()
+    labels = np.stack(list(read_labels(labels_csv, tuple(item.finding for item in candidates)).values()))
+    return tuple(item for item, positives in zip(candidates, labels.sum(axis=0)) if positives > 0)
+
+
+def read_csv_header(path: Path) -> list[str]:
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def load_fvlm_cases(volumes: dict[str, Path], reports_csv: Path, organs: Sequence[str],
+                    labels_csv: Path | None = None, items: Sequence[ZeroShotItem] = ()) -> list[FVLMCase]:
+    """Cases of every volume with a report, in `volumes` order; `volumes`: VolumeName -> file. With items, each
+    case carries its labels_csv label of every item's finding (a volume without a labels row is left out)."""
     reports = read_reports(reports_csv)
+    labels = read_labels(labels_csv, tuple(item.finding for item in items)) if items and labels_csv else {}
     grounder = default_grounder()
     cases = []
     for name, path in volumes.items():
-        if name in reports:
+        if name in reports and (not items or name in labels):
             texts, abnormal = organ_texts(reports[name], organs, grounder)
-            cases.append(FVLMCase(name, path, tuple(texts), tuple(abnormal)))
+            findings = tuple(float(v) for v in labels[name]) if items else ()
+            cases.append(FVLMCase(name, path, tuple(texts), tuple(abnormal), findings))
     if not cases:
         raise TrainingError(f"none of the {len(volumes)} volumes has a row in {reports_csv}")
     return cases
@@ -137,14 +164,15 @@ def load_fvlm_cases(volumes: dict[str, Path], reports_csv: Path, organs: Sequenc
 
 class FVLMDataset(Dataset):
     """Items {"image": (1, Z, Y, X) float32, "labels": (Z, Y, X) uint8, "texts": [organ texts],
-    "abnormal": (n_organs,) bool}. With `cache_dir`, each prepared input is written once as float16 image +
-    uint8 labels (`<name>.npz`) and read from there afterwards. sentence_per_item: each item carries one sentence
-    of each organ text drawn at random (`one_sentence`) instead of the whole text."""
+    "abnormal": (n_organs,) bool, "findings": (n_items,) float32 labels of `items` (empty without)}. With
+    `cache_dir`, each prepared input is written once as float16 image + uint8 labels (`<name>.npz`) and read
+    from there afterwards. sentence_per_item: each item carries one sentence of each organ text drawn at random
+    (`one_sentence`) instead of the whole text."""
 
     def __init__(self, cases: list[FVLMCase], organs: Sequence[str], spec: PreprocessSpec,
                  windows: OrganWindowSpec, organ_labels: OrganLabeller, cache_dir: Path | None = None,
-                 sentence_per_item: bool = False) -> None:
-        self.sentence_per_item = sentence_per_item
+                 sentence_per_item: bool = False, items: Sequence[ZeroShotItem] = ()) -> None:
+        self.sentence_per_item, self.items = sentence_per_item, tuple(items)
         if not cases:
             raise TrainingError("the fVLM training set is empty")
         self.cases, self.organs, self.spec, self.windows = cases, tuple(organs), spec, windows
@@ -171,7 +199,8 @@ class FVLMDataset(Dataset):
         inp, case = self.prepared(index), self.cases[index]
         return {"image": torch.from_numpy(np.ascontiguousarray(inp.image))[None],
                 "labels": torch.from_numpy(np.ascontiguousarray(inp.labels)),
-                "texts": self.texts(case), "abnormal": torch.tensor(case.abnormal)}
+                "texts": self.texts(case), "abnormal": torch.tensor(case.abnormal),
+                "findings": torch.tensor(case.findings, dtype=torch.float32)}
 
     def texts(self, case: FVLMCase) -> list[str]:
         if not self.sentence_per_item:
@@ -190,7 +219,8 @@ def collate_fvlm(items: list[dict]) -> dict:
     return {"image": torch.stack([padded(item["image"]) for item in items]),
             "labels": torch.stack([padded(item["labels"]) for item in items]),
             "texts": [item["texts"] for item in items],
-            "abnormal": torch.stack([item["abnormal"] for item in items])}
+            "abnormal": torch.stack([item["abnormal"] for item in items]),
+            "findings": torch.stack([item["findings"] for item in items])}
 
 
 def intact_organs(labels: Tensor, n_organs: int) -> Tensor:
@@ -262,13 +292,16 @@ def _gather_objects(values: list) -> list:
     return [value for part in gathered for value in part]
 
 
-def fvlm_step(model: nn.Module, batch: dict, tokenize: Callable, organs: Sequence[str]) -> Tensor:
-    """The summed per-organ soft InfoNCE of one batch; model: a TrainableFVLM, possibly wrapped."""
+def fvlm_step(model: nn.Module, batch: dict, tokenize: Callable, organs: Sequence[str],
+              items: Sequence[ZeroShotItem] = (), prompt_weight: float = 0.0) -> Tensor:
+    """The summed per-organ soft InfoNCE of one batch (+ prompt_weight x `prompt_loss` of `items`); model: a
+    TrainableFVLM, possibly wrapped."""
     labels, abnormal = batch["labels"], batch["abnormal"]
     intact = intact_organs(labels, len(organs))
     flat = [(b, o) for b in range(len(batch["texts"])) for o in range(len(organs)) if intact[b, o]]
     encoded = [text_for_encoder(batch["texts"][b][o], organs[o]) for b, o in flat]
-    ids, mask = tokenize(encoded or ["."])
+    prompts = [text for item in items for text in (item.negative, item.positive)] if prompt_weight > 0 else []
+    ids, mask = tokenize(encoded + prompts or ["."])
     organ_feats, text_feats, temp = model(batch["image"], labels, ids.to(labels.device), mask.to(labels.device))
     text_table = torch.zeros(*intact.shape, text_feats.shape[-1], device=text_feats.device, dtype=text_feats.dtype)
     if flat:
@@ -292,7 +325,22 @@ def fvlm_step(model: nn.Module, batch: dict, tokenize: Callable, organs: Sequenc
         if len(torch.unique(targets)) == 1:  # nothing to contrast (the reference skips it too)
             continue
         total = total + soft_infonce(image_feat, text_feat, targets, temp)
+    if prompts:
+        fvlm = getattr(model, "module", model).fvlm
+        prompt_feats = text_feats[len(flat):].view(len(items), 2, -1)
+        total = total + prompt_weight * prompt_loss(fvlm, organ_feats, prompt_feats, batch["findings"], intact, items)
     return total
+
+
+def prompt_loss(fvlm: FVLM, organ_feats: Tensor, prompt_feats: Tensor, findings: Tensor, intact: Tensor,
+                items: Sequence[ZeroShotItem]) -> Tensor:
+    """Sum over items of the mean cross-entropy of the runtime's [negative, positive] logits (`zero_shot_logits`,
+    what `ground` scores) against the 0/1 findings (B, n_items), over the cases whose item organ is intact."""
+    logits = fvlm.zero_shot_logits(organ_feats.nan_to_num(0.0), prompt_feats, items)  # (B, n_items, 2)
+    keep = intact[:, fvlm.organ_indices(items)]
+    cross_entropy = F.cross_entropy(logits[keep], findings.to(logits.device)[keep].long(), reduction="none")
+    per_item = (keep / keep.sum(dim=0).clamp(min=1))[keep]  # each item's cases weigh 1 together
+    return (cross_entropy * per_item).sum()
 
 
 def enable_gradient_checkpointing(model: FVLM) -> None:

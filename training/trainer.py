@@ -92,11 +92,12 @@ def fvlm_dataset(config: TrainingConfig) -> fvlm.FVLMDataset:
     data, organs = config.data, config.model.fvlm_config().organs
     if data.preprocess not in ORGAN_WINDOWS:
         raise TrainingError(f"{config.source}: recipe fvlm needs data.preprocess one of {sorted(ORGAN_WINDOWS)}")
-    cases = fvlm.load_fvlm_cases(find_volumes(data.root), data.reports_csv, organs)
+    items = fvlm.prompt_items(organs, data.labels_csv) if config.train.prompt_weight > 0 else ()
+    cases = fvlm.load_fvlm_cases(find_volumes(data.root), data.reports_csv, organs, data.labels_csv, items)
     cache = Path(config.train.output_dir) / "inputs" if data.cache_images else None
     return fvlm.FVLMDataset(cases, organs, SPECS[data.preprocess], ORGAN_WINDOWS[data.preprocess],
                             fvlm.AnatomyLabeller(organs, data.masks, data.mask_scheme), cache,
-                            data.organ_text == "sentence")
+                            data.organ_text == "sentence", items)
 
 
 def initial_model(config: TrainingConfig) -> TrainableCTCLIP | fvlm.TrainableFVLM:
@@ -236,7 +237,8 @@ class Trainer:
     def loss(self, batch: dict) -> torch.Tensor:
         recipe = self.config.train.recipe
         if recipe == "fvlm":
-            return fvlm.fvlm_step(self.model, batch, self.tokenize, self.core.fvlm.config.organs)
+            return fvlm.fvlm_step(self.model, batch, self.tokenize, self.core.fvlm.config.organs,
+                                  self.dataset.items, self.config.train.prompt_weight)
         if recipe == "lipro":
             return lipro_step(self.model, self.head, batch, self.pos_weight)
         step = contrastive_step if recipe == "contrastive" else vocabfine_step

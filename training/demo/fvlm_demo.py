@@ -37,7 +37,7 @@ from CTFoundationLib.weights.cache import cache_root
 
 from ..config import load_config
 from ..ctrate import find_volumes, read_labels
-from ..fvlm import AnatomyLabeller, FVLMDataset, load_fvlm_cases
+from ..fvlm import AnatomyLabeller, FVLMDataset, load_fvlm_cases, prompt_items
 from ..trainer import Trainer
 from .build import CONFIGS, Say, demo_data, minilm_folder, stage_record
 from .findings import DEMO_FINDINGS
@@ -79,10 +79,15 @@ def demo_items(organs: tuple[str, ...]) -> list[ZeroShotItem]:
 
 
 def split_dataset(data: Path, split: str, labeller: DemoLabeller, home: Path | None,
-                  sentence_per_item: bool = False) -> FVLMDataset:
-    cases = load_fvlm_cases(find_volumes(data / split), data / f"{split}_reports.csv", labeller.organs)
+                  sentence_per_item: bool = False, with_prompts: bool = False) -> FVLMDataset:
+    """A demo split; with_prompts: its cases carry the labels of fVLM's prompt items (`prompt_items`)."""
+    labels_csv = data / f"{split}_labels.csv"
+    items = prompt_items(labeller.organs, labels_csv) if with_prompts else ()
+    cases = load_fvlm_cases(find_volumes(data / split), data / f"{split}_reports.csv", labeller.organs, labels_csv,
+                            items)
     cache = cache_root(home) / "fvlm_inputs" / data.name / split
-    return FVLMDataset(cases, labeller.organs, FVLM_DEMO, FVLM_DEMO_WINDOWS, labeller, cache, sentence_per_item)
+    return FVLMDataset(cases, labeller.organs, FVLM_DEMO, FVLM_DEMO_WINDOWS, labeller, cache, sentence_per_item,
+                       items)
 
 
 def demo_runtime(checkpoint: Path, home: Path | None) -> FVLMRuntime:
@@ -127,14 +132,16 @@ def train_fvlm_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpe
     minilm = minilm_folder()
     overrides = {
         "model": {"tokenizer": str(minilm / "vocab.txt"), "text_init": str(minilm)},
-        "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv")},
+        "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv"),
+                 "labels_csv": str(data / "train_labels.csv")},
         "train": {"output_dir": str(staging / "run"), **({"steps": steps} if steps is not None else {})},
         "export": {"checkpoint": str(staging / CHECKPOINT)},
     }
     config = load_config(CONFIG, overrides)
     organs = config.model.fvlm_config().organs
     labeller = DemoLabeller.from_base(organs, Path(data_root))
-    dataset = split_dataset(data, "train", labeller, home, config.data.organ_text == "sentence")
+    dataset = split_dataset(data, "train", labeller, home, config.data.organ_text == "sentence",
+                            config.train.prompt_weight > 0)
     say(f"training {MODEL_ID} ({EXPECTED}): {config.train.steps} steps of {config.train.batch_size} cases, "
         f"organs {list(organs)}; the first pass prepares and caches each case's input")
     result = Trainer(config, dataset).train()
