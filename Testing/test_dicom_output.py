@@ -89,6 +89,7 @@ def test_seg_references_the_source_series_and_holds_the_masks(written, ct_dir):
     sources = source_files(ct_dir)
     seg = hd.seg.segread(outputs.seg)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian  # lossless: masks below
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID == outputs.study_uid
     assert seg.PatientID == sources[0].PatientID and seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     (referenced,) = seg.ReferencedSeriesSequence
