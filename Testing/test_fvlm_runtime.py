@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from small_models import bert_vocab, make_small_fvlm
 
 from CTFoundationLib.anatomy.fallback import fallback_anatomy
-from CTFoundationLib.errors import AnatomyError
+from CTFoundationLib.errors import AnatomyError, CTFoundationError
 from CTFoundationLib.inference.fvlm import FVLMInput, FVLMRuntime, prepare_fvlm_input, score_windows, window_validity
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.fvlm import (
@@ -158,8 +158,13 @@ def test_runtime_maps_place_the_lung_window_tokens_on_the_ct(runtime, ricord, an
     """The runtime's lung maps: one per lung finding, on the lung window's token grid, summing with the constant to
     ln(P / (1 - P)); the grid puts each token over the CT voxels whose intensities the model saw there."""
     labels = anatomy.fvlm_labels(FVLM_ORGANS)
+    runtime.score(ricord, labels)
+    with pytest.raises(CTFoundationError, match="keep_windows"):
+        runtime.finding_maps(ricord)  # nothing kept by default: a batch holds no CT and levels in between
+    runtime.keep_windows = True
     result = runtime.score(ricord, labels)
     maps = runtime.finding_maps(ricord)
+    runtime.keep_windows = False
     assert list(maps) == ["lung"] and maps["lung"].names == [f.name for f in result.findings]
     inp = prepare_fvlm_input(ricord, labels, FVLM_ORGANS)
     start, image, window_labels = lung_window(inp, runtime.model)

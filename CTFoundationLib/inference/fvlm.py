@@ -270,7 +270,8 @@ class FVLMRuntime:
         self.items = [item for item in items if item.organ in self.organs]
         self.tokenizer = load_tokenizer(Path(tokenizer_source))
         self._prompt_feats: torch.Tensor | None = None
-        self._scored: tuple[CTVolume, FVLMInput, dict[str, ScoredWindow]] | None = None  # the last `score`'s
+        self.keep_windows = False  # True: keep the last score's windows (pooling levels), for `finding_maps`
+        self._kept: tuple[CTVolume, tuple[int, int, int], dict[str, ScoredWindow]] | None = None
 
     @classmethod
     def from_registry(
@@ -335,25 +336,26 @@ class FVLMRuntime:
             for item, p in scores.probabilities.items()
         ]
         self.timings_s["score_total"] = round(time.perf_counter() - started, 3)
-        self._scored = (volume, inp, scores.windows)
+        self._kept = (volume, inp.origin, scores.windows) if self.keep_windows else None
         return FVLMResult(self.model_id, str(self.checkpoint), self.checkpoint_sha256, str(self.device), mode,
                           [scores.statuses[o] for o in self.organs], findings, dict(self.timings_s))
 
     def finding_maps(self, volume: CTVolume) -> dict[str, FindingMaps]:
-        """Per scored organ, its findings' token maps from the last `score` of this volume object (no second
-        pass): each token's exact share of the finding's logit difference (`zero_shot_token_terms`), 0 outside
-        the organ, on the organ window's token grid placed in the CT (`window_token_grid`). The maps sum to the
-        logit difference minus the per-finding constant (`FindingMaps.model` records the model id)."""
-        if self._scored is None or self._scored[0] is not volume:
-            raise CTFoundationError("fVLM maps come from the last score() of the same CT: score it first")
-        _, inp, windows = self._scored
+        """Per scored organ, its findings' token maps from the last `score` of this volume object under
+        `keep_windows` (no second pass): each token's exact share of the finding's logit difference
+        (`zero_shot_token_terms`), 0 outside the organ, on the organ window's token grid placed in the CT
+        (`window_token_grid`). The maps sum to the logit difference minus the per-finding constant."""
+        if self._kept is None or self._kept[0] is not volume:
+            raise CTFoundationError("fVLM maps come from the last score() of the same CT with keep_windows = True: "
+                                    "set it, then score the CT")
+        _, origin, windows = self._kept
         maps = {}
         with self._timed("maps"), torch.inference_mode():  # the kept levels are inference tensors
             for organ, window in windows.items():
                 items = [item for item in self.items if item.organ == organ]
                 prompts = self.prompt_features()[[self.items.index(item) for item in items]]
                 terms, _ = zero_shot_token_terms(self.model, window.levels, window.flags, prompts, items)
-                offset = tuple(o + w for o, w in zip(inp.origin, window.start))
+                offset = tuple(o + w for o, w in zip(origin, window.start))
                 grid = window_token_grid(volume, self.spec, offset, self.model.config.patch_size, window.tokens)
                 values = terms.cpu().float().numpy().reshape(len(items), *window.tokens)
                 maps[organ] = FindingMaps([item.finding for item in items], values, grid, self.model_id)

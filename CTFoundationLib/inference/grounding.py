@@ -249,6 +249,8 @@ def ground_ct(volume: CTVolume, out: Path, ctclip: CTCLIPRuntime, fvlm: FVLMScor
     summary = summarize(volume)
     masks = build_anatomy(volume, anatomy, FVLM_ORGANS, progress)
     detection = ctclip.detect(volume, thresholds)
+    if fvlm_maps is not None and fvlm.runtime is not None:
+        fvlm.runtime.keep_windows = True  # the maps reuse the scoring pass
     fvlm_result, fvlm_record = fvlm.score(volume, masks)
     sentences = default_grounder().ground_report(report)
     case = ground_case(masks, detection, fvlm_result, sentences,
