@@ -743,7 +743,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
     def exportDicom(self, outcome: DetectionOutcome, outFolder, segmentationNode=None, waitForCompletion: bool = True,
                     callback=None, progress=None):
         """A DICOM SEG (anatomy + positive-finding regions) and SR (the findings) of a detection, referencing the
-        volume's source DICOM series, written by the background worker as outFolder/seg.dcm and sr.dcm.
+        volume's source DICOM series, written by the background worker as outFolder/seg.dcm and sr.dcm. The
+        finding regions come from the detection's finding maps (`outcome.mapFiles`), else from the grounding.
 
         segmentationNode: the anatomy (e.g. the grounding's segmentation); None lets the library make it.
         Returns the SR's path (waiting) or the BackgroundTask; callback(path, error) as in `detect`.
@@ -753,7 +754,8 @@ class CTFoundationLogic(ScriptedLoadableModuleLogic):
         def arguments(workDir: Path) -> tuple[str, dict]:
             (workDir / "detection.json").write_text(json.dumps(outcome.report), encoding="utf-8")
             request = {**self._volumeRequest(outcome.volumeNode, workDir), "dicom_files": files,
-                       "detection": str(workDir / "detection.json"), "out": str(Path(outFolder))}
+                       "detection": str(workDir / "detection.json"), "out": str(Path(outFolder)),
+                       "maps": {name: str(path) for name, path in (outcome.mapFiles or {}).items()}}
             if segmentationNode is not None:
                 masks = anatomy.exportSegmentMasks(segmentationNode, outcome.volumeNode,
                                                    ijkToRasArray(outcome.volumeNode), workDir / "segmentation")

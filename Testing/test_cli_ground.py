@@ -36,7 +36,7 @@ def private_home(tmp_path, monkeypatch):
 def test_ground_ricord_writes_grounded_json_and_masks(ct_dir, tmp_path, models, capsys):
     out = tmp_path / "out"
     code = main(["ground", str(ct_dir / RICORD_15), *models["ctclip"], *models["fvlm"], "--report", REPORT,
-                 "--out", str(out)])
+                 "--out", str(out), "--fvlm-maps", str(tmp_path / "maps")])
     assert code == 0
     assert "lung_right" in capsys.readouterr().out
     result = json.loads((out / "grounded.json").read_text())
@@ -57,6 +57,25 @@ def test_ground_ricord_writes_grounded_json_and_masks(ct_dir, tmp_path, models, 
     mask = nib.load(str(out / segments["lung_left"]["mask_file"]))
     volume_ml = np.asanyarray(mask.dataobj).sum() * abs(np.linalg.det(mask.affine[:3, :3])) / 1000
     assert volume_ml == pytest.approx(segments["lung_left"]["volume_ml"], rel=1e-3) and volume_ml > 1000
+    maps = result["fvlm_maps"]
+    assert maps["written"] and maps["grid"] == "tokens" and list(maps["organs"]) == ["lung"]
+    assert set(maps["organs"]["lung"]) == set(lung) and len(list((tmp_path / "maps").iterdir())) == 11
+    lungs = np.argwhere(np.asanyarray(mask.dataobj) | np.asanyarray(
+        nib.load(str(out / segments["lung_right"]["mask_file"])).dataobj))
+    corners = (mask.affine @ np.c_[[lungs.min(0), lungs.max(0)], [1, 1]].T)[:3].T
+    low, high = corners.min(0) - 50, corners.max(0) + 50  # within a token (48 mm at most) of the lungs' box
+    for entry in maps["organs"]["lung"].values():
+        token_map = nib.load(str(tmp_path / "maps" / entry["file"]))
+        assert token_map.shape == tuple(maps_shape(result)) and np.count_nonzero(token_map.get_fdata()) > 0
+        if entry["maximum"] > 0:  # else the maximum is a 0 outside the organ, anywhere
+            assert np.all(low <= entry["hottest_ras_mm"]) and np.all(np.array(entry["hottest_ras_mm"]) <= high)
+    assert any(entry["maximum"] > 0 for entry in maps["organs"]["lung"].values())
+
+
+def maps_shape(result: dict) -> list[int]:
+    """The token grid of fVLM's lung window: the window (processed voxels) over the 16 x 16 x 32 patch."""
+    (window,) = [s["window_zyx"] for s in result["models"]["fvlm"]["organs"] if s["organ"] == "lung"]
+    return [-(-(stop - start) // patch) for (start, stop), patch in zip(window, (16, 16, 32))]
 
 
 def test_ground_without_fvlm_weights_says_it_is_skipped(ct_dir, tmp_path, models, capsys):

@@ -21,6 +21,7 @@ from CTFoundationLib.cli import main
 from CTFoundationLib.errors import CTInputError
 from CTFoundationLib.host import worker
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.maps import FindingMaps, write_map_niftis
 from CTFoundationLib.inference.results import detection_report
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.volume import CTVolume
@@ -29,6 +30,8 @@ from CTFoundationLib.report.dicom import (
     FindingRegion,
     frames_of,
     grounded_regions,
+    map_region,
+    map_regions,
     source_series,
     write_dicom_outputs,
 )
@@ -50,11 +53,15 @@ def thresholds() -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def written(small, thresholds, ct_dir, tmp_path_factory):
-    """SEG + SR of the 3-slice series: fallback anatomy, grounded regions and one hand-made box region."""
+def runtime(small, tmp_path_factory) -> CTCLIPRuntime:
     checkpoint, _, config = small
-    runtime = CTCLIPRuntime(checkpoint, bert_vocab(), config=config, device="cpu",
-                            cache_dir=tmp_path_factory.mktemp("cache"))
+    return CTCLIPRuntime(checkpoint, bert_vocab(), config=config, device="cpu",
+                         cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def written(runtime, thresholds, ct_dir, tmp_path_factory):
+    """SEG + SR of the 3-slice series: fallback anatomy, grounded regions and one hand-made box region."""
     volume = read_ct(ct_dir / SERIES)
     detection = runtime.detect(volume, thresholds)
     anatomy = build_anatomy(volume, AnatomyRequest(use_totalsegmentator=False), FVLM_ORGANS)
@@ -82,6 +89,7 @@ def test_seg_references_the_source_series_and_holds_the_masks(written, ct_dir):
     sources = source_files(ct_dir)
     seg = hd.seg.segread(outputs.seg)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian  # lossless: masks below
     assert seg.StudyInstanceUID == sources[0].StudyInstanceUID == outputs.study_uid
     assert seg.PatientID == sources[0].PatientID and seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     (referenced,) = seg.ReferencedSeriesSequence
@@ -161,6 +169,76 @@ def test_sr_lists_every_finding_with_its_numbers_and_references(written, ct_dir)
     assert by_name["Emphysema"].positive and "Emphysema" in {g.tracking_identifier for g in image_groups}  # no lung
 
 
+@pytest.fixture(scope="module")
+def mapped(runtime, thresholds, ct_dir, tmp_path_factory):
+    """SEG + SR of the 3-slice series with the finding maps' regions (no anatomy); Emphysema's map negated, so it
+    has no positive part."""
+    volume = read_ct(ct_dir / SERIES)
+    detection = runtime.detect(volume, thresholds)
+    maps = runtime.finding_maps(volume)
+    values = maps.values.copy()
+    emphysema = maps.names.index("Emphysema")
+    values[emphysema] = -np.abs(values[emphysema]) - 1e-3
+    maps = FindingMaps(maps.names, values, maps.grid, maps.model)
+    regions = map_regions(maps, volume, detection)
+    outputs = write_dicom_outputs(volume, detection, tmp_path_factory.mktemp("mapped"), None, regions)
+    return volume, detection, maps, outputs
+
+
+def test_map_region_keeps_the_peak_component_at_the_fraction():
+    values = np.zeros((20, 10, 10), np.float32)
+    values[2:5, 2:5, 2:5] = 1.0
+    values[3, 3, 3] = 2.0  # the peak
+    values[10:14, 2:5, 2:5] = 1.5  # hotter than half the peak, but apart from it
+    values[5, 3, 3] = 0.9  # touches the peak's blob, below half the peak
+    region = map_region(values, 0.5)
+    assert region.sum() == 27 and region[2:5, 2:5, 2:5].all()
+    assert map_region(values, 0.3).sum() == 27 + 1  # 0.9 >= 0.6 joins; the far blob stays apart
+    assert map_region(-np.abs(values)) is None and map_region(np.zeros((3, 3, 3))) is None
+
+
+def test_seg_holds_a_map_region_per_positive_finding_with_its_code_around_the_map_maximum(mapped, ct_dir):
+    volume, detection, maps, outputs = mapped
+    seg = hd.seg.segread(outputs.seg)
+    sources = source_files(ct_dir)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    described = {d.SegmentLabel: d for d in seg.SegmentSequence}
+    positives = sorted(f.name for f in detection.findings if f.positive)
+    assert positives == sorted(POSITIVE)
+    with_region = sorted(name for name in positives if maps.in_ct(name, volume).max() > 0)
+    assert "Emphysema" not in with_region and len(with_region) == 2  # the small model's maps do reach above 0
+    assert sorted(described) == [f"{name} region" for name in with_region]
+    assert outputs.notes == ["finding Emphysema: no region (its map has no positive value)"]
+    numbers = [described[f"{name} region"].SegmentNumber for name in with_region]
+    pixels = seg.get_pixels_by_source_instance([h.SOPInstanceUID for h in sources], segment_numbers=numbers,
+                                               assert_missing_frames_are_empty=True)
+    for index, name in enumerate(with_region):
+        segment = described[f"{name} region"]
+        assert code_of(segment.SegmentedPropertyCategoryCodeSequence[0]) == ("SCT", "49755003")
+        expected_code = finding_code_pair(name)
+        assert code_of(segment.SegmentedPropertyTypeCodeSequence[0]) == expected_code
+        assert segment.SegmentDescription == "map region: >= 0.5 x map max, peak part; not a segmentation"
+        mask = pixels[..., index].transpose(2, 1, 0) > 0  # back to (i, j, k)
+        values = maps.in_ct(name, volume)
+        peak = np.unravel_index(int(np.argmax(values)), values.shape)
+        assert mask[peak] and 0 < mask.sum() < mask.size
+        assert values[mask].min() >= 0.5 * values[peak] - 1e-6  # nothing below the fraction of the maximum
+    sr = hd.sr.srread(outputs.sr)
+    groups = {g.tracking_identifier: g for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert sorted(groups) == with_region
+    for name, group in groups.items():
+        assert group.referenced_segment.referenced_segment_numbers == [described[f"{name} region"].SegmentNumber]
+        assert (group.finding_type.scheme_designator, group.finding_type.value) == finding_code_pair(name)
+
+
+def finding_code_pair(name: str) -> tuple[str, str]:
+    """(scheme, value) of a finding's code as Resources/anatomy/finding_codes.json gives it."""
+    from CTFoundationLib.resources import ANATOMY_RESOURCES
+
+    scheme, value, _ = json.loads((ANATOMY_RESOURCES / "finding_codes.json").read_text())["findings"][name]
+    return scheme, value
+
+
 def test_masks_on_another_grid_are_resampled_onto_the_source_frames(written, ct_dir):
     volume, _, anatomy, _, _ = written
     mask = anatomy.mask("bone")
@@ -187,6 +265,9 @@ def test_a_nifti_input_gets_one_line_and_no_files(small, thresholds, ct_dir, tmp
     record = json.loads((tmp_path / "out" / "chest" / "result.json").read_text())["dicom"]
     assert record["written"] and Path(record["seg"]).parent == tmp_path / "dicom" / "chest"
     assert hd.sr.srread(record["sr"]).content.get_volumetric_roi_measurement_groups()
+    findings = [d for d in hd.seg.segread(record["seg"]).SegmentSequence
+                if d.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"]
+    assert findings and all(d.SegmentDescription.startswith("map region") for d in findings)  # from the maps
     nifti = json.loads((tmp_path / "out" / "ct_3mm_iso" / "result.json").read_text())
     assert nifti["status"] == "ok" and nifti["dicom"]["written"] is False
     for case in ("chest", "ct_3mm_iso"):
@@ -196,10 +277,10 @@ def test_a_nifti_input_gets_one_line_and_no_files(small, thresholds, ct_dir, tmp
         source_series(read_ct(ct_dir / NIFTI))
 
 
-def test_the_worker_task_writes_both_for_a_ct_passed_as_nifti_with_its_dicom_files(written, ct_dir, tmp_path,
-                                                                                     capsys):
+def test_the_worker_task_writes_both_for_a_ct_passed_as_nifti_with_its_dicom_files(written, runtime, ct_dir,
+                                                                                     tmp_path, capsys):
     """What the Slicer export does: the CT as the module writes it (NIfTI of the node), its DICOM files, the
-    detection JSON; the anatomy made by the library."""
+    detection JSON, the detection's token-grid maps; the anatomy made by the library."""
     import nibabel
 
     volume, detection, _, _, _ = written
@@ -217,6 +298,20 @@ def test_the_worker_task_writes_both_for_a_ct_passed_as_nifti_with_its_dicom_fil
     groups = sr.content.get_volumetric_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == ["Medical material"]
     assert groups[0].referenced_segment.referenced_segment_numbers == [3]
+    files_request = {**request, "dicom_files": files, "out": str(tmp_path / "mapped")}
+    tokens = write_map_niftis(runtime.finding_maps(volume), volume, tmp_path / "maps", grid="tokens")
+    files_request["maps"] = {name: str(file.path) for name, file in tokens.items()}  # as Slicer's detection kept
+    (tmp_path / "request.json").write_text(json.dumps(files_request))
+    assert worker.main(["dicom", str(tmp_path / "request.json")]) == 0
+    expected = map_regions(runtime.finding_maps(volume), volume, detection)
+    seg = hd.seg.segread(tmp_path / "mapped" / "seg.dcm")
+    labels = [d.SegmentLabel for d in seg.SegmentSequence]
+    with_region = [name for name, region in expected.items() if region.mask is not None]
+    assert labels == ["body", "bone", *(f"{name} region" for name in with_region)] and with_region
+    pixels = seg.get_pixels_by_source_instance([h.SOPInstanceUID for h in sources],
+                                               segment_numbers=list(range(3, len(labels) + 1)))
+    for index, name in enumerate(with_region):  # the token-grid files give the regions of the maps themselves
+        assert np.array_equal(pixels[..., index].transpose(2, 1, 0) > 0, expected[name].mask), name
     capsys.readouterr()
     (tmp_path / "request.json").write_text(json.dumps(request))  # no DICOM files: one error line, exit 2
     assert worker.main(["dicom", str(tmp_path / "request.json")]) == 2

@@ -1,6 +1,6 @@
-"""The Slicer module's DICOM export against the Slicer stand-in: a CT node loaded "from DICOM" (its instance UIDs
-in Slicer's DICOM database), detection, then `exportDicom` through the background worker; a node without a DICOM
-source gets the one-line error."""
+"""The Slicer module's DICOM export on slicer-core (Testing/slicer_core_app.py): a CT node loaded "from DICOM" (its
+instance UIDs in Slicer's DICOM database), detection with its finding maps, then `exportDicom` through the
+background worker (finding regions from those maps); a node without a DICOM source gets the one-line error."""
 
 from __future__ import annotations
 
@@ -13,21 +13,24 @@ import highdicom as hd
 import nibabel
 import pydicom
 import pytest
+import slicer_core_app
 from small_models import bert_vocab, make_small_ctclip
 
 from CTFoundationLib.errors import CTInputError
+from CTFoundationLib.inference.maps import read_map_files
 from CTFoundationLib.io.reading import read_ct
+from CTFoundationLib.report.dicom import map_regions
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN = Path(__file__).resolve().parent / "slicer_standin"
 SERIES = "dcmqi_ct_3slice"
 
 
 @pytest.fixture(scope="module")
 def ctf():
-    for folder in (STANDIN, REPO / "CTFoundation"):
-        if str(folder) not in sys.path:
-            sys.path.insert(0, str(folder))
+    slicer_core_app.start()
+    if str(REPO / "CTFoundation") not in sys.path:
+        sys.path.insert(0, str(REPO / "CTFoundation"))
     import CTFoundation
 
     return CTFoundation
@@ -63,9 +66,13 @@ def test_export_writes_seg_and_sr_of_the_nodes_dicom_series(ctf, ct_dir, tmp_pat
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series_uid
     assert {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == set(
         by_uid)
-    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["body", "bone", "Medical material region"]
+    regions = map_regions(read_map_files(outcome.mapFiles), volume, outcome.result)
+    with_region = [name for name, region in regions.items() if region.mask is not None]
+    assert set(outcome.mapFiles) == set(CT_RATE_ABNORMALITIES) and "Medical material" in with_region
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["body", "bone", *(f"{n} region" for n in with_region)]
+    assert all(d.SegmentDescription.startswith("map region") for d in seg.SegmentSequence[2:])
     groups = {g.tracking_identifier: g for g in sr.content.get_volumetric_roi_measurement_groups()}
-    assert list(groups) == ["Medical material"]
+    assert list(groups) == with_region
     numbers = {m.name.meaning: m.value for m in groups["Medical material"].get_measurements()}
     probability = numbers["Probability"]
     assert probability == pytest.approx(outcome.result.probability("Medical material"), abs=1e-9)

@@ -13,7 +13,8 @@ from CTFoundationLib.cli.ctclip import add_model_arguments, load_ctclip, step_pr
 from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.inference.fvlm import MODES
-from CTFoundationLib.inference.grounding import GROUNDED_FILE, FVLMScoring, GroundedCase, ground_ct
+from CTFoundationLib.inference.grounding import GROUNDED_FILE, FVLMMapsRequest, FVLMScoring, GroundedCase, ground_ct
+from CTFoundationLib.inference.maps import MAP_GRIDS
 from CTFoundationLib.io.files import require_writable_folder
 
 
@@ -37,6 +38,11 @@ def add_ground_arguments(ground: argparse.ArgumentParser) -> None:
     source.add_argument("--radgenome-regions", type=Path, help="RadGenome seg_<volume> folder of region masks")
     source.add_argument("--no-totalsegmentator", action="store_true", help="do not run TotalSegmentator")
     add_fvlm_arguments(ground)
+    ground.add_argument("--fvlm-maps", type=Path, metavar="DIR",
+                        help="write fVLM's token map of each scored finding inside its organ into DIR (NIfTI, "
+                             "docs/maps.md)")
+    ground.add_argument("--fvlm-map-grid", choices=tuple(MAP_GRIDS), default="tokens",
+                        help="the organ window's token grid (.nii.gz, a few KB; default) or the CT's voxel grid")
     ground.add_argument("--report", help="report or answer text, or a file holding it")
     ground.add_argument("--out", type=Path, required=True, help="output folder")
 
@@ -75,13 +81,16 @@ def anatomy_request(args: argparse.Namespace) -> AnatomyRequest:
 
 def run_ground(args: argparse.Namespace) -> int:
     require_writable_folder(args.out, "--out")
+    if args.fvlm_maps:
+        require_writable_folder(args.fvlm_maps, "--fvlm-maps")
     volume = read_input(args)
     text = read_report(args.report)
     with step_progress("ground") as progress:
         thresholds = load_thresholds(args.thresholds)  # option files and models first: a bad one fails at once,
         runtime = load_ctclip(args, progress)  # not after the anatomy
         scoring = FVLMScoring.from_registry(**fvlm_options(args), device=args.device, progress=progress)
-        case = ground_ct(volume, args.out, runtime, scoring, anatomy_request(args), text, thresholds, progress)
+        case = ground_ct(volume, args.out, runtime, scoring, anatomy_request(args), text, thresholds, progress,
+                         FVLMMapsRequest(args.fvlm_maps, args.fvlm_map_grid) if args.fvlm_maps else None)
     if scoring.runtime is None:
         print(f"note: {scoring.skipped}", file=sys.stderr)
     elif scoring.notice:

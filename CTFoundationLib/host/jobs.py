@@ -209,7 +209,9 @@ def similar(request: Mapping[str, Any], context: JobContext) -> Path:
 def dicom(request: Mapping[str, Any], context: JobContext) -> Path:
     """Request: ct, volume_info (the CT on the grid its masks use), dicom_files (the source series' files),
     detection (a `detect --out` JSON file), anatomy (AnatomyRequest's fields, e.g. a segmentation folder; default:
-    TotalSegmentator if installed, else the built-in segmentation), out (folder: seg.dcm, sr.dcm)."""
+    TotalSegmentator if installed, else the built-in segmentation), maps ({finding: map file} of that detection,
+    `detect --maps`, either grid: the positive findings' regions come from them; default: from the grounding),
+    out (folder: seg.dcm, sr.dcm)."""
     import json
 
     from CTFoundationLib.anatomy.masks import AnatomyRequest, build_anatomy
@@ -232,11 +234,25 @@ def dicom(request: Mapping[str, Any], context: JobContext) -> Path:
     anatomy = {key: Path(value) if key in ANATOMY_PATHS and value else value
                for key, value in options_field(request, "anatomy", ANATOMY_OPTIONS, "dicom").items()}
     masks = build_anatomy(volume, AnatomyRequest(**anatomy), FVLM_ORGANS, step)
+    regions = request_map_regions(request, volume, detection)
     step("write DICOM")
-    written = write_dicom_outputs(volume, detection, out, masks, series=series)
+    written = write_dicom_outputs(volume, detection, out, masks, regions, series=series)
     for note in written.notes:
         context.emit("note", message=note)
     return written.sr
+
+
+def request_map_regions(request: Mapping[str, Any], volume, detection) -> dict | None:
+    """The dicom request's `maps` as finding regions (`map_regions`); None without maps (the grounding's)."""
+    from CTFoundationLib.inference.maps import read_map_files
+    from CTFoundationLib.report.dicom import map_regions
+
+    files = request.get("maps")
+    if not files:
+        return None
+    if not isinstance(files, dict) or not all(isinstance(p, str) for p in files.values()):
+        raise WorkerError(f"worker request (dicom): 'maps' must map findings to map files, got {files!r}")
+    return map_regions(read_map_files(files, detection.model), volume, detection)
 
 
 # --- batch reports ----------------------------------------------------------------------------------------

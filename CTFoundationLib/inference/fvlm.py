@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from CTFoundationLib import __version__
-from CTFoundationLib.errors import AnatomyError, CheckpointError
+from CTFoundationLib.errors import AnatomyError, CheckpointError, CTFoundationError
 from CTFoundationLib.inference.common import Progress, StepTimer, default_cache_dir, file_sha256
 from CTFoundationLib.inference.ctclip import load_tokenizer
+from CTFoundationLib.inference.maps import FindingMaps, TokenGrid, model_grid_affine
 from CTFoundationLib.inference.results import Finding
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.models.devices import select_device
@@ -39,6 +40,7 @@ from CTFoundationLib.models.fvlm import (
     encode_prompt_pairs,
     load_fvlm,
     read_fvlm_config,
+    zero_shot_token_terms,
 )
 from CTFoundationLib.preprocess import FVLM as FVLM_SPEC
 from CTFoundationLib.preprocess import (
@@ -63,11 +65,14 @@ MODES = ("organ", "whole")
 
 @dataclass
 class FVLMInput:
-    """fVLM's processed volume: image (Z, Y, X) float32 in [0, 1] and organ ids (Z, Y, X) uint8, same grid."""
+    """fVLM's processed volume: image (Z, Y, X) float32 in [0, 1] and organ ids (Z, Y, X) uint8, same grid;
+    origin: the index on the resampled (3 x 1 x 1 mm) grid of its voxel 0 (crop start minus padding), to place
+    tokens back in the CT."""
 
     image: np.ndarray
     labels: np.ndarray
     organs: tuple[str, ...]
+    origin: tuple[int, int, int] = (0, 0, 0)
 
     def organ_voxels(self) -> dict[str, int]:
         counts = np.bincount(self.labels.ravel(), minlength=len(self.organs) + 1)
@@ -88,8 +93,10 @@ def prepare_fvlm_input(volume: CTVolume, organ_labels: np.ndarray, organs: tuple
     if not labels.any():
         raise AnatomyError(f"the organ masks of {volume.source} vanish at fVLM's 3 x 1 x 1 mm grid (too small)")
     box = crop_to_labels(image, labels, windows.box_margin)
+    # pad_symmetric puts (missing // 2) voxels before the crop
+    origin = tuple(b.start - max(m - (b.stop - b.start), 0) // 2 for b, m in zip(box, windows.min_shape))
     return FVLMInput(pad_symmetric(image[box], windows.min_shape, spec.pad_value),
-                     pad_symmetric(labels[box], windows.min_shape, 0), organs)
+                     pad_symmetric(labels[box], windows.min_shape, 0), organs, origin)
 
 
 def window_validity(labels: np.ndarray, organ_voxels: Mapping[str, int], organs: Sequence[str],
@@ -155,16 +162,28 @@ class FVLMResult:
 
 
 @dataclass
+class ScoredWindow:
+    """What an organ was scored from: its window's start (processed voxels), pooling levels and token flags."""
+
+    start: tuple[int, int, int]
+    tokens: tuple[int, int, int]  # the token grid's shape (Z, Y, X)
+    levels: torch.Tensor
+    flags: torch.Tensor
+
+
+@dataclass
 class _WindowScores:
     probabilities: dict[ZeroShotItem, float]
     statuses: dict[str, OrganStatus]
+    windows: dict[str, ScoredWindow] = field(default_factory=dict)
 
 
 @torch.inference_mode()
 def score_windows(model: FVLM, inp: FVLMInput, prompt_feats: torch.Tensor, items: Sequence[ZeroShotItem],
                   mode: str = "organ", roi: tuple[int, int, int] = FVLM_WINDOWS.roi,
                   progress: Progress | None = None) -> _WindowScores:
-    """Step 3: P(positive) per item whose organ could be scored, and every organ's status.
+    """Step 3: P(positive) per item whose organ could be scored, every organ's status, and each scored organ's
+    window (for its token maps).
 
     prompt_feats: (len(items), 2, E) from `encode_prompt_pairs`. Runs on the model's device.
     """
@@ -177,7 +196,7 @@ def score_windows(model: FVLM, inp: FVLMInput, prompt_feats: torch.Tensor, items
     windows = {o: organ_window(inp.labels == organs.index(o) + 1, roi) for o in present} if mode == "organ" \
         else dict.fromkeys(present, tuple(slice(0, n) for n in inp.labels.shape))
     levels_by_window: dict[tuple, torch.Tensor] = {}
-    feats = {}
+    feats, scored = {}, {}
     for number, organ in enumerate(present, start=1):
         bounds = windows[organ]
         key = tuple((s.start, s.stop) for s in bounds)
@@ -196,6 +215,8 @@ def score_windows(model: FVLM, inp: FVLMInput, prompt_feats: torch.Tensor, items
             levels_by_window[key] = model.visual_encoder(_as_batch(image, model))
         flags = model.organ_token_flags(_as_batch(labels, model))
         feats[organ] = model.pool_organs(levels_by_window[key], flags)[0, organs.index(organ)]
+        tokens = tuple(n // p for n, p in zip(labels.shape, model.config.patch_size))
+        scored[organ] = ScoredWindow(tuple(s.start for s in bounds), tokens, levels_by_window[key], flags)
     if not feats:
         return _WindowScores({}, statuses)
     organ_feats = torch.full((len(organs), prompt_feats.shape[-1]), float("nan"), device=prompt_feats.device)
@@ -203,7 +224,18 @@ def score_windows(model: FVLM, inp: FVLMInput, prompt_feats: torch.Tensor, items
         organ_feats[organs.index(organ)] = feat
     p_positive = model.zero_shot_p_positive(organ_feats, prompt_feats, items).tolist()
     probabilities = {item: p for item, p in zip(items, p_positive) if item.organ in feats}
-    return _WindowScores(probabilities, statuses)
+    return _WindowScores(probabilities, statuses, scored)
+
+
+def window_token_grid(volume: CTVolume, spec: PreprocessSpec, offset: Sequence[int], patch: Sequence[int],
+                      tokens: Sequence[int]) -> TokenGrid:
+    """Where the tokens of a window sit in the CT: the window's voxel 0 is `offset` voxels into the resampled grid
+    (`FVLMInput.origin` + the window's start), token (a, b, c) covers `patch` voxels from there (ViT patches)."""
+    patch_size = np.asarray(patch, float)
+    to_voxels = np.eye(4)
+    to_voxels[:3, :3] = np.diag(patch_size)
+    to_voxels[:3, 3] = np.asarray(offset, float) + (patch_size - 1) / 2  # the token's centre
+    return TokenGrid(tuple(int(n) for n in tokens), model_grid_affine(volume, spec) @ to_voxels)
 
 
 def _as_batch(array: np.ndarray, model: FVLM) -> torch.Tensor:
@@ -238,6 +270,8 @@ class FVLMRuntime:
         self.items = [item for item in items if item.organ in self.organs]
         self.tokenizer = load_tokenizer(Path(tokenizer_source))
         self._prompt_feats: torch.Tensor | None = None
+        self.keep_windows = False  # True: keep the last score's windows (pooling levels), for `finding_maps`
+        self._kept: tuple[CTVolume, tuple[int, int, int], dict[str, ScoredWindow]] | None = None
 
     @classmethod
     def from_registry(
@@ -302,5 +336,27 @@ class FVLMRuntime:
             for item, p in scores.probabilities.items()
         ]
         self.timings_s["score_total"] = round(time.perf_counter() - started, 3)
+        self._kept = (volume, inp.origin, scores.windows) if self.keep_windows else None
         return FVLMResult(self.model_id, str(self.checkpoint), self.checkpoint_sha256, str(self.device), mode,
                           [scores.statuses[o] for o in self.organs], findings, dict(self.timings_s))
+
+    def finding_maps(self, volume: CTVolume) -> dict[str, FindingMaps]:
+        """Per scored organ, its findings' token maps from the last `score` of this volume object under
+        `keep_windows` (no second pass): each token's exact share of the finding's logit difference
+        (`zero_shot_token_terms`), 0 outside the organ, on the organ window's token grid placed in the CT
+        (`window_token_grid`). The maps sum to the logit difference minus the per-finding constant."""
+        if self._kept is None or self._kept[0] is not volume:
+            raise CTFoundationError("fVLM maps come from the last score() of the same CT with keep_windows = True: "
+                                    "set it, then score the CT")
+        _, origin, windows = self._kept
+        maps = {}
+        with self._timed("maps"), torch.inference_mode():  # the kept levels are inference tensors
+            for organ, window in windows.items():
+                items = [item for item in self.items if item.organ == organ]
+                prompts = self.prompt_features()[[self.items.index(item) for item in items]]
+                terms, _ = zero_shot_token_terms(self.model, window.levels, window.flags, prompts, items)
+                offset = tuple(o + w for o, w in zip(origin, window.start))
+                grid = window_token_grid(volume, self.spec, offset, self.model.config.patch_size, window.tokens)
+                values = terms.cpu().float().numpy().reshape(len(items), *window.tokens)
+                maps[organ] = FindingMaps([item.finding for item in items], values, grid, self.model_id)
+        return maps

@@ -21,6 +21,7 @@ from CTFoundationLib.errors import CTFoundationError, WeightsError
 from CTFoundationLib.inference.common import Progress, load_thresholds
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.fvlm import MODES, FVLMResult, FVLMRuntime
+from CTFoundationLib.inference.maps import maps_record, write_map_niftis
 from CTFoundationLib.inference.results import DetectionResult
 from CTFoundationLib.io.files import write_json_atomic
 from CTFoundationLib.io.sanity import summarize
@@ -218,14 +219,38 @@ def ground_case(anatomy: AnatomyMasks, ctclip: DetectionResult | None, fvlm: FVL
     return GroundedCase(source, anatomy.summary(), models, segments, unplaced_findings, unplaced_sentences)
 
 
+@dataclass(frozen=True)
+class FVLMMapsRequest:
+    """Where fVLM's finding maps go (one NIfTI per scored finding) and on which grid ("tokens" or "ct")."""
+
+    folder: Path
+    grid: str = "tokens"
+
+    def write(self, volume: CTVolume, fvlm: FVLMScoring, result: FVLMResult | None) -> dict:
+        """The maps of the last fVLM score of `volume` -> their record ({written: False, reason} without fVLM)."""
+        if result is None:
+            return {"written": False, "reason": "fVLM did not score this CT"}
+        organs = {}
+        for organ, maps in fvlm.runtime.finding_maps(volume).items():
+            written = write_map_niftis(maps, volume, self.folder, grid=self.grid)
+            organs[organ] = maps_record(self.folder, written, maps.model, self.grid)["findings"]
+        return {"written": True, "folder": str(self.folder), "grid": self.grid, "model": result.model,
+                "units": "logit (each token's share of ln(P / (1 - P)), less a per-finding constant)",
+                "organs": organs}
+
+
 def ground_ct(volume: CTVolume, out: Path, ctclip: CTCLIPRuntime, fvlm: FVLMScoring,
               anatomy: AnatomyRequest = AnatomyRequest(), report: str = "",
-              thresholds: Mapping[str, float] | None = None, progress: Progress | None = None) -> GroundedCase:
+              thresholds: Mapping[str, float] | None = None, progress: Progress | None = None,
+              fvlm_maps: FVLMMapsRequest | None = None) -> GroundedCase:
     """Ground one CT: anatomy, CT-CLIP and fVLM scores per segment, the report's sentences on their segments;
-    writes `out/grounded.json` (the input summary and `GroundedCase.to_dict`) and `out/masks/<segment>.nii.gz`."""
+    writes `out/grounded.json` (the input summary and `GroundedCase.to_dict`) and `out/masks/<segment>.nii.gz`;
+    with `fvlm_maps`, fVLM's finding maps too (recorded under `fvlm_maps`)."""
     summary = summarize(volume)
     masks = build_anatomy(volume, anatomy, FVLM_ORGANS, progress)
     detection = ctclip.detect(volume, thresholds)
+    if fvlm_maps is not None and fvlm.runtime is not None:
+        fvlm.runtime.keep_windows = True  # the maps reuse the scoring pass
     fvlm_result, fvlm_record = fvlm.score(volume, masks)
     sentences = default_grounder().ground_report(report)
     case = ground_case(masks, detection, fvlm_result, sentences,
@@ -234,5 +259,7 @@ def ground_ct(volume: CTVolume, out: Path, ctclip: CTCLIPRuntime, fvlm: FVLMScor
     result = case.to_dict()
     for name, path in written.items():
         result["segments"][name]["mask_file"] = str(path.relative_to(out))
+    if fvlm_maps is not None:
+        result["fvlm_maps"] = fvlm_maps.write(volume, fvlm, fvlm_result)
     write_json_atomic(Path(out) / GROUNDED_FILE, {"input": summary, **result})
     return case

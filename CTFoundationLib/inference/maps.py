@@ -20,7 +20,7 @@ voxel grid (linear between token centres, 0 outside the model's field of view), 
 from __future__ import annotations
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,6 +244,25 @@ def maps_record(folder: Path, written: dict[str, MapFile], model: str, grid: str
     return {"folder": str(folder), "model": model, "grid": grid,
             "units": "logit (each token's share of ln(P / (1 - P)))",
             "findings": {name: file.record() for name, file in written.items()}}
+
+
+def read_map_files(files: Mapping[str, Path | str], model: str = "") -> FindingMaps:
+    """Maps written by `write_map_niftis` (either grid; all of one CT, so on one grid) -> FindingMaps of those
+    findings, placed by the files' own affines (e.g. the token-grid maps a Slicer detection kept)."""
+    import nibabel as nib
+
+    values, affines = [], []
+    for name, path in files.items():
+        try:
+            image = nib.load(str(path))
+            values.append(np.asarray(image.dataobj, dtype=np.float32))
+        except (OSError, ValueError, nib.filebasedimages.ImageFileError) as error:
+            raise CTFoundationError(f"map of '{name}': {path} cannot be read ({error})") from None
+        affines.append(image.affine)
+    if not values or any(v.shape != values[0].shape or not np.allclose(a, affines[0], atol=1e-4)
+                         for v, a in zip(values, affines)):
+        raise CTFoundationError(f"maps {[str(p) for p in files.values()]}: give the maps of one CT, on one grid")
+    return FindingMaps(list(files), np.stack(values), TokenGrid(values[0].shape, affines[0]), model)
 
 
 def map_file_name(name: str, grid: str = "ct") -> str:

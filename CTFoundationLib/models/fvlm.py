@@ -433,6 +433,45 @@ class FVLM(nn.Module):
         return self.zero_shot_logits(organ_feats, prompt_feats, items).softmax(dim=-1)[..., 1]
 
 
+def zero_shot_token_terms(model: FVLM, levels: Tensor, flags: Tensor, prompt_feats: Tensor,
+                          items: Sequence[ZeroShotItem]) -> tuple[Tensor, Tensor]:
+    """Exact per-token split of each item's logit difference logit(positive) - logit(negative) for its organ.
+
+    levels (n_levels, 1, L, C) and flags (1, n_organs, L) of one window (`pool_organs`' inputs); prompt_feats
+    (n_items, 2, E) [negative, positive]. -> terms (n_items, L) float64, each token position's share summed over
+    the levels, and the constant (n_items,): terms.sum(-1) + constant = the logit difference.
+
+    Why it is exact: per head, the pooled vector is sum_j a_j (W_v x_j + b_v) with attention weights a_j summing
+    to 1, so it is sum_j a_j W_v x_j + b_v; out_proj and the organ's projection are affine, so the organ feature
+    before the L2 norm is sum_j (token j's term) + a constant, and the norm |z| and 1 / temp are one factor.
+    Tokens outside the organ have weight 0, hence term 0.
+    """
+    n_levels, _, length, width = levels.shape
+    attn, heads = model.attention, model.attention.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.double().chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.double().chunk(3)
+    context = levels[:, 0].double().reshape(n_levels * length, width)  # level-major, as pool_organs
+    q = F.linear(model.query_tokens.double(), w_q, b_q).view(-1, heads, width // heads)  # (O, H, d)
+    k = F.linear(context, w_k, b_k).view(-1, heads, width // heads)  # (N, H, d)
+    values = (context @ w_v.t()).view(-1, heads, width // heads)  # b_v goes to the constant
+    allowed = flags[0].repeat(1, n_levels)[:, None]  # (O, 1, N)
+    scores = torch.einsum("ohd,nhd->ohn", q, k) / math.sqrt(width // heads)
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # (O, H, N)
+    w_o, b_o = attn.out_proj.weight.double(), attn.out_proj.bias.double()
+    organs = model.organ_indices(items)
+    projection = torch.stack([model.vision_projs[o].weight for o in organs]).double()  # (I, E, C)
+    constant_feat = torch.einsum("iec,c->ie", projection, w_o @ b_v + b_o) + torch.stack(
+        [model.vision_projs[o].bias for o in organs]).double()  # (I, E)
+    pooled = torch.einsum("ihn,nhd->ihd", weights[organs], values).reshape(len(items), width)
+    feature = torch.einsum("iec,ic->ie", projection, pooled @ w_o.t()) + constant_feat  # before the L2 norm
+    direction = (prompt_feats[:, 1] - prompt_feats[:, 0]).double()  # (I, E)
+    scale = 1.0 / (feature.norm(dim=-1) * float(model.temp.detach()))  # (I,)
+    back = torch.einsum("ie,iec,cm->im", direction, projection, w_o).view(len(items), heads, -1)  # (I, H, d)
+    terms = torch.einsum("ihn,nhd,ihd->in", weights[organs], values, back) * scale[:, None]
+    constant = (constant_feat * direction).sum(-1) * scale
+    return terms.view(len(items), n_levels, length).sum(dim=1), constant
+
+
 Tokenize = Callable[[list[str]], tuple[Tensor, Tensor]]
 
 

@@ -1,10 +1,10 @@
 """DICOM output of a reported CT, for DICOM inputs: a DICOM SEG and a DICOM SR that a PACS and Slicer read.
 
-- SEG (binary, highdicom): one segment per anatomy segment (category SCT 123037004 "Anatomical Structure", type and
-  laterality from `Resources/anatomy/terminology.json`, the codes the Slicer module uses; a name without a code
-  there gets the type SCT 91723000 "Anatomical Structure" and keeps its name as the label), then one segment per
-  positive finding that has a region (category SCT 49755003 "Morphologically Abnormal Structure", type from
-  `Resources/anatomy/finding_codes.json`).
+- SEG (binary, highdicom, stored deflated: `SEG_TRANSFER_SYNTAX`): one segment per anatomy segment (category SCT
+  123037004 "Anatomical Structure", type and laterality from `Resources/anatomy/terminology.json`, the codes the
+  Slicer module uses; a name without a code there gets the type SCT 91723000 "Anatomical Structure" and keeps its
+  name as the label), then one segment per positive finding that has a region (category SCT 49755003
+  "Morphologically Abnormal Structure", type from `Resources/anatomy/finding_codes.json`).
 - SR (Comprehensive 3D SR, TID 1500 measurement report): one measurement group per finding with its code, the
   probability (DCM 122157), the decision threshold, present / absent / undetermined (DCM 121052), and the model id
   and checkpoint sha256 as the algorithm's name and version. A positive finding with a region is a volumetric ROI
@@ -12,8 +12,9 @@
 
 Both objects belong to the source CT's study (patient and study attributes copied by highdicom) and reference its
 series and SOP instances. Finding regions are boolean masks in CT space, one per positive finding
-(`FindingRegion`); `grounded_regions` derives them from the anatomy grounding (the finding's segments, by
-`Resources/anatomy/finding_anatomy.json`) until localisation maps give tighter ones: any mask on the CT grid fits.
+(`FindingRegion`): `map_regions` derives them from the CT-CLIP finding maps (inference.maps; `MapRegions` in a
+batch), `grounded_regions` from the anatomy grounding (the finding's segments, by
+`Resources/anatomy/finding_anatomy.json`) for checkpoints without maps; any mask on the CT grid fits.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,10 +45,18 @@ from CTFoundationLib.io.volume import LPS_FROM_RAS, CTVolume
 from CTFoundationLib.resources import ANATOMY_RESOURCES
 from CTFoundationLib.vocab import FVLM_ORGANS
 
+if TYPE_CHECKING:  # the runtime and the maps bring torch; a SEG of given masks needs neither
+    from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+    from CTFoundationLib.inference.maps import FindingMaps
+
 SEG_FILE = "seg.dcm"
 SR_FILE = "sr.dcm"
 MANUFACTURER = "CTFoundation"
 NOT_CLINICAL = "not for clinical use"
+# Deflated Explicit VR Little Endian: zlib over the whole SEG, lossless. The bit-packed masks shrink 55x on the
+# RICORD case (59.7 MB -> 1.1 MB; highdicom's only compressed syntax for BINARY, JPEG 2000 lossless, gives 2.3 MB and
+# needs an extra codec that DCMTK-based readers such as dcmqi lack). pydicom, highdicom and DCMTK read it.
+SEG_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
 GRID_TOLERANCE_MM = 1e-3  # a mask grid this close to the source frames' grid is taken as the same grid
 LO_LENGTH = 64  # DICOM long string (segment labels, descriptions, algorithm names)
 ANATOMY_CATEGORY = ("SCT", "123037004", "Anatomical Structure")
@@ -54,6 +64,7 @@ GENERIC_ANATOMY = ("SCT", "91723000", "Anatomical Structure")
 FINDING_CATEGORY = ("SCT", "49755003", "Morphologically Abnormal Structure")
 LATERALITY = {"left": ("SCT", "7771000", "Left"), "right": ("SCT", "24028007", "Right")}
 PROCEDURE = ("LN", "24627-2", "CT Chest")
+MAP_REGION_FRACTION = 0.5  # a map region: voxels at >= this fraction of the map's positive maximum
 
 
 def needs_dicom_message(volume: CTVolume) -> str:
@@ -65,9 +76,10 @@ def needs_dicom_message(volume: CTVolume) -> str:
 
 @dataclass(frozen=True)
 class FindingRegion:
-    """Where a positive finding is: a boolean mask (i, j, k) on the CT's grid, and how it was made (one line)."""
+    """Where a positive finding is: a boolean mask (i, j, k) on the CT's grid, and how it was made (one line);
+    mask None: the finding has no region, `method` says why (a note in the output)."""
 
-    mask: np.ndarray
+    mask: np.ndarray | None
     method: str
 
 
@@ -239,6 +251,33 @@ def grounded_regions(anatomy: AnatomyMasks, detection: DetectionResult) -> dict[
     return regions
 
 
+def map_region(values: np.ndarray, fraction: float = MAP_REGION_FRACTION) -> np.ndarray | None:
+    """One finding's region from its map on the CT grid: the voxels at >= `fraction` of the map's maximum, only the
+    connected component (faces touching) that holds the maximum, so one hot spot gives one region. None when the
+    map has no positive value: no voxel speaks for the finding."""
+    from scipy import ndimage
+
+    peak = np.unravel_index(int(np.argmax(values)), values.shape)
+    top = float(values[peak])
+    if not top > 0:
+        return None
+    labels, _ = ndimage.label(values >= fraction * top)
+    return labels == labels[peak]
+
+
+def map_regions(maps: FindingMaps, volume: CTVolume, detection: DetectionResult,
+                fraction: float = MAP_REGION_FRACTION) -> dict[str, FindingRegion]:
+    """Positive finding -> `map_region` of its map (`maps.in_ct`); a map without a positive value gives a region
+    of mask None (a note, no segment). Positives without a map (not in `maps`) get no entry."""
+    method = f"map region: >= {fraction:g} x map max, peak part; not a segmentation"
+    regions = {}
+    for finding in detection.findings:
+        if finding.positive and finding.name in maps.names:
+            mask = map_region(maps.in_ct(finding.name, volume), fraction)
+            regions[finding.name] = FindingRegion(mask, method if mask is not None else "its map has no positive value")
+    return regions
+
+
 # ---------------------------------------------------------------- in batch reports
 
 RegionMaker = Callable[[CTVolume, DetectionResult, AnatomyMasks], Mapping[str, FindingRegion]]
@@ -251,12 +290,29 @@ def regions_from_grounding(volume: CTVolume, detection: DetectionResult, anatomy
 
 
 @dataclass(frozen=True)
+class MapRegions:
+    """A `RegionMaker` from the detection model's finding maps (`map_regions`); with the runtime's `keep_tokens`
+    the maps reuse detection's image pass."""
+
+    runtime: CTCLIPRuntime
+    fraction: float = MAP_REGION_FRACTION
+
+    @property
+    def key(self) -> str:
+        return f"map_regions:{self.fraction:g}"
+
+    def __call__(self, volume: CTVolume, detection: DetectionResult, anatomy: AnatomyMasks
+                 ) -> Mapping[str, FindingRegion]:
+        return map_regions(self.runtime.finding_maps(volume), volume, detection, self.fraction)
+
+
+@dataclass(frozen=True)
 class DicomExport:
     """`report --dicom-out`: DICOM SEG + SR per DICOM case into `out/<case folder>/`.
 
     anatomy: where the SEG's anatomy comes from when no report section made it (the per-anatomy section's is
-    reused). regions: positive finding -> its region on the CT grid (default: the grounding's segments; a
-    localisation-map maker plugs in here).
+    reused). regions: positive finding -> its region on the CT grid (default: the grounding's segments;
+    `MapRegions` for the finding maps' regions).
     """
 
     out: Path
@@ -267,7 +323,7 @@ class DicomExport:
     def settings(self) -> dict:
         """What the DICOM output depends on besides the CT and the detection (part of the batch's resume key)."""
         return {"out": str(Path(self.out).resolve()), "totalsegmentator": self.anatomy.use_totalsegmentator,
-                "regions": getattr(self.regions, "__name__", repr(self.regions))}
+                "regions": getattr(self.regions, "key", None) or getattr(self.regions, "__name__", repr(self.regions))}
 
     def write(self, folder_name: str, volume: CTVolume, detection: DetectionResult,
               anatomy: AnatomyMasks | None = None) -> dict:
@@ -325,6 +381,7 @@ def _make_objects(hd, series: SourceSeries, detection: DetectionResult, layers: 
             software_versions=__version__, device_serial_number="none",
             series_description=f"CTFoundation segments ({NOT_CLINICAL})", content_label="CTFOUNDATION",
             content_description=f"anatomy and positive-finding regions ({NOT_CLINICAL})")
+        seg.file_meta.TransferSyntaxUID = SEG_TRANSFER_SYNTAX  # built uncompressed, deflated when saved
     else:
         notes.append("no anatomy and no positive finding region: no SEG written")
     report = _measurement_report(detection, series, seg, finding_segments)
@@ -361,6 +418,9 @@ def _segments(volume, series, detection, anatomy, regions, notes) -> tuple[list,
             raise CTInputError(f"finding region '{name}': not a finding of the detection ({detection.model})")
         if not by_name[name].positive:  # a region says where a positive finding is; others get none
             notes.append(f"finding {name}: not positive, its region is left out")
+            continue
+        if region.mask is None:
+            notes.append(f"finding {name}: no region ({region.method})")
             continue
         if np.shape(region.mask) != volume.shape_ijk:
             raise CTInputError(f"finding region '{name}': mask of shape {np.shape(region.mask)}, the CT's grid is "

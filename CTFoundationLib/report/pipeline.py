@@ -18,13 +18,14 @@ from CTFoundationLib.anatomy.masks import AnatomyRequest
 from CTFoundationLib.errors import CTFoundationError
 from CTFoundationLib.inference.chat import ChatRuntime, available_chat_model, chat_dependency
 from CTFoundationLib.inference.common import Progress, load_thresholds
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.store import ModelStore
 from CTFoundationLib.io.cases import Case, SkippedInput, require_outside_series
 from CTFoundationLib.io.files import require_writable_folder
 from CTFoundationLib.models.ctchat.modeling import GenerationSettings
 from CTFoundationLib.report.anatomy_section import anatomy_section
 from CTFoundationLib.report.batch import BatchProgress, BatchSummary, Shard, run_batch
-from CTFoundationLib.report.dicom import DicomExport
+from CTFoundationLib.report.dicom import DicomExport, MapRegions
 from CTFoundationLib.report.maps_section import maps_section
 from CTFoundationLib.report.narrative import narrative_section
 from CTFoundationLib.report.sections import ReportSection
@@ -62,7 +63,8 @@ def report_cases(
     finding in the case's maps/ folder).
     skipped_inputs: files of the input folders that are not cases (`discover_cases`), listed in the summary.
     dicom_out: a folder for a DICOM SEG (anatomy, positive-finding regions) and SR (the findings) per DICOM case,
-    in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source.
+    in `<dicom_out>/<case folder>/`; other cases get a one-line note that DICOM output needs a DICOM source. The
+    finding regions come from the finding maps (`MapRegions`), or from the grounding for a checkpoint without maps.
     read_workers: processes that read the next CTs while the model works (for a GPU; 0: read in turn).
     models: where the models come from and stay loaded (a long-lived process's store); default: loaded for this call.
     """
@@ -78,14 +80,16 @@ def report_cases(
     out = Path(out)
     require_outside_series(out, cases)
     require_writable_folder(out)  # before the model loads: an unusable output folder fails at once
-    dicom = None
     if dicom_out is not None:
         require_outside_series(Path(dicom_out), cases)
         require_writable_folder(Path(dicom_out))
-        dicom = DicomExport(Path(dicom_out), AnatomyRequest(use_totalsegmentator=use_totalsegmentator,
-                                                            device=ctclip.get("device", "auto")))
     models = models or ModelStore()
     runtime = models.ctclip(ctclip, on_model_step)
+    dicom = None
+    if dicom_out is not None:
+        dicom = DicomExport(Path(dicom_out), AnatomyRequest(use_totalsegmentator=use_totalsegmentator,
+                                                            device=ctclip.get("device", "auto")),
+                            **dicom_regions(runtime))
     sections: list[ReportSection] = []
     if anatomy:
         device = ctclip.get("device", "auto")
@@ -102,3 +106,14 @@ def report_cases(
         sections.append(narrative_section(chat_runtime, narrative, generation, chat))
     return run_batch(runtime, cases, out, thresholds=threshold_table, sections=sections, shard=shard, force=force,
                      progress=on_case_step, skipped_inputs=skipped_inputs, dicom=dicom, read_workers=read_workers)
+
+
+def dicom_regions(runtime: CTCLIPRuntime) -> dict:
+    """DicomExport's region option: the finding maps' regions (sharing detection's image pass), none given (the
+    grounding's) when the checkpoint has no maps (LiPro)."""
+    try:
+        runtime.require_maps()
+    except CTFoundationError:
+        return {}
+    runtime.keep_tokens = True
+    return {"regions": MapRegions(runtime)}
