@@ -77,6 +77,19 @@ class TrainableCTChat(nn.Module):
         """Full logits (B, L, V) of a batch without padding (the export round trip compares these)."""
         return self.llm(inputs_embeds=self.input_embeddings(input_ids, grids)).logits
 
+    @torch.no_grad()
+    def match_projector_scale(self, grids: Tensor) -> None:
+        """Scale a fresh projector's last Linear so its outputs have the RMS of the LLM's token embeddings.
+
+        At default init the outputs are ~13x the embeddings' size and nearly the same for every CT (the pooled
+        tokens differ little before training): the LLM then sees a loud constant and learns to ignore it."""
+        target = self.embedding.weight[: self.base_rows].pow(2).mean().sqrt()
+        out = self.projector(grids.to(next(self.projector.parameters()).dtype))
+        last = self.projector.proj[-1]
+        factor = target / out.pow(2).mean().sqrt()
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+
     # --- stages -----------------------------------------------------------------------------------------------
 
     def freeze_for_pretraining(self) -> None:
