@@ -127,7 +127,8 @@ def prepare_model(config: ChatTrainConfig, sample_grids: Tensor, model: Trainabl
         fields_ = {"token_dim": width, "context_dim": width, **config.projector}
         model = build_trainable(config.llm, fields_, config.init_projector, seed=config.seed)
         if config.init_projector is None:
-            model.match_projector_scale(sample_grids)
+            model.standardize_projector_input(sample_grids)
+            model.match_projector_scale(sample_grids)  # after: it measures the standardised projector's output
     if config.stage == "pretrain":
         model.freeze_for_pretraining()
     else:
@@ -157,7 +158,7 @@ def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Ten
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     items = select_items(items, config)
-    model = prepare_model(config, torch.cat(list(grids.values())[:16]), model)
+    model = prepare_model(config, torch.cat(list(grids.values())[:64]), model)
     template = config.pretrain_format if config.stage == "pretrain" else config.template
     examples = [tokenize_item(item, model.tokenizer, template, config.max_length) for item in items]
     n_queries = model.projector.config.n_queries
