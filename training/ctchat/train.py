@@ -158,7 +158,8 @@ def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Ten
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     items = select_items(items, config)
-    model = prepare_model(config, torch.cat(list(grids.values())[:64]), model)
+    # 16 CTs: enough tokens for the projector's channel statistics, still small at CT-CLIP's 24^3 x 512 grids
+    model = prepare_model(config, torch.cat(list(grids.values())[:16]), model)
     template = config.pretrain_format if config.stage == "pretrain" else config.template
     examples = [tokenize_item(item, model.tokenizer, template, config.max_length) for item in items]
     n_queries = model.projector.config.n_queries
