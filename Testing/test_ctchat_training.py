@@ -14,7 +14,7 @@ from CTFoundationLib.models.ctchat.modeling import CTChatModel, embed_with_image
 from CTFoundationLib.models.ctchat.templates import IMAGE_TOKEN_INDEX
 from training.ctchat.data import PLAIN, collate, segments, tokenize_item
 from training.ctchat.model import IGNORE_INDEX
-from training.ctchat.train import ChatTrainConfig, train_stage
+from training.ctchat.train import ChatTrainConfig, prepare_model, train_stage
 from training.ctchat.vqa import QA, conversation_item
 
 GRID = (1, 2, 2, 2, 16)  # (B, t, h, w, C) CT-CLIP-like token grid
@@ -66,6 +66,24 @@ def test_answers_are_the_only_labels_in_both_formats(tiny_llm):
     batch = collate([example, plain], {"a.nii.gz": torch.zeros(GRID)}, 4, 0)
     assert batch["input_ids"].shape[1] == len(example.input_ids) + 3
     assert (batch["input_ids"] == IMAGE_TOKEN_INDEX).sum(1).tolist() == [4, 4]
+
+
+def test_a_fresh_projector_speaks_at_the_scale_of_the_token_embeddings(tiny_llm, tmp_path):
+    """Default init gave the demo's SmolLM2 image embeddings ~13x its token embeddings' size: a loud, nearly
+    image-independent prefix the LLM learned to ignore. A fresh projector is scaled to the embeddings' RMS, and
+    its keys start standardised per channel."""
+    grids, _ = grids_and_items(8)
+    sample = torch.cat(list(grids.values()))
+    model = prepare_model(stage_config(tiny_llm, tmp_path, "pretrain"), sample, None)
+    base = model.embedding.weight[: model.base_rows]
+    with torch.no_grad():
+        out = model.projector(sample)
+    torch.testing.assert_close(out.pow(2).mean().sqrt(), base.pow(2).mean().sqrt(), rtol=1e-4, atol=0)
+    assert not torch.allclose(out[0], out[1])  # a positive and a negative case project differently
+    ln = model.projector.attn_pool.ln_k  # and its keys see every channel standardised over the sample
+    keys = ln(sample.flatten(1, 3)).flatten(0, 1)
+    torch.testing.assert_close(keys.mean(0), torch.zeros(GRID[-1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(keys.std(0), torch.ones(GRID[-1]), atol=1e-4, rtol=0)
 
 
 def test_both_stages_learn_resume_and_export_round_trip(tiny_llm, tmp_path):

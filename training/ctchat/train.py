@@ -39,7 +39,8 @@ class ChatTrainConfig:
 
     stage: str = "pretrain"
     llm: Path | None = None  # Hugging Face folder or .gguf
-    template: str = "llama3"  # stage 2's conversation template (stage 1 uses the plain format)
+    template: str = "llama3"  # stage 2's conversation template
+    pretrain_format: str = PLAIN  # stage 1's: the reference's plain captions, or a template name (the demo's)
     data: Path | None = None  # conversation JSON (training.ctchat.vqa)
     kinds: list[str] | None = None  # only these question kinds (stage 1: report_generation)
     images: Path | None = None  # folder of the volumes (CT-RATE layout or flat), encoded once with `encoder`
@@ -119,11 +120,15 @@ def select_items(items: list[dict], config: ChatTrainConfig) -> list[dict]:
     return chosen
 
 
-def prepare_model(config: ChatTrainConfig, grid_width: int, model: TrainableCTChat | None) -> TrainableCTChat:
+def prepare_model(config: ChatTrainConfig, sample_grids: Tensor, model: TrainableCTChat | None) -> TrainableCTChat:
     """The stage's model: built from the config (or continued from `model`), frozen / LoRA-wrapped as the stage says."""
     if model is None:
-        fields_ = {"token_dim": grid_width, "context_dim": grid_width, **config.projector}
+        width = sample_grids.shape[-1]
+        fields_ = {"token_dim": width, "context_dim": width, **config.projector}
         model = build_trainable(config.llm, fields_, config.init_projector, seed=config.seed)
+        if config.init_projector is None:
+            model.standardize_projector_input(sample_grids)
+            model.match_projector_scale(sample_grids)  # after: it measures the standardised projector's output
     if config.stage == "pretrain":
         model.freeze_for_pretraining()
     else:
@@ -153,9 +158,9 @@ def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Ten
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     items = select_items(items, config)
-    grid_width = next(iter(grids.values())).shape[-1]
-    model = prepare_model(config, grid_width, model)
-    template = PLAIN if config.stage == "pretrain" else config.template
+    # 16 CTs: enough tokens for the projector's channel statistics, still small at CT-CLIP's 24^3 x 512 grids
+    model = prepare_model(config, torch.cat(list(grids.values())[:16]), model)
+    template = config.pretrain_format if config.stage == "pretrain" else config.template
     examples = [tokenize_item(item, model.tokenizer, template, config.max_length) for item in items]
     n_queries = model.projector.config.n_queries
     world, rank = accelerator.num_processes, accelerator.process_index  # each process takes its own batches

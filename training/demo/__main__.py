@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
     build.add_argument("--fvlm-steps", type=int, help="steps of the fvlm-demo training (default: its config's)")
     build.add_argument("--chat-steps", type=int, nargs=2, metavar=("PRETRAIN", "LORA"),
-                       help="with --model ct-chat-demo: steps of its two stages (default 40 40)")
+                       help="with --model ct-chat-demo: steps of its two stages (default 80 25)")
     evaluate = commands.add_parser("eval", help="zero-shot AUROC and the maps' pointing game of ct-clip-demo on the "
                                                 "held-out demo cases (builds it first if needed)")
     for command in (build, evaluate):
