@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 
 import numpy as np
@@ -12,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import data_root
+from safetensors.torch import save_file
 from small_models import bert_vocab
 
 import training.demo.__main__ as demo_command
 from CTFoundationLib.cli import main
+from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.inference.fvlm import FVLMRuntime, prepare_fvlm_input
 from CTFoundationLib.inference.grounding import GROUNDED_FILE
@@ -30,13 +33,14 @@ from training.fvlm import (
     build_fvlm,
     fvlm_step,
     intact_organs,
+    load_mae_into_visual_encoder,
     normal_template,
     one_sentence,
     organ_texts,
     prompt_loss,
     soft_targets,
 )
-from training.trainer import Trainer
+from training.trainer import Trainer, initial_model
 
 RICORD_3MM = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 LUNG_NORMAL = normal_template("lung")
@@ -187,6 +191,114 @@ def test_the_prompt_term_teaches_the_runtime_prompts_which_side_is_positive():
                                             encode_prompt_pairs(model.fvlm, _tokenize, PROMPT_ITEMS), PROMPT_ITEMS)
     assert p[2:, 0].min() > p[:2, 0].max() and p[1, 1] > p[[0, 3], 1].max(), p
 
+
+
+def mae_state(width: int = 16, grid: tuple[int, ...] = (4, 4, 4), patch: tuple[int, ...] = (4, 8, 8),
+              channels: int = 1) -> dict[str, torch.Tensor]:
+    """A random state dict of an MAE (facebookresearch/mae `MaskedAutoencoderViT` names) with 2 encoder blocks of
+    MLP 32 and a 1-block decoder; pos_embed has the class row, then `grid` (Z, Y, X or Y, X; x fastest)."""
+    generator = torch.Generator().manual_seed(7)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    state = {"cls_token": rand(1, 1, width), "pos_embed": rand(1, 1 + math.prod(grid), width),
+             "patch_embed.proj.weight": rand(width, channels, *patch), "patch_embed.proj.bias": rand(width),
+             "norm.weight": rand(width), "norm.bias": rand(width), "mask_token": rand(1, 1, 8),
+             "decoder_embed.weight": rand(8, width), "decoder_embed.bias": rand(8),
+             "decoder_pos_embed": rand(1, 1 + math.prod(grid), 8), "decoder_norm.weight": rand(8),
+             "decoder_pred.weight": rand(math.prod(patch) * channels, 8)}
+    for block in ("blocks.0", "blocks.1", "decoder_blocks.0"):
+        w = 8 if block.startswith("decoder") else width
+        for name, shape in (("norm1", (w,)), ("attn.qkv", (3 * w, w)), ("attn.proj", (w, w)), ("norm2", (w,)),
+                            ("mlp.fc1", (2 * w, w)), ("mlp.fc2", (w, 2 * w))):
+            state[f"{block}.{name}.weight"] = rand(*shape)
+            state[f"{block}.{name}.bias"] = rand(shape[0])
+    return state
+
+
+# MAE encoder key -> the library ViT's (the reference's renames: fc -> linear, proj -> out_proj), written out
+MAE_TO_VIT = {"patch_embed.proj.weight": "patch_embedding.patch_embeddings.weight",
+              "patch_embed.proj.bias": "patch_embedding.patch_embeddings.bias", "norm.weight": "norm.weight",
+              "norm.bias": "norm.bias"}
+for _n in (0, 1):
+    for _mae, _vit in (("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.out_proj"),
+                       ("norm2", "norm2"), ("mlp.fc1", "mlp.linear1"), ("mlp.fc2", "mlp.linear2")):
+        for _kind in ("weight", "bias"):
+            MAE_TO_VIT[f"blocks.{_n}.{_mae}.{_kind}"] = f"blocks.{_n}.{_vit}.{_kind}"
+
+
+def test_an_mae_checkpoint_initialises_the_vit_and_nothing_else(tmp_path, capsys):
+    """Every MAE encoder tensor lands on its ViT tensor unchanged (the position table without the class row, the
+    grids being the same); decoder and tokens are ignored; queries, pooling and text tower are as without it."""
+    state, path = mae_state(), tmp_path / "mae.pth"
+    torch.save({"model": state}, path)
+    plain, model = _tiny_model(["lung", "aorta"]).fvlm, _tiny_model(["lung", "aorta"]).fvlm
+    assert load_mae_into_visual_encoder(model, path) == []
+    visual = model.visual_encoder.state_dict()
+    assert set(visual) == {*MAE_TO_VIT.values(), "patch_embedding.position_embeddings"}
+    for mae_key, vit_key in MAE_TO_VIT.items():
+        assert torch.equal(visual[vit_key], state[mae_key]), mae_key
+    assert torch.equal(visual["patch_embedding.position_embeddings"], state["pos_embed"][:, 1:])
+    others = {k: v for k, v in plain.state_dict().items() if not k.startswith("visual_encoder.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in others.items())
+    assert "query_tokens" in others and "text_encoder.embeddings.word_embeddings.weight" in others
+    assert f"{path}: 29 ViT tensors loaded from {len(state)} MAE tensors; fresh: none" in capsys.readouterr().err
+
+
+def test_a_2d_mae_position_table_is_resized_and_repeated_over_depth_as_the_reference_does(tmp_path):
+    """The reference's 2-D MAE (RGB 16 x 16 patches, s x s grid): the patch conv stays fresh; the table loses its
+    class row, is resized bilinearly to the ViT's (Y, X) and repeated over Z (here 6 x 6 -> 4 x 4, Z = 4)."""
+    state, path = mae_state(grid=(6, 6), patch=(16, 16), channels=3), tmp_path / "mae.safetensors"
+    save_file(state, path)
+    plain, model = _tiny_model(["lung"]).fvlm, _tiny_model(["lung"]).fvlm
+    fresh = load_mae_into_visual_encoder(model, path)
+    assert fresh == ["patch_embedding.patch_embeddings.bias", "patch_embedding.patch_embeddings.weight"]
+    assert torch.equal(model.visual_encoder.patch_embedding.patch_embeddings.weight,
+                       plain.visual_encoder.patch_embedding.patch_embeddings.weight)
+    plane = state["pos_embed"][0, 1:].reshape(1, 6, 6, 16).permute(0, 3, 1, 2)
+    plane = F.interpolate(plane, size=(4, 4), mode="bilinear", align_corners=False)
+    expected = plane[:, :, None].repeat(1, 1, 4, 1, 1).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.visual_encoder.patch_embedding.position_embeddings.detach(), expected)
+    assert torch.equal(model.visual_encoder.blocks[1].mlp.linear2.weight, state["blocks.1.mlp.fc2.weight"])
+
+
+def test_a_3d_position_table_of_another_grid_is_resized_trilinearly(tmp_path):
+    state, path = mae_state(grid=(2, 3, 5)), tmp_path / "mae.pth"
+    torch.save(state, path)  # a bare state dict
+    model = _tiny_model(["lung"]).fvlm
+    with pytest.raises(TrainingError, match=r"mae\.pth: pos_embed has 30 positions, not 4 x 4 x 4; set "
+                                            r"model\.image_init_grid"):
+        load_mae_into_visual_encoder(model, path)
+    load_mae_into_visual_encoder(model, path, (2, 3, 5))
+    volume = state["pos_embed"][:, 1:].transpose(1, 2).reshape(1, 16, 2, 3, 5)
+    expected = F.interpolate(volume, size=(4, 4, 4), mode="trilinear", align_corners=False)
+    table = model.visual_encoder.patch_embedding.position_embeddings.detach()
+    assert table.shape == (1, 64, 16)
+    torch.testing.assert_close(table, expected.flatten(2).transpose(1, 2))
+
+
+def test_an_mae_of_another_width_is_refused_naming_the_file_and_the_key(tmp_path):
+    path = tmp_path / "wide_mae.pth"
+    torch.save({"model": mae_state(width=24)}, path)
+    with pytest.raises(TrainingError, match=r"wide_mae\.pth: \S+ \(.*24.*\) does not fit the ViT's"):
+        load_mae_into_visual_encoder(_tiny_model(["lung"]).fvlm, path)
+
+
+def test_the_config_refuses_a_missing_image_init_and_the_trainer_loads_a_present_one(tmp_path):
+    (tmp_path / "constructors.json").write_text(json.dumps(tiny_constructors(["lung"])))
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("model: {constructors: constructors.json, image_init: mae.pth, image_init_grid: [2, 3, 5]}\n"
+                           "train: {recipe: fvlm}\n")
+    with pytest.raises(TrainingError, match=r"model\.image_init \S*mae\.pth is not a file"):
+        load_config(config_file)
+    state = mae_state(grid=(2, 3, 5), patch=(8, 16, 16))
+    torch.save({"model": state}, tmp_path / "mae.pth")
+    config = load_config(config_file)
+    assert config.model.image_init == tmp_path / "mae.pth" and config.model.image_init_grid == (2, 3, 5)
+    visual = initial_model(config).fvlm.visual_encoder
+    assert torch.equal(visual.patch_embedding.patch_embeddings.weight, state["patch_embed.proj.weight"])
+    assert torch.equal(visual.blocks[0].attn.out_proj.weight, state["blocks.0.attn.proj.weight"])
 
 REPORTS = ["Nodules are observed in both lungs.", "No nodule was detected in both lungs.",
            "Consolidation areas are observed in the lower lobe of the right lung.",

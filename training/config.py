@@ -30,6 +30,10 @@ class ModelSection:
     {"ViT", "BertConfig", "BlipPretrain"[, "organ_pooling"]}; full_size = the released fVLM).
     init_checkpoint: an official-layout checkpoint to start from (VocabFine, LiPro, or resuming elsewhere).
     text_init: a local BERT folder for the text tower (e.g. CXR-BERT, MiniLM); tokenizer: vocab.txt/folder.
+    image_init (fvlm): a local MAE checkpoint for the ViT (torch file with the state dict bare or under "model",
+    or .safetensors; encoder keys patch_embed.*, pos_embed, blocks.N.*, norm.*; the decoder is ignored), as the
+    reference starts from mae_pretrain_vit_base.pth; image_init_grid: its token grid [nz, ny, nx] when it is a 3-D
+    MAE of another grid than the ViT's (a 2-D MAE's s x s grid is found from the file).
     temperature_init: starting value of the learned temperature (logit scale = exp of it) of a fresh model;
     None keeps the reference's 1.0. query_init_std (fvlm): organ queries drawn with this std (0: the reference's
     zeros, an even average over the organ's tokens at the start)."""
@@ -37,6 +41,8 @@ class ModelSection:
     constructors: Any = "full_size"
     init_checkpoint: Path | None = None
     text_init: Path | None = None
+    image_init: Path | None = None
+    image_init_grid: tuple[int, int, int] | None = None
     tokenizer: Path | None = None
     temperature_init: float | None = None
     query_init_std: float = 0.0
@@ -174,11 +180,22 @@ class TrainingConfig:
         self._check_data()
         if train.prompt_weight > 0 and (train.recipe != "fvlm" or self.data.labels_csv is None):
             raise TrainingError(f"{self.source}: train.prompt_weight is for recipe fvlm and needs data.labels_csv")
+        self._check_image_init()
         if train.recipe == "fvlm":
             self.model.fvlm_config()
         else:
             self.model.clip_config()
         return self
+
+    def _check_image_init(self) -> None:
+        image_init = self.model.image_init
+        if image_init is None:
+            return
+        if self.train.recipe != "fvlm":
+            raise TrainingError(f"{self.source}: model.image_init (an MAE checkpoint for the ViT) is for recipe fvlm")
+        if not image_init.is_file():
+            raise TrainingError(f"{self.source}: model.image_init {image_init} is not a file; point it at the MAE "
+                                "checkpoint (e.g. mae_pretrain_vit_base.pth) or remove the key")
 
     def _check_data(self) -> None:
         data = self.data
@@ -222,6 +239,11 @@ def _typed(value: Any, kind: str, where: str) -> Any:
             if len(pair) != 2:
                 raise ValueError
             return pair
+        if kind.startswith("tuple[int"):  # a token grid (nz, ny, nx)
+            grid = tuple(int(v) for v in value)
+            if len(grid) != 3 or min(grid) < 1:
+                raise ValueError
+            return grid
     except (TypeError, ValueError):
         raise TrainingError(f"{where}: {value!r} is not a valid {kind}") from None
     return value

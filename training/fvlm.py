@@ -19,6 +19,7 @@
   [negative, positive] prompt logits (`FVLM.zero_shot_logits`) against the case's label, over the intact organs,
   summed over items: what CT-CLIP's VocabFine does for its prompts. Without it, "Not X." and "X." stay almost
   the same text to a small text tower trained for CPU minutes on reports, and zero-shot can point the wrong way.
+- Image init (optional, `model.image_init`): the ViT from an MAE checkpoint (`load_mae_into_visual_encoder`).
 - Export: `torch.save({"model": state_dict})` (the released checkpoint_*.pth layout) + constructors.json.
 """
 
@@ -27,6 +28,8 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +44,12 @@ from torch.utils.data import Dataset
 
 from CTFoundationLib.anatomy.masks import anatomy_table
 from CTFoundationLib.anatomy.sentences import SentenceGrounder, default_grounder, split_sentences
-from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.errors import CTFoundationError, TrainingError
 from CTFoundationLib.inference.fvlm import FVLMInput, prepare_fvlm_input
 from CTFoundationLib.io.files import atomic_path
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.io.volume import CTVolume
+from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 from CTFoundationLib.models.fvlm import FVLM, ZERO_SHOT_ITEMS, FVLMConfig, ZeroShotItem
 from CTFoundationLib.preprocess import OrganWindowSpec, PreprocessSpec
 from training.ctrate import read_labels, read_reports
@@ -350,9 +354,11 @@ def enable_gradient_checkpointing(model: FVLM) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0, query_init_std: float = 0.0) -> FVLM:
-    """A fresh FVLM; the text tower from a local BERT folder when given (never the Hub). The organ queries start
-    at zero as the reference's (uniform attention over the organ's tokens) unless query_init_std > 0."""
+def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0, query_init_std: float = 0.0,
+               image_init: Path | None = None, image_init_grid: tuple[int, int, int] | None = None) -> FVLM:
+    """A fresh FVLM; the text tower from a local BERT folder and the ViT from a local MAE checkpoint when given
+    (never the Hub). The organ queries start at zero as the reference's (uniform attention over the organ's
+    tokens) unless query_init_std > 0."""
     torch.manual_seed(seed)
     model = FVLM(config)  # PyTorch's default initialisation; the position table as the reference's ViT
     nn.init.trunc_normal_(model.visual_encoder.patch_embedding.position_embeddings, std=0.02)
@@ -360,6 +366,8 @@ def build_fvlm(config: FVLMConfig, text_init: Path | None = None, seed: int = 0,
         model.query_tokens.normal_(0.0, query_init_std) if query_init_std > 0 else model.query_tokens.zero_()
     if text_init is not None:
         load_bert_into_text_tower(model, Path(text_init))
+    if image_init is not None:
+        load_mae_into_visual_encoder(model, Path(image_init), image_init_grid)
     return model
 
 
@@ -377,6 +385,130 @@ def load_bert_into_text_tower(model: FVLM, folder: Path) -> None:
         raise TrainingError(f"model.text_init {folder} does not fit the BertConfig of model.constructors "
                             f"({str(error).splitlines()[0]})") from None
 
+
+# MAE initialisation of the ViT. What the reference does (alibaba-damo-academy/fvlm, BlipPretrain.from_config in
+# blip_pretrain.py, the same file as lavis/models/blip_models/blip_pretrain.py): torch.load of
+# `mae_pretrain_vit_base.pth` (the name of facebookresearch/mae's ImageNet ViT-B/16 release: a 2-D MAE whose
+# pos_embed is 1 class row + 14 x 14), its "model" entry; keys starting with "decoder" or "patch_embed" and the
+# keys mask_token and cls_token are dropped (a 2-D RGB patch conv cannot be the 3-D one-channel one, so the patch
+# embedding keeps its fresh init); "fc" -> "linear" (mlp.fc1/fc2) and "proj" -> "out_proj" (attn.proj); pos_embed
+# loses its class row, is resized bilinearly (align_corners=False) from 14 x 14 to the ViT's 16 x 11 (Y, X) token
+# grid and repeated over its 7 depth rows; then load_state_dict(strict=False), which skips what does not match
+# without a word. Here a 2-D table is the 3-D grid (1, s, s), whose trilinear resize to (nz, ny, nx) is exactly
+# that bilinear resize repeated over depth; a 3-D MAE's table is resized trilinearly from its own grid and its
+# patch conv is copied when it fits; any other tensor that does not fit is an error instead of a silent skip.
+MAE_SKIPPED = ("decoder", "mask_token", "cls_token")  # MAE's decoder and tokens; the ViT has no class token
+MAE_RENAMES = (("patch_embed.proj.", "patch_embedding.patch_embeddings."), ("attn.proj.", "attn.out_proj."),
+               ("mlp.fc1.", "mlp.linear1."), ("mlp.fc2.", "mlp.linear2."))
+PATCH_CONV = "patch_embedding.patch_embeddings."
+POSITIONS = "patch_embedding.position_embeddings"
+
+
+def read_mae_state(path: Path) -> dict[str, Tensor]:
+    """An MAE checkpoint's tensors: .safetensors, or a torch file (weights only) holding the state dict bare or
+    under "model" (facebookresearch/mae's layout) or "state_dict"."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"not a readable safetensors file ({error})") from None
+    try:
+        obj = load_torch_file(path, "MAE checkpoint")
+        if isinstance(obj, dict):
+            obj = obj.get("model", obj.get("state_dict", obj))
+        return as_state_dict(obj, path, "MAE checkpoint")
+    except CTFoundationError as error:
+        raise ValueError(str(error)) from None
+
+
+def vit_key(mae_key: str) -> str | None:
+    """The visual-encoder name of an MAE encoder key; None for the decoder and the mask/class tokens."""
+    if mae_key.startswith(MAE_SKIPPED):
+        return None
+    if mae_key == "pos_embed":
+        return POSITIONS
+    for old, new in MAE_RENAMES:
+        mae_key = mae_key.replace(old, new)
+    return mae_key
+
+
+def mae_grid(state: dict[str, Tensor], positions: int, given: tuple[int, ...] | None,
+             ours: tuple[int, ...]) -> tuple[int, ...]:
+    """The MAE's token grid (Z, Y, X) of its `positions` table rows: (1, s, s) for a 2-D MAE (4-D patch conv),
+    else `given` (model.image_init_grid), else ours when the counts agree."""
+    conv = state.get("patch_embed.proj.weight")
+    if conv is not None and conv.ndim == 4:
+        side = math.isqrt(positions)
+        if side * side != positions:
+            raise ValueError(f"pos_embed: {positions} positions of a 2-D MAE are not a square grid")
+        return (1, side, side)
+    grid = tuple(given) if given else ours
+    if math.prod(grid) != positions:
+        raise ValueError(f"pos_embed has {positions} positions, not {_grid_text(grid)}; set "
+                         "model.image_init_grid to the MAE's token grid [nz, ny, nx]")
+    return grid
+
+
+def mae_position_table(table: Tensor, has_class_row: bool, grid: tuple[int, ...], ours: tuple[int, ...]) -> Tensor:
+    """MAE positions (1, [1 +] n, C) on `grid` (Z, Y, X; x fastest, as the ViT flattens) -> (1, prod(ours), C),
+    resized trilinearly with align_corners=False (the runtime's resize) when the grids differ."""
+    rows = table[:, 1:] if has_class_row else table
+    if tuple(grid) == tuple(ours):
+        return rows
+    volume = rows.transpose(1, 2).reshape(1, -1, *grid)
+    return F.interpolate(volume.float(), size=ours, mode="trilinear", align_corners=False).flatten(2).transpose(1, 2)
+
+
+def mae_visual_state(state: dict[str, Tensor], model: FVLM, grid: tuple[int, int, int] | None
+                     ) -> tuple[dict[str, Tensor], tuple[int, ...] | None]:
+    """(the MAE encoder tensors under visual-encoder names, shapes checked; the MAE's token grid when its position
+    table was resized, else None). A patch conv of another patch size or channel count stays out (the reference's
+    rule); other misfits (width, MLP size) are ValueErrors."""
+    target, ours = model.visual_encoder.state_dict(), model.config.pos_grid
+    mapped, resized_from = {}, None
+    for key, value in state.items():
+        name = vit_key(key)
+        if name is None or name not in target:
+            continue
+        if name == POSITIONS:
+            positions = value.shape[1] - ("cls_token" in state)
+            source = mae_grid(state, positions, grid, ours)
+            value = mae_position_table(value, "cls_token" in state, source, ours)
+            resized_from = source if source != ours else None
+        if value.shape != target[name].shape and not name.startswith(PATCH_CONV):
+            raise ValueError(f"{key} {tuple(value.shape)} does not fit the ViT's {name} {tuple(target[name].shape)}"
+                             "; model.constructors must give the MAE's width and MLP size")
+        mapped[name] = value
+    conv = f"{PATCH_CONV}weight"
+    if conv not in mapped or mapped[conv].shape != target[conv].shape:  # the conv's bias goes with its weight
+        mapped = {k: v for k, v in mapped.items() if not k.startswith(PATCH_CONV)}
+    if not mapped:
+        raise ValueError("holds no MAE encoder tensor (pos_embed, blocks.N.*, norm.*) that the ViT has")
+    return mapped, resized_from
+
+
+def load_mae_into_visual_encoder(model: FVLM, path: Path, grid: tuple[int, int, int] | None = None) -> list[str]:
+    """Copy an MAE's encoder into the ViT (see above); prints what was loaded and returns the visual-encoder keys
+    that keep their fresh init. grid: the MAE's token grid (Z, Y, X) when it is 3-D and not the ViT's."""
+    try:
+        state = read_mae_state(path)
+        mapped, resized_from = mae_visual_state(state, model, grid)
+    except ValueError as error:
+        raise TrainingError(f"model.image_init {path}: {error}") from None
+    model.visual_encoder.load_state_dict(mapped, strict=False)
+    fresh = sorted(set(model.visual_encoder.state_dict()) - set(mapped))
+    resized = "" if resized_from is None else (
+        f"; position table resized trilinearly from {_grid_text(resized_from)} to {_grid_text(model.config.pos_grid)}")
+    print(f"model.image_init {path}: {len(mapped)} ViT tensors loaded from {len(state)} MAE tensors{resized}; "
+          f"fresh: {', '.join(fresh) or 'none'}", file=sys.stderr)
+    return fresh
+
+
+def _grid_text(grid: Sequence[int]) -> str:
+    return " x ".join(map(str, grid))
 
 def save_fvlm_checkpoint(model: FVLM, path: Path) -> Path:
     """The released layout ({"model": state_dict}, float32, CPU) + constructors.json beside it."""

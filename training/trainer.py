@@ -105,7 +105,7 @@ def initial_model(config: TrainingConfig) -> TrainableCTCLIP | fvlm.TrainableFVL
     model = config.model
     if config.train.recipe == "fvlm":
         return fvlm.TrainableFVLM(fvlm.build_fvlm(model.fvlm_config(), model.text_init, config.train.seed,
-                                                  model.query_init_std))
+                                                  model.query_init_std, model.image_init, model.image_init_grid))
     if model.init_checkpoint is None:
         return TrainableCTCLIP(build_clip(model.clip_config(), model.text_init, config.train.seed,
                                           model.temperature_init))
