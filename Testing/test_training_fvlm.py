@@ -292,6 +292,8 @@ def test_the_config_refuses_a_missing_image_init_and_the_trainer_loads_a_present
                            "train: {recipe: fvlm}\n")
     with pytest.raises(TrainingError, match=r"model\.image_init \S*mae\.pth is not a file"):
         load_config(config_file)
+    with pytest.raises(TrainingError, match=r"model\.image_init_grid is the grid of model\.image_init"):
+        load_config(config_file, {"model": {"image_init": None}})
     state = mae_state(grid=(2, 3, 5), patch=(8, 16, 16))
     torch.save({"model": state}, tmp_path / "mae.pth")
     config = load_config(config_file)

@@ -190,6 +190,8 @@ class TrainingConfig:
     def _check_image_init(self) -> None:
         image_init = self.model.image_init
         if image_init is None:
+            if self.model.image_init_grid is not None:
+                raise TrainingError(f"{self.source}: model.image_init_grid is the grid of model.image_init; set both")
             return
         if self.train.recipe != "fvlm":
             raise TrainingError(f"{self.source}: model.image_init (an MAE checkpoint for the ViT) is for recipe fvlm")

@@ -510,6 +510,7 @@ def load_mae_into_visual_encoder(model: FVLM, path: Path, grid: tuple[int, int, 
 def _grid_text(grid: Sequence[int]) -> str:
     return " x ".join(map(str, grid))
 
+
 def save_fvlm_checkpoint(model: FVLM, path: Path) -> Path:
     """The released layout ({"model": state_dict}, float32, CPU) + constructors.json beside it."""
     state = {k: v.detach().float().cpu().clone() for k, v in model.state_dict().items()}
