@@ -226,3 +226,22 @@ def test_the_compute_processes_keep_freed_memory_for_reuse(monkeypatch, capsys):
     capsys.readouterr()
     monkeypatch.setattr(sys, "platform", "darwin")
     assert reuse_freed_memory() is False
+
+
+def test_volume_info_names_the_source_or_is_a_one_line_error(tmp_path) -> None:
+    """The file Slicer writes beside a temporary CT: its source and metadata replace the temporary file's."""
+    import numpy as np
+
+    from CTFoundationLib.errors import CTInputError
+    from CTFoundationLib.host.jobs import apply_volume_info
+    from CTFoundationLib.io.volume import CTVolume
+
+    volume = CTVolume(np.zeros((2, 2, 2), np.float32), np.eye(4), source="/tmp/slicer-123.nii.gz")
+    info = tmp_path / "info.json"
+    info.write_text(json.dumps({"source": "Slicer node 'CT chest'", "metadata": {"node": "vtkMRMLScalarVolumeNode1"}}))
+    apply_volume_info(volume, info)
+    assert volume.source == "Slicer node 'CT chest'" and volume.metadata["node"] == "vtkMRMLScalarVolumeNode1"
+    for content, message in (("{not json", "cannot be read as JSON"), ("[1]", "expected a JSON object, got list")):
+        info.write_text(content)
+        with pytest.raises(CTInputError, match=f"volume info {info}.*{message}"):
+            apply_volume_info(volume, info)

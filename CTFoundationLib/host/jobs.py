@@ -104,14 +104,9 @@ def read_request_volume(request: Mapping[str, Any], step: Callable[[str], None],
 
 def apply_volume_info(volume, path: Path) -> None:
     """Replace the temporary file name with where the CT really came from (e.g. the Slicer node name)."""
-    import json
+    from CTFoundationLib.io.files import read_json_object
 
-    try:
-        info = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise CTInputError(f"volume info {path} cannot be read as JSON ({error})") from None
-    if not isinstance(info, dict):
-        raise CTInputError(f"volume info {path}: expected a JSON object")
+    info = read_json_object(path, "volume info", CTInputError)
     volume.source = str(info.get("source", volume.source))
     volume.metadata.update(info.get("metadata", {}))
 

@@ -21,7 +21,6 @@ Heavy libraries (torch) are imported by the tasks that need them, not when this 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,6 +33,7 @@ from CTFoundationLib.host import jobs
 from CTFoundationLib.host.allocator import reuse_freed_memory
 from CTFoundationLib.host.process import format_event
 from CTFoundationLib.host.server import serve
+from CTFoundationLib.io.files import read_json_object
 
 BYTES_EVENT_INTERVAL_S = 0.25
 
@@ -48,13 +48,7 @@ def emit(event_type: str, **fields) -> None:
 
 def read_request(path: Path) -> dict:
     """The task's request: a JSON object of plain options (paths as strings), written by the caller."""
-    try:
-        request = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise WorkerError(f"worker request {path} cannot be read as JSON ({error})") from None
-    if not isinstance(request, dict):
-        raise WorkerError(f"worker request {path}: expected a JSON object, got {type(request).__name__}")
-    return request
+    return read_json_object(path, "worker request", WorkerError)
 
 
 def one_shot(job: Callable[[dict, jobs.JobContext], Path]) -> Callable[[argparse.Namespace], Path]:

@@ -1,4 +1,4 @@
-"""Writing files so that readers never see half of one, and hashing them.
+"""Writing files so that readers never see half of one, hashing them, and reading small JSON objects.
 
 Every writer goes through `atomic_path`: the content is written to a temporary file in the destination folder,
 then renamed over the destination (atomic on POSIX and Windows within one file system).
@@ -78,6 +78,17 @@ def write_json_atomic(path: Path, data: Any, private: bool = False, sort_keys: b
             handle.write(text + "\n")
     except OSError as error:
         raise cannot_write(path, error) from None
+
+
+def read_json_object(path: Path, what: str, error: type[CTFoundationError] = CTFoundationError) -> dict:
+    """The JSON object in `path`; else one `error` naming `what` and the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as reason:
+        raise error(f"{what} {path} cannot be read as JSON ({reason})") from None
+    if not isinstance(value, dict):
+        raise error(f"{what} {path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def sha256_file(path: Path, chunk_bytes: int = 8 * 2**20) -> str:
