@@ -283,6 +283,11 @@ def test_an_mae_of_another_width_is_refused_naming_the_file_and_the_key(tmp_path
     torch.save({"model": mae_state(width=24)}, path)
     with pytest.raises(TrainingError, match=r"wide_mae\.pth: \S+ \(.*24.*\) does not fit the ViT's"):
         load_mae_into_visual_encoder(_tiny_model(["lung"]).fvlm, path)
+    flat = mae_state()
+    flat["pos_embed"] = flat["pos_embed"][0]  # (positions, width): no batch axis
+    torch.save({"model": flat}, path)
+    with pytest.raises(TrainingError, match=r"wide_mae\.pth: pos_embed \(65, 16\) is not a \(1, positions, width\)"):
+        load_mae_into_visual_encoder(_tiny_model(["lung"]).fvlm, path)
 
 
 def test_the_config_refuses_a_missing_image_init_and_the_trainer_loads_a_present_one(tmp_path):

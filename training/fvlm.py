@@ -474,6 +474,8 @@ def mae_visual_state(state: dict[str, Tensor], model: FVLM, grid: tuple[int, int
         if name is None or name not in target:
             continue
         if name == POSITIONS:
+            if value.ndim != 3 or value.shape[0] != 1:
+                raise ValueError(f"pos_embed {tuple(value.shape)} is not a (1, positions, width) table")
             positions = value.shape[1] - ("cls_token" in state)
             source = mae_grid(state, positions, grid, ours)
             value = mae_position_table(value, "cls_token" in state, source, ours)
