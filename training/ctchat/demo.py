@@ -217,8 +217,9 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
 
 def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = print, cases: int | None = None,
                        ) -> dict:
-    """The installed ct-chat-demo on the held-out test cases: yes/no accuracy (every inserted finding asked about
-    in every case), text metrics per question type, clinical F1 of its short reports; prints and returns them."""
+    """The installed ct-chat-demo (built first when missing) on the held-out test cases: yes/no accuracy (every
+    inserted finding asked about in every case), text metrics per question type, clinical F1 of its short reports;
+    prints and returns them."""
     from tqdm import tqdm
 
     from CTFoundationLib.evaluation.labeller import load_or_train
@@ -228,6 +229,9 @@ def evaluate_chat_demo(data_root: Path, home: Path | None = None, say: Say = pri
     from .evaluate import predict, scored_rows
     from .metrics import clinical_efficacy, format_scores, scores_by_type, yes_no_accuracy
 
+    if installed_chat_demo(home) is None:
+        say(f"{MODEL_ID} is not built yet (or was built by an older version): building it now")
+        return build_chat_demo(data_root, home, say=say, test_cases=cases)["test"]
     data = demo_data_folder(data_root, home, say)
     model = load_chat_model(MODEL_ID, device="cpu", precision="fp32", home=home)
     items = demo_items(data, "test", cases=cases)

@@ -1,10 +1,12 @@
-"""`python -m training.demo build|eval [--model ct-clip-demo|fvlm-demo]`: build a demo model into the weights
-cache, or evaluate it (ct-clip-demo by default)."""
+"""`python -m training.demo build|eval [--model ct-clip-demo|fvlm-demo|ct-chat-demo]`: build a demo model into
+the weights cache, or evaluate it (ct-clip-demo by default; eval builds a missing model first)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from CTFoundationLib.errors import report_errors
@@ -13,7 +15,53 @@ from CTFoundationLib.resources import shared_data_root
 from .build import MODEL_ID, STAGES, eval_demo, installed_demo, train_demo
 from .fvlm_demo import EXPECTED, eval_fvlm_demo, installed_fvlm_demo, train_fvlm_demo
 
-MODELS = (MODEL_ID, "fvlm-demo", "ct-chat-demo")
+
+@dataclass(frozen=True)
+class DemoCommands:
+    """What `build` and `eval` call for one demo model."""
+
+    installed: Callable[[], Path | None]
+    build: Callable[[Path, argparse.Namespace], str]  # (data folder, arguments) -> the line to print
+    evaluate: Callable[[Path], object]
+
+
+def build_clip(data: Path, args: argparse.Namespace) -> str:
+    steps = {recipe: count for recipe in STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
+    record = train_demo(data, steps=steps)
+    return f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model"
+
+
+def build_fvlm(data: Path, args: argparse.Namespace) -> str:
+    record = train_fvlm_demo(data, steps=args.fvlm_steps)
+    return (f"demo fVLM per-organ mean AUROC (test, held-out): {record['test_per_organ_mean_auroc']:.3f}; "
+            "record: training_record.json beside the model")
+
+
+def build_chat(data: Path, args: argparse.Namespace) -> str:
+    from training.ctchat.demo import build_chat_demo
+
+    steps = dict(zip(("pretrain", "lora"), args.chat_steps)) if args.chat_steps else None
+    record = build_chat_demo(data, steps=steps)
+    return f"demo CT-CHAT yes/no accuracy (test, held-out): {record['test']['yes_no_accuracy']:.3f}"
+
+
+def installed_chat() -> Path | None:
+    from training.ctchat.demo import installed_chat_demo
+
+    return installed_chat_demo()
+
+
+def evaluate_chat(data: Path) -> object:
+    from training.ctchat.demo import evaluate_chat_demo  # builds a missing model first, as the others do
+
+    return evaluate_chat_demo(data)
+
+
+DEMOS = {
+    MODEL_ID: DemoCommands(installed_demo, build_clip, eval_demo),
+    "fvlm-demo": DemoCommands(installed_fvlm_demo, build_fvlm, eval_fvlm_demo),
+    "ct-chat-demo": DemoCommands(installed_chat, build_chat, evaluate_chat),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
     build.add_argument("--fvlm-steps", type=int, help="steps of the fvlm-demo training (default: its config's)")
     build.add_argument("--chat-steps", type=int, nargs=2, metavar=("PRETRAIN", "LORA"),
-                       help="with --model ct-chat-demo: steps of its two stages (default 80 25)")
-    evaluate = commands.add_parser("eval", help="zero-shot AUROC and the maps' pointing game of ct-clip-demo on the "
-                                                "held-out demo cases (builds it first if needed)")
+                       help="with --model ct-chat-demo: steps of its two stages (default: the recipe's)")
+    evaluate = commands.add_parser("eval", help="held-out figures of a demo model (ct-clip-demo: zero-shot AUROC "
+                                                "and the maps' pointing game); builds it first if needed")
     for command in (build, evaluate):
-        command.add_argument("--model", choices=MODELS, default=MODEL_ID,
+        command.add_argument("--model", choices=tuple(DEMOS), default=MODEL_ID,
                              help=f"which demo model (fvlm-demo: {EXPECTED}; ct-chat-demo: the demo CT-CHAT, about "
                                   "25 minutes on 2 cores; both build ct-clip-demo first when missing; default: "
                                   "%(default)s)")
@@ -41,50 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     data = args.data or shared_data_root()
-    if args.model == "fvlm-demo":
-        return run_fvlm(args, data)
-    if args.model == "ct-chat-demo":
-        return run_chat_demo(args, data)
+    demo = DEMOS[args.model]
     if args.command == "eval":
-        eval_demo(data)
-        return 0
-    if args.if_missing and installed_demo() is not None:
-        print(f"ct-clip-demo is installed: {installed_demo()}")
-        return 0
-    steps = {recipe: count for recipe in STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
-    record = train_demo(data, steps=steps)
-    print(f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model")
-    return 0
-
-
-def run_fvlm(args: argparse.Namespace, data: Path) -> int:
-    if args.command == "eval":
-        eval_fvlm_demo(data)
-        return 0
-    if args.if_missing and installed_fvlm_demo() is not None:
-        print(f"fvlm-demo is installed: {installed_fvlm_demo()}")
-        return 0
-    record = train_fvlm_demo(data, steps=args.fvlm_steps)
-    print(f"demo fVLM per-organ mean AUROC (test, held-out): {record['test_per_organ_mean_auroc']:.3f}; "
-          "record: training_record.json beside the model")
-    return 0
-
-
-def run_chat_demo(args: argparse.Namespace, data: Path) -> int:
-    from training.ctchat.demo import build_chat_demo, evaluate_chat_demo, installed_chat_demo
-
-    if args.command == "eval":
-        if installed_chat_demo() is None:
-            print("ct-chat-demo is not built yet: building it now")
-            build_chat_demo(data)
-            return 0
-        evaluate_chat_demo(data)
-        return 0
-    if args.if_missing and installed_chat_demo() is not None:
-        print(f"ct-chat-demo is installed: {installed_chat_demo()}")
-        return 0
-    steps = dict(zip(("pretrain", "lora"), args.chat_steps)) if args.chat_steps else None
-    build_chat_demo(data, steps=steps)
+        demo.evaluate(data)
+    elif args.if_missing and (installed := demo.installed()) is not None:
+        print(f"{args.model} is installed: {installed}")
+    else:
+        print(demo.build(data, args))
     return 0
 
 
