@@ -290,6 +290,19 @@ def test_an_mae_of_another_width_is_refused_naming_the_file_and_the_key(tmp_path
         load_mae_into_visual_encoder(_tiny_model(["lung"]).fvlm, path)
 
 
+def test_an_unreadable_mae_file_is_refused_naming_it_once(tmp_path):
+    model = _tiny_model(["lung"]).fvlm
+    for name, content in (("mae.safetensors", b"not safetensors"), ("mae.pth", b"not a torch file")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(TrainingError) as caught:
+            load_mae_into_visual_encoder(model, tmp_path / name)
+        assert str(caught.value).startswith("model.image_init") and str(caught.value).count(name) == 1
+    torch.save([torch.zeros(2)], tmp_path / "mae.pth")  # readable, but no dictionary of weights
+    with pytest.raises(TrainingError, match=r"model\.image_init: MAE checkpoint \S*mae\.pth is a list") as caught:
+        load_mae_into_visual_encoder(model, tmp_path / "mae.pth")
+    assert str(caught.value).count("mae.pth") == 1
+
+
 def test_the_config_refuses_a_missing_image_init_and_the_trainer_loads_a_present_one(tmp_path):
     (tmp_path / "constructors.json").write_text(json.dumps(tiny_constructors(["lung"])))
     config_file = tmp_path / "tiny.yaml"

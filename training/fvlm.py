@@ -406,7 +406,7 @@ POSITIONS = "patch_embedding.position_embeddings"
 
 def read_mae_state(path: Path) -> dict[str, Tensor]:
     """An MAE checkpoint's tensors: .safetensors, or a torch file (weights only) holding the state dict bare or
-    under "model" (facebookresearch/mae's layout) or "state_dict"."""
+    under "model" (facebookresearch/mae's layout) or "state_dict". An unreadable file is a TrainingError."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -414,14 +414,14 @@ def read_mae_state(path: Path) -> dict[str, Tensor]:
         try:
             return load_file(path)
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"not a readable safetensors file ({error})") from None
+            raise TrainingError(f"model.image_init {path}: not a readable safetensors file ({error})") from None
     try:
         obj = load_torch_file(path, "MAE checkpoint")
         if isinstance(obj, dict):
             obj = obj.get("model", obj.get("state_dict", obj))
         return as_state_dict(obj, path, "MAE checkpoint")
-    except CTFoundationError as error:
-        raise ValueError(str(error)) from None
+    except CTFoundationError as error:  # its message names the file
+        raise TrainingError(f"model.image_init: {error}") from None
 
 
 def vit_key(mae_key: str) -> str | None:
@@ -495,8 +495,8 @@ def mae_visual_state(state: dict[str, Tensor], model: FVLM, grid: tuple[int, int
 def load_mae_into_visual_encoder(model: FVLM, path: Path, grid: tuple[int, int, int] | None = None) -> list[str]:
     """Copy an MAE's encoder into the ViT (see above); prints what was loaded and returns the visual-encoder keys
     that keep their fresh init. grid: the MAE's token grid (Z, Y, X) when it is 3-D and not the ViT's."""
+    state = read_mae_state(path)
     try:
-        state = read_mae_state(path)
         mapped, resized_from = mae_visual_state(state, model, grid)
     except ValueError as error:
         raise TrainingError(f"model.image_init {path}: {error}") from None
