@@ -35,14 +35,14 @@ def split(tmp_path_factory):
     return make_ctrate_split(tmp_path_factory.mktemp("ctrate"))
 
 
-def write_config(folder, split, recipe: str, init_checkpoint=None, **train) -> object:
+def write_config(folder, split, recipe: str, init_checkpoint=None, data: dict | None = None, **train) -> object:
     model = {"constructors": tiny_constructors(), "tokenizer": str(tokenizer_path()), "temperature_init": 2.659}
     if init_checkpoint is not None:
         model["init_checkpoint"] = str(init_checkpoint)
     raw = {
         "model": model,
         "data": {"root": str(split["root"]), "reports_csv": str(split["reports_csv"]),
-                 "labels_csv": str(split["labels_csv"]), "num_workers": 0, "cache_images": True},
+                 "labels_csv": str(split["labels_csv"]), "num_workers": 0, "cache_images": True, **(data or {})},
         "train": {"recipe": recipe, "batch_size": 3, "lr": 1e-2, "steps": STEPS, "log_every": 1, "save_every": 4,
                   "output_dir": str(folder / recipe), **train},
     }
@@ -157,7 +157,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     def gradients(model: TrainableCTCLIP) -> dict:
         model.train()
-        images, texts, scale = model(volumes, ids, mask)
+        images, texts, scale, _ = model(volumes, ids, mask)
         contrastive_loss(texts, images, scale).backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 

@@ -89,7 +89,8 @@ class DataSection:
     masks (recipe fvlm): a folder with each volume's segmentation, `<masks>/<volume stem>/` (one NIfTI per
     structure) or `<masks>/<volume stem>.nii.gz` (a label map of `mask_scheme`); None: the built-in anatomy.
     organ_text (fvlm): "all" (each organ's whole text, the reference's) or "sentence" (one of its sentences drawn
-    at random each time the case is read)."""
+    at random each time the case is read). finding_masks (vocabfine with train.localisation_weight): a folder of
+    finding masks, `<finding_masks>/<volume stem>/<Finding_name>.nii.gz` (training/finding_masks.py)."""
 
     root: Path | None = None
     reports_csv: Path | None = None
@@ -104,6 +105,7 @@ class DataSection:
     masks: Path | None = None
     mask_scheme: str = "total"
     organ_text: str = "all"
+    finding_masks: Path | None = None
     num_workers: int = 4
     cache_images: bool = False
 
@@ -115,7 +117,11 @@ class TrainSection:
     the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed.
     epochs: when set, steps = epochs x batches per epoch; min_lr: where the cosine ends and the warm-up starts.
     prompt_weight (fvlm): > 0 adds that times the loss of fVLM's zero-shot prompt pairs against data.labels_csv
-    (`training.fvlm.prompt_loss`)."""
+    (`training.fvlm.prompt_loss`). localisation_weight (vocabfine, not the reference's): > 0 adds that times
+    `recipes.localisation_loss`, which rewards each positive finding's map for peaking on the tokens whose centre
+    lies within localisation_radius_mm of its mask (data.finding_masks), over a softmax of the per-token terms
+    divided by localisation_temperature (logit units); localisation_findings: "all" or the CT-RATE findings whose
+    masks it uses (the others train as plain VocabFine)."""
 
     recipe: str = "contrastive"
     batch_size: int = 8
@@ -141,6 +147,10 @@ class TrainSection:
     dropout: float = 0.3
     pos_weight: Any = "auto"
     prompt_weight: float = 0.0
+    localisation_weight: float = 0.0
+    localisation_temperature: float = 0.1
+    localisation_radius_mm: float = 15.0
+    localisation_findings: Any = "all"
 
 
 @dataclass
@@ -180,12 +190,31 @@ class TrainingConfig:
         self._check_data()
         if train.prompt_weight > 0 and (train.recipe != "fvlm" or self.data.labels_csv is None):
             raise TrainingError(f"{self.source}: train.prompt_weight is for recipe fvlm and needs data.labels_csv")
+        self._check_localisation()
         self._check_image_init()
         if train.recipe == "fvlm":
             self.model.fvlm_config()
         else:
             self.model.clip_config()
         return self
+
+    def _check_localisation(self) -> None:
+        train, masks = self.train, self.data.finding_masks
+        if train.localisation_weight < 0 or train.localisation_temperature <= 0 or train.localisation_radius_mm < 0:
+            raise TrainingError(f"{self.source}: train.localisation_weight and localisation_radius_mm must be >= 0 "
+                                "and localisation_temperature > 0")
+        if train.localisation_weight > 0 and (train.recipe != "vocabfine" or masks is None):
+            raise TrainingError(f"{self.source}: train.localisation_weight is for recipe vocabfine and needs "
+                                "data.finding_masks (a folder of finding masks)")
+        if masks is not None and train.localisation_weight == 0:
+            raise TrainingError(f"{self.source}: data.finding_masks is read only for the localisation term; set "
+                                "train.localisation_weight > 0 or remove the key")
+        findings = train.localisation_findings
+        if findings != "all" and (isinstance(findings, str) or not set(findings) <= set(CT_RATE_ABNORMALITIES)):
+            raise TrainingError(f"{self.source}: train.localisation_findings must be all or a list of CT-RATE "
+                                f"findings ({', '.join(CT_RATE_ABNORMALITIES)}), got {findings!r}")
+        if masks is not None and not masks.is_dir():
+            raise TrainingError(f"{self.source}: data.finding_masks {masks} is not a folder")
 
     def _check_image_init(self) -> None:
         image_init = self.model.image_init

@@ -27,6 +27,7 @@ from CTFoundationLib.io.tables import read_csv_rows as read_table
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.preprocess import PreprocessSpec, preprocess
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.finding_masks import FindingMasks
 from training.text import clean_report_text
 
 STORED_VALUES = ("hu", "raw")
@@ -125,10 +126,12 @@ def read_raw_volume(path: Path, metadata: VolumeMetadata) -> CTVolume:
 
 
 class CTRateDataset(Dataset):
-    """Items {"image": (1, *spec.shape) float32, "text": str, "labels": (18,) float32, "name": str}.
+    """Items {"image": (1, *spec.shape) float32, "text": str, "labels": (18,) float32, "name": str}, and
+    "token_targets" ((18, t, h, w) bool, `FindingMasks.token_targets`) when finding masks are given.
 
     stored_values: "hu" (headers hold HU and spacing) or "raw" (needs `metadata`). cache_images keeps each
-    preprocessed image in memory (small demo sets; use with num_workers=0).
+    preprocessed image (and its token targets) in memory (small demo sets; use with num_workers=0). The trainer
+    sets `finding_masks` from its config, so one cached dataset serves stages with and without them.
     """
 
     def __init__(
@@ -138,13 +141,15 @@ class CTRateDataset(Dataset):
         stored_values: str = "hu",
         metadata: dict[str, VolumeMetadata] | None = None,
         cache_images: bool = False,
+        finding_masks: FindingMasks | None = None,
     ) -> None:
         if stored_values not in STORED_VALUES:
             raise TrainingError(f"data.stored_values must be one of {STORED_VALUES}, got {stored_values!r}")
         if stored_values == "raw" and metadata is None:
             raise TrainingError("data.stored_values is 'raw' but no data.metadata_csv was given (rescale and spacing)")
         self.cases, self.spec, self.stored_values, self.metadata = cases, spec, stored_values, metadata
-        self._cache: dict[int, torch.Tensor] | None = {} if cache_images else None
+        self.finding_masks = finding_masks
+        self._cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -157,16 +162,20 @@ class CTRateDataset(Dataset):
             raise TrainingError(f"{case.name}: no row in the metadata CSV (needed for rescale and spacing)")
         return read_raw_volume(case.path, self.metadata[case.name])
 
-    def image(self, index: int) -> torch.Tensor:
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        image = torch.from_numpy(preprocess(self.volume(index), self.spec))
-        if self._cache is not None:
-            self._cache[index] = image
-        return image
+    def _inputs(self, index: int) -> dict[str, torch.Tensor]:
+        """The preprocessed image and, with finding masks, the token targets (each read once when cached)."""
+        cached = self._cache.setdefault(index, {}) if self._cache is not None else {}
+        wanted = ("image", "token_targets") if self.finding_masks is not None else ("image",)
+        if any(key not in cached for key in wanted):
+            volume = self.volume(index)
+            if "image" not in cached:
+                cached["image"] = torch.from_numpy(preprocess(volume, self.spec))
+            if self.finding_masks is not None:
+                stem = self.cases[index].name.removesuffix(".nii.gz")
+                cached["token_targets"] = torch.from_numpy(self.finding_masks.token_targets(volume, stem))
+        return {key: cached[key] for key in wanted}
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         labels = case.labels if case.labels is not None else np.zeros(len(CT_RATE_ABNORMALITIES), np.float32)
-        return {"image": self.image(index), "text": case.text, "labels": torch.from_numpy(labels), "name": case.name}
-
+        return {**self._inputs(index), "text": case.text, "labels": torch.from_numpy(labels), "name": case.name}

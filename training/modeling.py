@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from CTFoundationLib.errors import TrainingError
+from CTFoundationLib.inference.maps import head_token_terms
 from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 from CTFoundationLib.models.ctclip import CTCLIP, LIPRO_PREFIX, CTCLIPConfig
 
@@ -70,24 +71,40 @@ class TrainableCTCLIP(nn.Module):
         if cluster_size is not None:
             self.quantizer.cluster_size.copy_(cluster_size.reshape(self.quantizer.cluster_size.shape))
 
-    def image_latents(self, volumes: Tensor) -> Tensor:
-        """(B, 1, D, H, W) model-ready volumes -> (B, dim_latent) L2-normalised latents (float32)."""
+    def image_tokens(self, volumes: Tensor) -> Tensor:
+        """(B, 1, D, H, W) model-ready volumes -> (B, t, h, w, dim) quantised token grid (float32)."""
         vit = self.clip.visual_transformer
-        codes = self.quantizer(vit.encode(vit.embed_patches(volumes)), vit.vq._codebook.embed)
-        return self.clip.image_latents_from_tokens(codes)
+        return self.quantizer(vit.encode(vit.embed_patches(volumes)), vit.vq._codebook.embed)
 
     def text_latents(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(K, L) token ids and mask -> (K, dim_latent) L2-normalised latents (float32)."""
         return F.normalize(self.clip.to_text_latent(self.clip.text_cls(input_ids, attention_mask)).float(), dim=-1)
 
+    def prompt_token_terms(self, tokens: Tensor, prompt_latents: Tensor) -> Tensor:
+        """Each token's share of each prompt pair's zero-shot logit difference, as the finding maps
+        (inference.maps) compute it: tokens (B, t, h, w, d), prompt_latents (P, 2, L) [present, not present]
+        -> (B, P, t, h, w) in logit units, summing over the tokens to logit(present) - logit(not present)."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            weight = self.clip.to_visual_latent.weight
+            raw_latents = self.clip.to_visual_latent(self.clip.pool_tokens(tokens.float()))
+            scale = self.clip.temperature.exp() / raw_latents.norm(dim=-1)
+            terms = head_token_terms((prompt_latents[:, 0] - prompt_latents[:, 1]).float() @ weight, tokens.float())
+            return terms * scale[:, None, None, None, None]
+
     def forward(
-        self, volumes: Tensor | None = None, input_ids: Tensor | None = None, attention_mask: Tensor | None = None
-    ) -> tuple[Tensor | None, Tensor | None, Tensor]:
-        """(image latents or None, text latents or None, logit scale exp(temperature)); the one entry point,
-        so that data-parallel wrappers see every parameter used."""
-        images = self.image_latents(volumes) if volumes is not None else None
+        self, volumes: Tensor | None = None, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+        prompt_terms: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor | None]:
+        """(image latents or None, text latents or None, logit scale exp(temperature), per-token terms or None);
+        the one entry point, so that data-parallel wrappers see every parameter used. prompt_terms: the texts
+        are [present, not present] prompt pairs; also return `prompt_token_terms` of the images."""
+        tokens = self.image_tokens(volumes) if volumes is not None else None
+        images = self.clip.image_latents_from_tokens(tokens) if tokens is not None else None
         texts = self.text_latents(input_ids, attention_mask) if input_ids is not None else None
-        return images, texts, self.clip.temperature.exp()
+        terms = None
+        if prompt_terms:
+            terms = self.prompt_token_terms(tokens, texts.view(texts.shape[0] // 2, 2, -1))
+        return images, texts, self.clip.temperature.exp(), terms
 
 
 def contrastive_loss(text_latents: Tensor, image_latents: Tensor, logit_scale: Tensor) -> Tensor:

@@ -25,13 +25,22 @@ from tqdm import tqdm
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.inference.ctclip import load_tokenizer
 from CTFoundationLib.models.ctclip import load_ctclip
-from CTFoundationLib.preprocess import ORGAN_WINDOWS, SPECS
+from CTFoundationLib.preprocess import ORGAN_WINDOWS, SPECS, PreprocessSpec
+from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training import fvlm
 from training.config import TrainingConfig
 from training.ctrate import CTRateDataset, find_volumes, load_cases, read_metadata
 from training.export import save_checkpoint
+from training.finding_masks import FindingMasks
 from training.modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
-from training.recipes import LiProHead, contrastive_step, lipro_step, positive_class_weights, vocabfine_step
+from training.recipes import (
+    LiProHead,
+    Localisation,
+    contrastive_step,
+    lipro_step,
+    positive_class_weights,
+    vocabfine_step,
+)
 
 Logger = Callable[[dict], None]
 
@@ -85,6 +94,17 @@ def training_dataset(config: TrainingConfig) -> CTRateDataset | fvlm.FVLMDataset
     if data.preprocess not in SPECS:
         raise TrainingError(f"{config.source}: data.preprocess must be one of {sorted(SPECS)}")
     return CTRateDataset(cases, SPECS[data.preprocess], data.stored_values, metadata, data.cache_images)
+
+
+def finding_masks(config: TrainingConfig, spec: PreprocessSpec) -> FindingMasks | None:
+    """The token targets of the localisation term on this model's token grid over inputs preprocessed by `spec`
+    (None when the term is off)."""
+    if config.train.localisation_weight == 0:
+        return None
+    vision, train = config.model.clip_config().vision, config.train
+    findings = CT_RATE_ABNORMALITIES if train.localisation_findings == "all" else train.localisation_findings
+    return FindingMasks(config.data.finding_masks, spec, (vision.temporal_patch_size, *vision.patch_size),
+                        train.localisation_radius_mm, findings)
 
 
 def fvlm_dataset(config: TrainingConfig) -> fvlm.FVLMDataset:
@@ -179,6 +199,8 @@ class Trainer:
         if self.tokenizer is None and train.recipe != "lipro":
             raise TrainingError(f"{config.source}: model.tokenizer is required for {train.recipe}")
         self.dataset = dataset or training_dataset(config)
+        if isinstance(self.dataset, CTRateDataset):
+            self.dataset.finding_masks = finding_masks(config, self.dataset.spec)
         self.model = initial_model(config)
         self.is_fvlm = train.recipe == "fvlm"
         if train.gradient_checkpointing:
@@ -241,8 +263,13 @@ class Trainer:
                                   self.dataset.items, self.config.train.prompt_weight)
         if recipe == "lipro":
             return lipro_step(self.model, self.head, batch, self.pos_weight)
-        step = contrastive_step if recipe == "contrastive" else vocabfine_step
-        return step(self.model, batch, self.tokenizer)
+        if recipe == "contrastive":
+            return contrastive_step(self.model, batch, self.tokenizer)
+        train = self.config.train
+        localisation = None
+        if train.localisation_weight > 0:
+            localisation = Localisation(train.localisation_weight, train.localisation_temperature)
+        return vocabfine_step(self.model, batch, self.tokenizer, localisation=localisation)
 
     def train(self, log: Logger | None = None) -> TrainingResult:
         """Run (or resume) to train.steps; returns the exported checkpoint and the logged losses."""

@@ -179,13 +179,19 @@ def raw_token_terms(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Te
     pool(codes); factor (B,) float64: exp(temperature) / |W pool(codes)|.
     """
     codes = codes.to(torch.float64)
-    b, t, h, w, d = codes.shape
-    weight = model.to_visual_latent.weight.detach().cpu()  # (L, h*w*d), (h, w, d) order as pool_tokens flattens
+    weight = model.to_visual_latent.weight.detach().cpu()
     difference = (prompt_latents[:, 0] - prompt_latents[:, 1]).to(weight)  # (P, L)
-    per_position = (difference @ weight).to(torch.float64).view(-1, h, w, d)  # (P, h, w, d)
     raw_latent = model.pool_tokens(codes).to(weight) @ weight.t()  # (B, L), float32: W is too big for float64
     factor = float(model.logit_scale) / raw_latent.to(torch.float64).norm(dim=-1)
-    return torch.einsum("phwd,bthwd->bpthw", per_position, codes) / t, factor
+    return head_token_terms((difference @ weight).to(torch.float64), codes), factor
+
+
+def head_token_terms(direction: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """direction (P, h*w*d): a latent-space direction read back through `to_visual_latent` ((p - n) . W), in the
+    (h, w, d) order `pool_tokens` flattens; codes (B, t, h, w, d) -> (B, P, t, h, w) terms summing over (t, h, w)
+    to direction . pool(codes). Differentiable, in the inputs' dtype (training uses it for its localisation loss)."""
+    t, h, w, d = codes.shape[1:]
+    return torch.einsum("phwd,bthwd->bpthw", direction.view(-1, h, w, d), codes) / t
 
 
 def token_contributions(model: CTCLIP, codes: torch.Tensor, prompt_latents: torch.Tensor) -> torch.Tensor:
