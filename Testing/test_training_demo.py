@@ -25,13 +25,14 @@ from CTFoundationLib.inference.common import load_thresholds
 from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from CTFoundationLib.weights import import_model, resolve_weights
-from training.demo import build
+from training.demo import build, synth
 from training.demo.findings import DEMO_FINDINGS, IN_PLANE, INSERTERS, find_anatomy
 from training.demo.reports import NEGATIVE
 from training.demo.synth import DemoDataSpec, load_base, make_case, to_working_grid
+from training.finding_masks import read_finding_masks
 
 SEED = 12345
-IN_PLANE_POINTING_FLOOR = 0.45  # measured 0.57 (docs/maps.md); a column picked at random scores about 0.2
+POINTING_FLOOR = 0.7  # the target 0.8, measured 0.817 (docs/maps.md); a case moves it by 0.01
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,17 @@ def test_a_case_is_reproducible_from_its_seed(base):
     assert [f.name for f in first[1]] == [f.name for f in second[1]]
     other = make_case(base, SEED + 1, 0.5)
     assert not np.array_equal(first[0], other[0])
+
+
+def test_a_written_case_carries_the_voxels_of_each_finding_as_masks(base, tmp_path, monkeypatch):
+    monkeypatch.setattr(synth, "_BASE", [base])
+    _, _, entry = synth.synthesise_case(tmp_path, "train", 1, SEED, 1.0)
+    volume = read_ct(tmp_path / "train" / "train_1" / "train_1_a" / entry["name"])
+    written = read_finding_masks(tmp_path / "train_masks" / "train_1_a_1", volume)
+    expected: dict[str, np.ndarray] = {}
+    make_case(base, SEED, 1.0, expected)
+    assert sorted(written) == sorted(expected) == sorted(DEMO_FINDINGS)
+    assert all(np.array_equal(written[name], expected[name]) and expected[name].any() for name in expected)
 
 
 def test_the_descending_aorta_is_found_beside_the_spine(base):
@@ -132,10 +144,8 @@ def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypat
     assert all(name in printed for name in DEMO_FINDINGS)
     lines = printed.splitlines()
     pointing = next(line for line in lines if line.startswith("pointing-game accuracy (focal findings): "))
-    assert 0.0 <= float(pointing.split(": ")[1]) <= 1.0
-    in_plane = next(line for line in lines if line.startswith("in the axial plane"))
-    assert float(in_plane.split("focal findings ")[1].split(",")[0]) >= IN_PLANE_POINTING_FLOOR, in_plane
-    assert set(record["stages"]) == {"contrastive", "vocabfine"}
+    assert float(pointing.split(": ")[1]) >= POINTING_FLOOR, printed[printed.index("pointing game on"):]
+    assert set(record["stages"]) == {"contrastive", "vocabfine", "localise"}
     assert all(stage["loss_last"] < stage["loss_first"] for stage in record["stages"].values()), record["stages"]
 
 
@@ -169,7 +179,7 @@ def test_an_installed_demo_runs_without_training_code_and_an_older_one_is_refuse
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True, text=True,
                          check=False)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stderr
-    older = tmp_path / "older_build"  # an earlier version's build, installed as train-demo installs one
+    older = tmp_path / "older_build"  # an earlier version's build, installed as `training.demo build` installs one
     shutil.copytree(tmp_path / "models" / "ct-clip-demo", older, ignore=shutil.ignore_patterns("manifest.json"))
     record = json.loads((older / "training_record.json").read_text())
     (older / "training_record.json").write_text(json.dumps({**record, "demo_version": build.DEMO_VERSION - 1}))

@@ -26,7 +26,7 @@ class DemoCommands:
 
 
 def build_clip(data: Path, args: argparse.Namespace) -> str:
-    steps = {recipe: count for recipe in STAGES if (count := getattr(args, f"{recipe}_steps")) is not None}
+    steps = {stage: count for stage in STAGES if (count := getattr(args, f"{stage}_steps")) is not None}
     record = train_demo(data, steps=steps)
     return f"test (held-out) mean AUROC: {record['test_mean_auroc']:.3f}; record: training_record.json beside the model"
 
@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser("build", help="synthesise demo cases, train, export and install ct-clip-demo "
-                                              "(about 10 minutes on 2 CPU cores)")
+                                              "(about 25 minutes on 2 CPU cores)")
     build.add_argument("--if-missing", action="store_true", help="do nothing when a current build is installed")
-    for recipe in STAGES:
-        build.add_argument(f"--{recipe}-steps", type=int, help=f"steps of the {recipe} stage (default: its config's)")
+    for stage in STAGES:
+        build.add_argument(f"--{stage}-steps", type=int, help=f"steps of the {stage} stage (default: its config's)")
     build.add_argument("--fvlm-steps", type=int, help="steps of the fvlm-demo training (default: its config's)")
     build.add_argument("--chat-steps", type=int, nargs=2, metavar=("PRETRAIN", "LORA"),
                        help="with --model ct-chat-demo: steps of its two stages (default: the recipe's)")

@@ -2,7 +2,8 @@
 
 Steps: synthesise the demo cases (cached under $CTFOUNDATION_HOME/demo_data/<key>), train in two stages as CT-CLIP
 does (training/configs/demo.yaml: contrastive pre-training; demo_vocabfine.yaml: VocabFine from the stage-1
-model), export in the official layout, choose thresholds on
+model) and a third that is not CT-CLIP's (demo_localise.yaml: VocabFine with the localisation term on the focal
+findings' masks, so that their finding maps point), export in the official layout, choose thresholds on
 the `valid` split with CT-CLIP's protocol, score the held-out `test` split, and import the files into the
 weights cache as model `ct-clip-demo` (so `ctfoundation detect CT --model ct-clip-demo` finds it).
 """
@@ -39,12 +40,14 @@ from ..trainer import Trainer, TrainingResult
 from ..validation import labels_of, score_dataset
 from .findings import DEMO_FINDINGS
 from .pointing import pointing_report, run_pointing_game
-from .synth import DemoDataSpec, build_demo_data, load_base
+from .synth import DemoDataSpec, build_demo_data
 
 MODEL_ID = "ct-clip-demo"
 DEMO_VERSION = load_registry().get(MODEL_ID).runtime.demo_version  # what `resolve_weights` asks of a build
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGES = {"contrastive": CONFIGS / "demo.yaml", "vocabfine": CONFIGS / "demo_vocabfine.yaml"}  # in training order
+STAGES = {"contrastive": CONFIGS / "demo.yaml", "vocabfine": CONFIGS / "demo_vocabfine.yaml",
+          "localise": CONFIGS / "demo_localise.yaml"}  # in training order
+LOCALISED = {"localise"}  # the stages that read the finding masks
 CHECKPOINT = "ct_clip_demo.pt"
 PROMPT_LATENTS = "prompt_latents.safetensors"
 Say = Callable[[str], None]
@@ -113,24 +116,25 @@ def auroc_record(evaluation: Evaluation) -> dict[str, dict]:
     }
 
 
-def train_stage(recipe: str, data: Path, staging: Path, dataset: CTRateDataset, init: Path | None,
+def train_stage(stage: str, data: Path, staging: Path, dataset: CTRateDataset, init: Path | None,
                 steps: int | None, say: Say) -> tuple[TrainingConfig, Path, dict]:
-    """One training stage from its config in STAGES -> (config, its checkpoint staging/<recipe>.pt, its record)."""
+    """One training stage from its config in STAGES -> (config, its checkpoint staging/<stage>.pt, its record)."""
     minilm = minilm_folder()
     overrides = {
         "model": {"tokenizer": str(minilm / "vocab.txt"),
                   **({"init_checkpoint": str(init)} if init else {"text_init": str(minilm)})},
         "data": {"root": str(data / "train"), "reports_csv": str(data / "train_reports.csv"),
-                 "labels_csv": str(data / "train_labels.csv")},
-        "train": {"output_dir": str(staging / f"run_{recipe}"), **({"steps": steps} if steps is not None else {})},
-        "export": {"checkpoint": str(staging / f"{recipe}.pt")},
+                 "labels_csv": str(data / "train_labels.csv"),
+                 **({"finding_masks": str(data / "train_masks")} if stage in LOCALISED else {})},
+        "train": {"output_dir": str(staging / f"run_{stage}"), **({"steps": steps} if steps is not None else {})},
+        "export": {"checkpoint": str(staging / f"{stage}.pt")},
     }
-    config = load_config(STAGES[recipe], overrides)
-    say(f"training {MODEL_ID}, {recipe}: {config.train.steps} steps of {config.train.batch_size} cases on "
+    config = load_config(STAGES[stage], overrides)
+    say(f"training {MODEL_ID}, {stage}: {config.train.steps} steps of {config.train.batch_size} cases on "
         f"{platform.processor() or 'CPU'}")
     result = Trainer(config, dataset).train()
     record = stage_record(result)
-    say(f"{recipe}: {result.steps} steps in {result.seconds:.0f} s, "
+    say(f"{stage}: {result.steps} steps in {result.seconds:.0f} s, "
         f"loss {record['loss_first']} -> {record['loss_last']}")
     return config, result.checkpoint, record
 
@@ -152,11 +156,11 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
     synthesis_s = time.perf_counter() - started
     staging = cache_root(home) / "build" / MODEL_ID
     shutil.rmtree(staging, ignore_errors=True)
-    dataset = split_dataset(data, "train", cache_images=True)  # both stages read each image once
+    dataset = split_dataset(data, "train", cache_images=True)  # every stage reads each image once
     checkpoint, stages = None, {}
-    for recipe in STAGES:
-        config, checkpoint, stages[recipe] = train_stage(recipe, data, staging, dataset, checkpoint,
-                                                         (steps or {}).get(recipe), say)
+    for stage in STAGES:
+        config, checkpoint, stages[stage] = train_stage(stage, data, staging, dataset, checkpoint,
+                                                        (steps or {}).get(stage), say)
     shutil.move(checkpoint, staging / CHECKPOINT)
     (staging / "constructors.json").write_text(
         json.dumps({"constructors": config.model.constructor_arguments()}, indent=1))
@@ -171,7 +175,7 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
         "model": MODEL_ID, "demo_version": DEMO_VERSION, "software": f"ctfoundation {__version__}",
         "command": "python -m training.demo build",
         "seed": config.train.seed, "data": asdict(spec), "data_key": spec.key(),
-        "configs": {recipe: path.name for recipe, path in STAGES.items()}, "batch_size": config.train.batch_size,
+        "configs": {stage: path.name for stage, path in STAGES.items()}, "batch_size": config.train.batch_size,
         "stages": stages, "synthesis_seconds": round(synthesis_s, 1),
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "valid": auroc_record(valid), "test": auroc_record(test), "test_mean_auroc": round(mean_auroc(test), 4),
@@ -179,9 +183,9 @@ def train_demo(data_root: Path, home: Path | None = None, spec: DemoDataSpec = D
         "notice": "trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis",
     }
     write_json_atomic(staging / "training_record.json", record)
-    for recipe in STAGES:
-        shutil.rmtree(staging / f"run_{recipe}", ignore_errors=True)
-        (staging / f"{recipe}.pt").unlink(missing_ok=True)
+    for stage in STAGES:
+        shutil.rmtree(staging / f"run_{stage}", ignore_errors=True)
+        (staging / f"{stage}.pt").unlink(missing_ok=True)
     import_model(MODEL_ID, staging, home=home, accept_licenses=True, link=True)  # our own staging: no copy needed
     say(f"installed {MODEL_ID}: {resolve_weights(MODEL_ID, home=home)}")
     return record
@@ -204,7 +208,7 @@ def eval_demo(data_root: Path, home: Path | None = None, say: Say = print) -> fl
     say(format_evaluation(evaluation))
     value = mean_auroc(evaluation)
     say(f"demo zero-shot mean AUROC: {value:.3f}")
-    pointing, cases = run_pointing_game(runtime, data, load_base(Path(data_root)), spec.prevalence)
+    pointing, cases = run_pointing_game(runtime, data)
     say(pointing_report(pointing, cases))
     return value
 

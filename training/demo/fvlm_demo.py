@@ -6,7 +6,8 @@ built-in anatomy (per case) and the descending aorta the demo builder finds on t
 base's pose and grid, so its mask holds for all). Prepared inputs are cached once per case
 ($CTFOUNDATION_HOME/fvlm_inputs/<key>/<split>). Trained on `train`, evaluated on the held-out `test` split
 through the runtime (`FVLMRuntime`, the code `ground` runs) with fVLM's prompts and the organ-wise table of
-`CTFoundationLib.evaluation.fvlm`; exported and imported into the weights cache as `fvlm-demo`.
+`CTFoundationLib.evaluation.fvlm`, and the pointing game of its organ maps (training/demo/pointing.py); exported and
+imported into the weights cache as `fvlm-demo`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ..fvlm import AnatomyLabeller, FVLMDataset, load_fvlm_cases, prompt_items
 from ..trainer import Trainer
 from .build import CONFIGS, Say, demo_data, minilm_folder, stage_record
 from .findings import DEMO_FINDINGS
+from .pointing import PointingResult, add_case, case_masks, pointing_report
 from .synth import DemoDataSpec, load_base
 
 MODEL_ID = "fvlm-demo"
@@ -97,16 +99,22 @@ def demo_runtime(checkpoint: Path, home: Path | None) -> FVLMRuntime:
 
 
 def score_split(runtime: FVLMRuntime, data: Path, split: str, labeller: DemoLabeller,
-                items: list[ZeroShotItem]) -> tuple[np.ndarray, np.ndarray]:
-    """(P(positive) (N, items), labels (N, items)) of a demo split, each case scored by the runtime."""
+                items: list[ZeroShotItem], pointing: PointingResult | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(P(positive) (N, items), labels (N, items)) of a demo split, each case scored by the runtime; pointing: also
+    play the pointing game with each case's organ maps (from the same pass) into it."""
     from tqdm import tqdm
 
     labels_by_name = read_labels(data / f"{split}_labels.csv", tuple(item.finding for item in items))
     volumes = find_volumes(data / split)
     probabilities, labels = [], []
+    runtime.keep_windows = pointing is not None
     for name, path in tqdm(volumes.items(), desc=f"score {split}", unit="case", file=sys.stderr, disable=None):
         volume = read_ct(path)
         result = runtime.score(volume, labeller(volume, name))
+        if pointing is not None:
+            masks = case_masks(data, split, name, volume)
+            for maps in runtime.finding_maps(volume).values():
+                add_case(pointing, maps, masks, volume)
         scored = {(f.organ, f.name): f.probability for f in result.findings}
         missing = [item for item in items if (item.organ, item.finding) not in scored]
         if missing:
@@ -192,9 +200,11 @@ def eval_fvlm_demo(data_root: Path, home: Path | None = None, say: Say = print) 
     organs = runtime.organs
     labeller = DemoLabeller.from_base(organs, Path(data_root))
     items = demo_items(organs)
-    evaluation = evaluate_organs(*score_split(runtime, data, "test", labeller, items), items)
+    pointing = PointingResult()
+    evaluation = evaluate_organs(*score_split(runtime, data, "test", labeller, items, pointing), items)
     say(f"{MODEL_ID} on the {spec.test} held-out demo cases, per organ and inserted finding (fVLM's prompts):")
     say(format_organ_evaluation(evaluation, items))
     value = per_organ_mean_auroc(evaluation, items)
     say(f"demo fVLM per-organ mean AUROC: {value:.3f}")
+    say(pointing_report(pointing, spec.test, "fVLM "))
     return value

@@ -7,8 +7,9 @@ base on a 3 mm grid in its own pose (random re-posing, even by 2 degrees and 3 m
 from learning the diffuse findings on so few cases), each finding independently with probability
 `prevalence`, image noise, then a report from the templates. Output, for each split (train, valid, test):
 `<split>/<split>_<n>/<split>_<n>_a/<split>_<n>_a_1.nii.gz` (int16 HU, proper affine), `<split>_reports.csv`,
-`<split>_labels.csv` (18 CT-RATE columns) and `<split>_findings.json` (type, centre voxel/mm, size, side,
-zone of every inserted finding).
+`<split>_labels.csv` (18 CT-RATE columns), `<split>_findings.json` (type, centre voxel/mm, size, side,
+zone of every inserted finding) and `<split>_masks/<volume stem>/<Finding_name>.nii.gz` (the voxels each finding's
+inserter changed, uint8 on the case's grid: the layout of `data.finding_masks`, training/finding_masks.py).
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from CTFoundationLib.io.tables import write_csv
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
+from ..finding_masks import mask_file_name
 from .findings import DEMO_FINDINGS, INSERTERS, SPACING_MM, Anatomy, find_anatomy
 from .reports import write_report
 
-GENERATOR_VERSION = 9  # bump when the cases change, so cached demo data is rebuilt
+GENERATOR_VERSION = 10  # bump when the cases change, so cached demo data is rebuilt
 
 
 BASE_CT = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
@@ -125,12 +127,17 @@ def _load_worker_base(data_root: Path) -> None:
 def synthesise_case(out: Path, split: str, n: int, seed: int, prevalence: float) -> tuple[dict, dict, dict]:
     """Write case `n` of `split`; returns its reports row, labels row and manifest entry."""
     loaded = _BASE[0]
-    hu, inserted, (findings_text, impressions) = make_case(loaded, seed, prevalence)
+    masks: dict[str, np.ndarray] = {}
+    hu, inserted, (findings_text, impressions) = make_case(loaded, seed, prevalence, masks)
     name = f"{split}_{n}_a_1.nii.gz"
     folder = out / split / f"{split}_{n}" / f"{split}_{n}_a"
     folder.mkdir(parents=True, exist_ok=True)
     affine = loaded.affine
     nib.save(nib.Nifti1Image(hu, affine), str(folder / name))
+    mask_folder = out / f"{split}_masks" / name.removesuffix(".nii.gz")
+    mask_folder.mkdir(parents=True, exist_ok=True)
+    for finding, mask in masks.items():
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(mask_folder / mask_file_name(finding)))
     present = {f.name for f in inserted}
     findings = [
         {**asdict(f), "centre_ras_mm": [round(float(v), 1) for v in affine[:3, :3] @ f.centre_ijk + affine[:3, 3]]}
