@@ -19,11 +19,9 @@ from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.ctclip import tokenize, zero_shot_prompts
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
-from training.config import load_config
 from training.finding_masks import FindingMasks, mask_file_name, read_finding_masks
 from training.modeling import TrainableCTCLIP
 from training.recipes import localisation_loss
-from training.run import parse_overrides
 from training.trainer import Trainer
 
 
@@ -101,17 +99,6 @@ def test_bad_finding_masks_are_refused_naming_the_file(tmp_path):
     (tmp_path / "c" / "Emphysema.nii.gz").write_bytes(b"not a NIfTI")
     with pytest.raises(TrainingError, match=r"c/Emphysema.nii.gz: cannot read this NIfTI mask"):
         read_finding_masks(tmp_path / "c", volume)
-
-
-@pytest.mark.parametrize("setting, message", [
-    ("train.localisation_weight=1.0", "localisation_weight is for recipe vocabfine and needs data.finding_masks"),
-    ("data.finding_masks=masks", "data.finding_masks is read only for the localisation term"),
-    ("train.localisation_temperature=0", "localisation_temperature > 0"),
-])
-def test_bad_localisation_settings_are_refused(tmp_path, setting, message):
-    (tmp_path / "c.yaml").write_text("data:\n  root: split\n")
-    with pytest.raises(TrainingError, match=message):
-        load_config(tmp_path / "c.yaml", parse_overrides([setting]))
 
 
 @pytest.fixture(scope="module")

@@ -203,6 +203,10 @@ def test_config_values_are_typed_and_overrides_checked(tmp_path):
     ("data.preprocess=ct-clip-v3", "data.preprocess must be one of"),
     ("data.stored_values=raw", "data.root needs data.metadata_csv"),
     ("train.prompt_weight=1.0", "train.prompt_weight is for recipe fvlm and needs data.labels_csv"),
+    ("train.localisation_weight=1.0", "localisation_weight is for recipe vocabfine and needs data.finding_masks"),
+    ("data.finding_masks=masks", "data.finding_masks is read only for the localisation term"),
+    ("train.localisation_temperature=0", "localisation_temperature > 0"),
+    ("train.localisation_findings=[Lung nodules]", "localisation_findings must be all or a list of CT-RATE findings"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_read(tmp_path, setting, message):
     (tmp_path / "c.yaml").write_text("data:\n  root: split\n")
