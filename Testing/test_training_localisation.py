@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -22,7 +23,7 @@ from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.finding_masks import FindingMasks, mask_file_name, read_finding_masks
 from training.modeling import TrainableCTCLIP
 from training.recipes import localisation_loss
-from training.trainer import Trainer
+from training.trainer import Trainer, finding_masks
 
 
 def test_training_time_terms_are_the_finding_maps_terms_with_gradients():
@@ -149,3 +150,21 @@ def test_vocabfine_with_the_localisation_term_learns_where_the_findings_are(mask
     assert len(run.losses) == STEPS and all(math.isfinite(loss) for loss in run.losses)
     assert run.losses[-1] < 0.9 * run.losses[0], run.losses
     assert localisation() < 0.7 * before, before
+
+
+def test_a_mask_of_a_finding_labelled_absent_is_refused(masked_split, tmp_path):
+    split, masks = masked_split
+    volume_path = sorted(split["root"].rglob("*.nii.gz"))[0]
+    labels = dataset_labels(split, volume_path.name)
+    absent = next(name for name, label in labels.items() if not label)
+    contradicting = tmp_path / "masks"
+    shutil.copytree(masks, contradicting)
+    volume = read_ct(volume_path)
+    write_mask(contradicting / volume_path.name.removesuffix(".nii.gz"), volume, absent,
+               tuple(slice(0, n // 3) for n in volume.shape_ijk))
+    config = write_config(tmp_path, split, "vocabfine", volume_path, {"finding_masks": str(contradicting)},
+                          localisation_weight=1.0, localisation_radius_mm=40.0)
+    data = dataset(config)
+    data.finding_masks = finding_masks(config, data.spec)
+    with pytest.raises(TrainingError, match=rf"{volume_path.name}: finding masks for \['{absent}'\], but its labels"):
+        data[0]

@@ -178,4 +178,11 @@ class CTRateDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
         labels = case.labels if case.labels is not None else np.zeros(len(CT_RATE_ABNORMALITIES), np.float32)
-        return {**self._inputs(index), "text": case.text, "labels": torch.from_numpy(labels), "name": case.name}
+        inputs = self._inputs(index)
+        if "token_targets" in inputs:
+            masked_absent = inputs["token_targets"].flatten(1).any(dim=1).numpy() & (labels == 0)
+            if masked_absent.any():
+                names = [CT_RATE_ABNORMALITIES[i] for i in np.flatnonzero(masked_absent)]
+                raise TrainingError(f"{case.name}: finding masks for {names}, but its labels say absent; fix the "
+                                    "labels or remove those masks")
+        return {**inputs, "text": case.text, "labels": torch.from_numpy(labels), "name": case.name}
