@@ -137,3 +137,56 @@ def test_both_stages_learn_resume_and_export_round_trip(tiny_llm, tmp_path):
         got = runtime.llm(inputs_embeds=embeds).logits
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_finding_slots_spell_each_findings_name_where_it_is_present(tiny_llm):
+    from transformers import AutoTokenizer
+
+    from training.ctchat.slots import FindingSlots
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    slots = FindingSlots.from_tokenizer(tokenizer, ("Pleural effusion", "Emphysema", "Consolidation"))
+    words = [tokenizer(text, add_special_tokens=False).input_ids
+             for text in (" pleural effusion", " emphysema", " consolidation")]
+    assert slots.length == sum(map(len, words)) + 1
+    comma, stop = (tokenizer(text, add_special_tokens=False).input_ids for text in (",", "."))
+    ids = slots.target_ids({"Emphysema"})
+    assert ids == comma * len(words[0]) + words[1] + comma * len(words[2]) + stop
+    assert tokenizer.decode(slots.target_ids({"Pleural effusion", "Consolidation"})).replace(",", "") \
+        == " pleural effusion consolidation."
+    table = torch.randn(len(tokenizer), 8, generator=torch.Generator().manual_seed(0))
+    for present in (set(), {"Emphysema"}, {"Pleural effusion", "Consolidation"}, set(slots.names)):
+        assert slots.read(table[slots.target_ids(present)], table) == present
+
+
+def test_finding_slot_pretraining_teaches_the_projector_to_state_held_out_findings(tiny_llm, tmp_path):
+    """Grids where channel 0 carries effusion and channel 1 emphysema: after stage 1 on finding slots the projector
+    of a held-out grid lands nearer the names of exactly its findings; mm_projector.bin and log.jsonl are written."""
+    from CTFoundationLib.models.ctchat.projector import load_projector
+    from training.ctchat.slots import FindingSlots, pretrain_on_finding_slots
+
+    generator = torch.Generator().manual_seed(1)
+    names = ("Pleural effusion", "Emphysema")
+    grids, present = {}, {}
+    for index in range(80):
+        case = {name for bit, name in enumerate(names) if (index >> bit) & 1}
+        grid = torch.randn(GRID, generator=generator) * 0.3
+        for channel, name in enumerate(names):
+            grid[..., channel] += 1.0 if name in case else -1.0
+        grids[f"case_{index}.nii.gz"], present[f"case_{index}.nii.gz"] = grid, case
+    held_out = [f"case_{index}.nii.gz" for index in range(64, 80)]
+    train = {name: grids[name] for name in grids if name not in held_out}
+    config = stage_config(tiny_llm, tmp_path, "pretrain", steps=600, batch_size=16, lr=3e-3, log_every=50)
+    stage1 = pretrain_on_finding_slots(config, names, present, train, say=lambda _: None)
+    assert mean(stage1.losses[-10:]) < 0.5 * mean(stage1.losses[:10])
+    assert stage1.output == tmp_path / "pretrain" / "mm_projector.bin"
+    log = [json.loads(line) for line in (tmp_path / "pretrain" / "log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == list(range(50, 601, 50)) and log[0]["objective"] == "finding_slots"
+
+    slots = FindingSlots.from_tokenizer(stage1.model.tokenizer, names)
+    projector = load_projector(stage1.output).eval()  # the exported file, as stage 2 and the runtime read it
+    assert projector.config.n_queries == slots.length
+    table = stage1.model.embedding.weight.detach()
+    with torch.no_grad():
+        read = [slots.read(projector(grids[name])[0], table) for name in held_out]
+    assert read == [present[name] for name in held_out]
