@@ -10,6 +10,7 @@ import pytest
 import torch
 from small_chat_models import make_tiny_llm, smollm2_tokenizer_folder
 
+from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.models.ctchat.modeling import CTChatModel, embed_with_image
 from CTFoundationLib.models.ctchat.templates import IMAGE_TOKEN_INDEX
 from training.ctchat.data import PLAIN, collate, segments, tokenize_item
@@ -190,3 +191,7 @@ def test_finding_slot_pretraining_teaches_the_projector_to_state_held_out_findin
     with torch.no_grad():
         read = [slots.read(projector(grids[name])[0], table) for name in held_out]
     assert read == [present[name] for name in held_out]
+
+    no_slot = r"case_10.nii.gz: finding 'Emphysema' has no slot; the slots are Pleural effusion$"
+    with pytest.raises(TrainingError, match=no_slot):
+        pretrain_on_finding_slots(config, names[:1], present, train, say=lambda _: None)

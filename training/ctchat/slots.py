@@ -88,6 +88,12 @@ def pretrain_on_finding_slots(config: ChatTrainConfig, names: Sequence[str], pre
 
     if config.stage != "pretrain" or not config.steps:
         raise TrainingError("finding-slot pre-training is stage 1 (stage: pretrain) with a number of steps")
+    if not grids:
+        raise TrainingError("finding-slot pre-training got no token grids; encode the volumes first (token_grids)")
+    unknown = {(image, finding) for image in grids for finding in present.get(image, set()) - set(names)}
+    if unknown:
+        image, finding = min(unknown)
+        raise TrainingError(f"{image}: finding {finding!r} has no slot; the slots are {', '.join(names)}")
     slots = FindingSlots.from_tokenizer(load_llm_tokenizer(config.llm), names)
     config = replace(config, projector={**config.projector, "n_queries": slots.length})
     model = prepare_model(config, torch.cat(list(grids.values())[:16]), None)
