@@ -32,7 +32,7 @@ demo: venv
 demo-models: venv
 	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --if-missing
 
-# The demo CT-CHAT (SmolLM2-135M + projector + LoRA on ct-clip-demo's token grids; about 20 minutes on 2 cores).
+# The demo CT-CHAT (SmolLM2-135M + projector + LoRA on ct-clip-demo's token grids; about 13 minutes on 2 cores).
 demo-chat: demo-models
 	CTFOUNDATION_DATA=$(SHARED)/data $(PY) -m training.demo build --model ct-chat-demo --if-missing
 

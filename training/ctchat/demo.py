@@ -25,7 +25,9 @@ from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.io.files import write_json_atomic
 from CTFoundationLib.weights import import_model, load_registry, resolve_weights
 from CTFoundationLib.weights.cache import cache_root
+from training.demo.findings import DEMO_FINDINGS
 
+from .slots import pretrain_on_finding_slots
 from .train import ChatTrainConfig, Say, train_stage
 from .vqa import QA, case_rng, conversation_item, lower_finding, read_rows
 
@@ -33,21 +35,19 @@ MODEL_ID = "ct-chat-demo"
 LLM_ID = "smollm2-135m-instruct"
 ENCODER_ID = "ct-clip-demo"
 TEMPLATE = "chatml_direct"
-DEMO_FINDINGS = ("Lung nodule", "Pleural effusion", "Consolidation", "Lung opacity", "Emphysema",
-                 "Arterial wall calcification", "Medical material")
 NOTICE = "ct-chat-demo: trained on demo data (synthetic findings inserted into sample CTs), not for diagnosis"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EVALUATION_FILE = "evaluation.json"  # beside the installed model: the build's record with its held-out figures
-# Small-scale settings (2 CPU cores): 16 image queries, LoRA r 16 on q/v (the reference: 256 queries, r 128 on
-# every Linear of an 8B LLM). Stage 1 trains the projector on the question conversations in the chat template
-# rather than on plain reports: with the LLM frozen, only the image can move the yes/no answers, so the projector
-# must learn to carry the findings (on reports, in this budget, it learned a near-constant prefix and stage 2's
-# LoRA then answered from the prior). Small batches: more updates for the same CPU time.
-PRETRAIN = ChatTrainConfig(stage="pretrain", template=TEMPLATE, pretrain_format=TEMPLATE, kinds=["short_answer"],
-                           steps=80, batch_size=4, lr=2e-3, projector={"n_queries": 16, "n_heads": 8},
-                           max_length=320, log_every=5, save_every=10_000)
-LORA = replace(PRETRAIN, stage="lora", kinds=None, steps=25, batch_size=8, lr=5e-4, projector_lr=1e-3,
-               lora={"r": 16, "alpha": 32, "dropout": 0.05, "targets": ("q_proj", "v_proj")})
+# Small-scale settings (2 CPU cores). Stage 1 regresses the projector onto finding slots (training.ctchat.slots:
+# the image becomes the LLM's embeddings of its findings' names, 20 queries) rather than the reference's captions:
+# through the frozen LLM's answers the projector stayed at the "no" prior in this budget. Stage 2: LoRA r 16 on
+# q/v (the reference: r 128 on every Linear of an 8B LLM), the projector at a tenth of LoRA's lr so that it keeps
+# the slots while the LLM learns to read them; bf16 autocast (about 6 s a step of 8 on 2 idle CPU cores).
+PRETRAIN = ChatTrainConfig(stage="pretrain", template=TEMPLATE, steps=800, batch_size=32, lr=1e-3, weight_decay=0.01,
+                           projector={"n_heads": 8}, log_every=50, save_every=10_000)
+LORA = ChatTrainConfig(stage="lora", template=TEMPLATE, steps=60, batch_size=8, lr=1e-3, projector_lr=1e-4,
+                       lora={"r": 16, "alpha": 32, "dropout": 0.05, "targets": ("q_proj", "v_proj")},
+                       mixed_precision="bf16", max_length=320, log_every=5, save_every=10_000)
 
 
 def demo_version() -> int:
@@ -90,12 +90,11 @@ def where(finding: dict) -> str | None:
 
 
 def case_questions(findings: list[dict], impression: str, rng) -> list[QA]:
-    """Presence of every demo finding (in a seeded order), where, how big, and a short report."""
+    """Presence of every demo finding, where, how big (all in one seeded order: a conversation may open with any
+    of them, as a user's may), then a short report."""
     present = {f["name"]: f for f in findings}
-    names = list(DEMO_FINDINGS)
-    rng.shuffle(names)
     qas = [QA(f"Is there {lower_finding(name)}?", "Yes." if name in present else "No.", "short_answer")
-           for name in names]
+           for name in DEMO_FINDINGS]
     for finding in findings:
         place = where(finding)
         if place is not None and finding["name"] in ("Lung nodule", "Pleural effusion", "Consolidation"):
@@ -103,9 +102,16 @@ def case_questions(findings: list[dict], impression: str, rng) -> list[QA]:
         if finding.get("size_mm", 0) > 0 and finding["name"] in ("Lung nodule", "Pleural effusion"):
             what = "largest lung nodule" if finding["name"] == "Lung nodule" else "pleural effusion"
             qas.append(QA(f"How big is the {what}?", f"{round(finding['size_mm'])} mm.", "short_answer"))
+    rng.shuffle(qas)
     if impression.strip():
         qas.append(QA("Write a short report of this CT.", impression.strip(), "report_generation"))
     return qas
+
+
+def recorded_findings(data: Path, split: str) -> dict[str, set[str]]:
+    """VolumeName -> the names of the findings inserted into that case (cases without a record have none)."""
+    findings = json.loads((data / f"{split}_findings.json").read_text())
+    return {name: {finding["name"] for finding in case.get("findings", [])} for name, case in findings.items()}
 
 
 def demo_items(data: Path, split: str, seed: int = 0, conversations: bool = False, cases: int | None = None,
@@ -183,11 +189,12 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
     items = demo_items(data, "train", conversations=True, cases=train_cases)
     grids = demo_grids(data, "train", [item["image"] for item in items], home, say)
     steps = steps or {}
-    say(f"training {MODEL_ID}: stage 1 {steps.get('pretrain', PRETRAIN.steps)} steps of {PRETRAIN.batch_size} "
-        f"conversations, stage 2 {steps.get('lora', LORA.steps)} steps of {LORA.batch_size} (about 30 seconds a "
-        "step on 2 busy CPU cores)")
-    stage1 = train_stage(replace(PRETRAIN, llm=llm, output_dir=staging / "run_pretrain",
-                                 steps=steps.get("pretrain", PRETRAIN.steps), resume=False), items, grids, say=say)
+    say(f"training {MODEL_ID}: stage 1 {steps.get('pretrain', PRETRAIN.steps)} steps of {PRETRAIN.batch_size} CTs "
+        f"(about a minute), stage 2 {steps.get('lora', LORA.steps)} steps of {LORA.batch_size} conversations (about "
+        "6 seconds a step on 2 idle CPU cores)")
+    stage1 = pretrain_on_finding_slots(replace(PRETRAIN, llm=llm, output_dir=staging / "run_pretrain",
+                                               steps=steps.get("pretrain", PRETRAIN.steps)), DEMO_FINDINGS,
+                                       recorded_findings(data, "train"), grids, say=say)
     stage2 = train_stage(replace(LORA, llm=llm, output_dir=staging / "run_lora", init_projector=stage1.output,
                                  steps=steps.get("lora", LORA.steps), resume=False), items, grids, stage1.model,
                          say=say)  # continues stage 1's model: the LLM is not loaded twice
@@ -199,6 +206,7 @@ def build_chat_demo(data_root: Path, home: Path | None = None, steps: dict[str, 
                           "loss_first": round(sum(stage.losses[:5]) / len(stage.losses[:5]), 4),
                           "loss_last": round(sum(stage.losses[-5:]) / len(stage.losses[-5:]), 4)}
                    for name, stage in (("pretrain", stage1), ("lora", stage2))},
+        "finding_slots": list(DEMO_FINDINGS),  # stage 1's layout: the order of the findings' runs of queries
         "train_questions": len(items), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "notice": NOTICE,
     }

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (build, evaluate):
         command.add_argument("--model", choices=tuple(DEMOS), default=MODEL_ID,
                              help=f"which demo model (fvlm-demo: {EXPECTED}; ct-chat-demo: the demo CT-CHAT, about "
-                                  "25 minutes on 2 cores; both build ct-clip-demo first when missing; default: "
+                                  "13 minutes on 2 cores; both build ct-clip-demo first when missing; default: "
                                   "%(default)s)")
         command.add_argument("--data", type=Path, default=None,
                              help="the shared data folder with ct/ (default: $CTFOUNDATION_DATA, else ../shared/data)")
