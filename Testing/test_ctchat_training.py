@@ -195,3 +195,16 @@ def test_finding_slot_pretraining_teaches_the_projector_to_state_held_out_findin
     no_slot = r"case_10.nii.gz: finding 'Emphysema' has no slot; the slots are Pleural effusion$"
     with pytest.raises(TrainingError, match=no_slot):
         pretrain_on_finding_slots(config, names[:1], present, train, say=lambda _: None)
+
+
+def test_a_stage_in_bf16_runs_after_an_fp32_stage_in_the_same_process(tiny_llm, tmp_path):
+    """`python -m training.demo build --model ct-chat-demo` trains ct-clip-demo (fp32) and then CT-CHAT's stage 2
+    (bf16) in one process; accelerate refused the second precision until each stage got a fresh state."""
+    from accelerate import Accelerator
+
+    Accelerator(mixed_precision="no")
+    grids, items = grids_and_items(8)
+    stage = train_stage(stage_config(tiny_llm, tmp_path, "pretrain", steps=2, mixed_precision="bf16"), items, grids,
+                        say=lambda _: None)
+    assert stage.steps == 2 and all(torch.isfinite(torch.tensor(stage.losses)))
+

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import DataLoaderConfiguration, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from CTFoundationLib.models.ctclip import load_ctclip
 from CTFoundationLib.preprocess import ORGAN_WINDOWS, SPECS, PreprocessSpec
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training import fvlm
+from training.accelerator import stage_accelerator
 from training.config import TrainingConfig
 from training.ctrate import CTRateDataset, find_volumes, load_cases, read_metadata
 from training.export import save_checkpoint
@@ -188,7 +189,7 @@ class Trainer:
 
     def __init__(self, config: TrainingConfig, dataset: CTRateDataset | None = None) -> None:
         self.config, train = config, config.train
-        self.accelerator = Accelerator(
+        self.accelerator = stage_accelerator(
             mixed_precision=train.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=train.recipe == "vocabfine")],
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),

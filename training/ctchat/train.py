@@ -152,10 +152,12 @@ def trainable_state(model: TrainableCTChat) -> dict[str, Tensor]:
 def train_stage(config: ChatTrainConfig, items: list[dict], grids: dict[str, Tensor],
                 model: TrainableCTChat | None = None, say: Say = print) -> StageResult:
     """Train one stage on conversation items and their token grids; returns the trained model (and exports it)."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum)
+    from training.accelerator import stage_accelerator
+
+    accelerator = stage_accelerator(mixed_precision=config.mixed_precision,
+                                    gradient_accumulation_steps=config.grad_accum)
     set_seed(config.seed)
     items = select_items(items, config)
     # 16 CTs: enough tokens for the projector's channel statistics, still small at CT-CLIP's 24^3 x 512 grids
