@@ -13,19 +13,26 @@ import time
 import pytest
 import torch
 import yaml
-from training_fixtures import TINY_SPEC, make_ctrate_split, tiny_constructors, tokenizer_path
+from training_fixtures import TINY_SPEC, make_ctrate_split, real_reports, tiny_constructors, tokenizer_path
 
 from CTFoundationLib.errors import TrainingError
-from CTFoundationLib.inference.ctclip import CTCLIPRuntime
+from CTFoundationLib.inference.ctclip import CTCLIPRuntime, load_tokenizer
 from CTFoundationLib.io.reading import read_ct
-from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip
+from CTFoundationLib.models.ctclip import CTCLIPConfig, load_ctclip, tokenize
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 from training.config import load_config
 from training.ctrate import CTRateDataset, load_cases, read_labels
-from training.modeling import CodebookEMA, TrainableCTCLIP, build_clip, contrastive_loss, enable_gradient_checkpointing
+from training.modeling import (
+    CodebookEMA,
+    FrozenTextPrefix,
+    TrainableCTCLIP,
+    build_clip,
+    contrastive_loss,
+    enable_gradient_checkpointing,
+)
 from training.recipes import positive_class_weights
 from training.run import parse_overrides
-from training.trainer import DataWait, Trainer
+from training.trainer import DataWait, Trainer, freeze_text_layers
 
 STEPS = 8
 
@@ -167,6 +174,42 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     checkpointed = gradients(TrainableCTCLIP(clip))
     assert plain.keys() == checkpointed.keys() and len(plain) > 20
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_fixed_text_layers_run_once_per_text_and_give_the_latents_of_the_whole_tower():
+    constructors = tiny_constructors()
+    constructors["BertConfig"].update(num_hidden_layers=3, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = TrainableCTCLIP(build_clip(CTCLIPConfig.from_reference_constructors(constructors), seed=5))
+    freeze_text_layers(model, 2)
+    bert = model.clip.text_transformer
+    report_sentences = real_reports(1)[0]["report_text"].split(". ")
+    sentences = [". ".join(report_sentences[:n]) for n in range(1, 7)]  # six lengths
+    ids, mask = tokenize(load_tokenizer(tokenizer_path()), sentences)
+    assert len(set(mask.sum(dim=1).tolist())) == len(sentences)
+    embedding_calls = []
+    bert.embeddings.register_forward_hook(lambda *_: embedding_calls.append(1))
+
+    model.train()  # the fixed layers run without dropout all the same
+    model.text_latents(ids, mask).sum().backward()
+    fixed = [bert.embeddings, *bert.encoder.layer[:2]]
+    assert all(p.grad is None and not p.requires_grad for module in fixed for p in module.parameters())
+    assert all(p.grad is not None for p in bert.encoder.layer[2].parameters())
+    assert len(model.frozen_text.states) == len(sentences) and len(embedding_calls) == 1
+
+    model.eval()
+    cached = model.text_latents(ids, mask)
+    subset = model.text_latents(ids[[4, 1]], mask[[4, 1]])  # other padding, other batch: the same states
+    model.frozen_text = None
+    whole_tower = model.text_latents(ids, mask)
+    assert len(embedding_calls) == 2  # the cached calls ran no fixed layer; the whole tower did
+    assert torch.allclose(cached, whole_tower, atol=1e-5) and torch.allclose(subset, whole_tower[[4, 1]], atol=1e-5)
+    assert (whole_tower[0] - whole_tower[5]).abs().max() > 100 * 1e-5  # texts differ well beyond the tolerance
+
+
+def test_fixed_text_prefix_refuses_left_padding():
+    bert = build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors())).text_transformer
+    with pytest.raises(ValueError, match="right-padded"):
+        FrozenTextPrefix(bert, 1).text_cls(torch.tensor([[0, 101, 102]]), torch.tensor([[0, 1, 1]]))
 
 
 def test_config_errors_name_the_problem(tmp_path):

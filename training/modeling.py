@@ -61,12 +61,76 @@ class CodebookEMA(nn.Module):
         embed.lerp_(torch.where((bins == 0)[:, None], embed, means), 1 - self.decay)
 
 
+class FrozenTextPrefix:
+    """The text tower's fixed part (embeddings and the first `count` BERT layers) run once per distinct text and
+    kept, so that a training step runs only the trainable layers: the same texts come back every epoch (reports)
+    or every step (VocabFine's prompts). Fixed layers run without dropout (eval mode), which is what makes their
+    output a function of the text. Up to `max_bytes` of states are kept; texts beyond that are run each time."""
+
+    def __init__(self, bert: nn.Module, count: int, max_bytes: int = 2**30) -> None:
+        self.bert, self.count, self.max_bytes = bert, count, max_bytes
+        self.states: dict[bytes, Tensor] = {}  # token ids of a text (unpadded) -> (tokens, dim_text)
+        self.stored_bytes = 0
+
+    def text_cls(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(K, L) ids and right-padded 0/1 mask -> (K, dim_text) last-layer [CLS] state (float32), the value
+        `CTCLIP.text_cls` gives with the fixed layers in eval mode."""
+        lengths = attention_mask.sum(dim=1)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        if not torch.equal(attention_mask.bool(), positions < lengths[:, None]):
+            raise ValueError("FrozenTextPrefix expects right-padded texts (mask: ones, then zeros)")
+        hidden = nn.utils.rnn.pad_sequence(self._prefix_states(input_ids, lengths.tolist()), batch_first=True)
+        trainable = self.bert.encoder.layer[self.count :]
+        return self._run(trainable, hidden, attention_mask[:, : hidden.shape[1]])[:, 0].float()
+
+    def _prefix_states(self, input_ids: Tensor, lengths: list[int]) -> list[Tensor]:
+        keys = [row[:n].numpy().tobytes() for row, n in zip(input_ids.cpu(), lengths)]
+        missing = {key: i for i, key in enumerate(keys) if key not in self.states}
+        fresh = {}
+        if missing:
+            rows = list(missing.values())
+            row_lengths = torch.tensor([lengths[i] for i in rows], device=input_ids.device)
+            width = int(row_lengths.max())
+            mask = torch.arange(width, device=input_ids.device) < row_lengths[:, None]
+            states = self._fixed_layers(input_ids[rows, :width], mask)
+            for key, state, i in zip(missing, states, rows):
+                fresh[key] = state[: lengths[i]]
+                if self.stored_bytes + fresh[key].nbytes <= self.max_bytes:
+                    self.states[key] = fresh[key]
+                    self.stored_bytes += fresh[key].nbytes
+        return [self.states.get(key, fresh.get(key)) for key in keys]
+
+    def _fixed_layers(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        modules = [self.bert.embeddings, *self.bert.encoder.layer[: self.count]]
+        modes = [module.training for module in modules]
+        try:
+            for module in modules:
+                module.eval()
+            with torch.no_grad():
+                return self._run(modules[1:], self.bert.embeddings(input_ids=input_ids), attention_mask)
+        finally:
+            for module, mode in zip(modules, modes):
+                module.train(mode)
+
+    @staticmethod
+    def _run(layers, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """BERT layers over (K, L, d) states; the mask as the additive (K, 1, 1, L) bias that both the eager and
+        the scaled-dot-product attention of transformers take."""
+        bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in layers:
+            out = layer(hidden, attention_mask=bias)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+        return hidden
+
+
 class TrainableCTCLIP(nn.Module):
-    """CTCLIP + its train-mode quantiser as one module (what accelerate wraps for data parallelism)."""
+    """CTCLIP + its train-mode quantiser as one module (what accelerate wraps for data parallelism).
+    `frozen_text`: set when the first text layers are fixed (`FrozenTextPrefix`)."""
 
     def __init__(self, clip: CTCLIP, cluster_size: Tensor | None = None) -> None:
         super().__init__()
         self.clip = clip
+        self.frozen_text: FrozenTextPrefix | None = None
         self.quantizer = CodebookEMA(clip.config.vision.codebook_size)
         if cluster_size is not None:
             self.quantizer.cluster_size.copy_(cluster_size.reshape(self.quantizer.cluster_size.shape))
@@ -78,7 +142,8 @@ class TrainableCTCLIP(nn.Module):
 
     def text_latents(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(K, L) token ids and mask -> (K, dim_latent) L2-normalised latents (float32)."""
-        return F.normalize(self.clip.to_text_latent(self.clip.text_cls(input_ids, attention_mask)).float(), dim=-1)
+        text_cls = self.frozen_text.text_cls if self.frozen_text else self.clip.text_cls
+        return F.normalize(self.clip.to_text_latent(text_cls(input_ids, attention_mask)).float(), dim=-1)
 
     def prompt_token_terms(self, tokens: Tensor, prompt_latents: Tensor) -> Tensor:
         """Each token's share of each prompt pair's zero-shot logit difference, as the finding maps

@@ -33,7 +33,13 @@ from training.config import TrainingConfig
 from training.ctrate import CTRateDataset, find_volumes, load_cases, read_metadata
 from training.export import save_checkpoint
 from training.finding_masks import FindingMasks
-from training.modeling import TrainableCTCLIP, build_clip, enable_gradient_checkpointing, read_cluster_size
+from training.modeling import (
+    FrozenTextPrefix,
+    TrainableCTCLIP,
+    build_clip,
+    enable_gradient_checkpointing,
+    read_cluster_size,
+)
 from training.recipes import (
     LiProHead,
     Localisation,
@@ -168,7 +174,8 @@ def parameter_groups(model: TrainableCTCLIP, config: TrainingConfig) -> list[dic
 
 
 def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
-    """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains)."""
+    """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains); CT-CLIP runs
+    them once per distinct text (`FrozenTextPrefix`)."""
     if count <= 0:
         return
     is_fvlm = isinstance(model, fvlm.TrainableFVLM)
@@ -177,6 +184,8 @@ def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
     for module in (bert.embeddings, *layers[:count]):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
+    if not is_fvlm:
+        model.frozen_text = FrozenTextPrefix(bert, count)
 
 
 def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
