@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from test_maps import oblique_free_volume, tiny_ctclip
 from test_training_recipes import STEPS, dataset, write_config
 from training_fixtures import make_ctrate_split
@@ -20,7 +21,7 @@ from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.ctclip import tokenize, zero_shot_prompts
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
-from training.finding_masks import FindingMasks, mask_file_name, read_finding_masks
+from training.finding_masks import FindingMasks, mask_file_name, read_finding_masks, token_centre_voxels
 from training.modeling import TrainableCTCLIP
 from training.recipes import localisation_loss
 from training.trainer import Trainer, finding_masks
@@ -86,6 +87,24 @@ def test_token_targets_are_the_tokens_centred_near_the_finding(tmp_path):
     assert all(distances[tuple(i)] <= 15.0 + 1.5 for i in np.argwhere(nodule))  # voxel rounding of the centre
     assert all(d > 15.0 - 1.5 for i, d in distances.items() if not nodule[i])
     assert not masks.token_targets(volume, "no such case").any()  # no folder: no targets
+
+
+def test_token_targets_are_the_centres_within_the_radius_of_any_part(tmp_path):
+    """Scattered parts, anisotropic voxels, token centres exactly on the radius: the targets are the token centres
+    whose distance (mm) to the nearest voxel of the finding, by a whole-volume distance transform, is <= radius."""
+    volume = oblique_free_volume("PIR", shape=(120, 110, 60), spacing=(3.0, 2.0, 4.0))
+    mask = np.zeros(volume.shape_ijk, bool)
+    mask[np.random.default_rng(0).integers(0, volume.shape_ijk, size=(40, 3)).T.tolist()] = True
+    (tmp_path / "case").mkdir()
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), volume.affine_ras), str(tmp_path / "case" / "Lung_nodule.nii.gz"))
+    grid = TokenGrid.of_model_input(volume, CTCLIP_DEMO, (8, 16, 16), (12, 7, 7))
+    centres, inside = token_centre_voxels(grid, volume)
+    distance = ndimage.distance_transform_edt(~mask, sampling=volume.spacing_ijk_mm)[tuple(centres)]
+    for radius in (12.0, 15.0, sorted(distance)[100]):  # the last one: a centre exactly on the radius
+        targets = FindingMasks(tmp_path, CTCLIP_DEMO, (8, 16, 16), radius_mm=radius).token_targets(volume, "case")
+        expected = (inside & (distance <= radius)).reshape(12, 7, 7)
+        assert 0 < expected.sum() < expected.size
+        assert np.array_equal(targets[CT_RATE_ABNORMALITIES.index("Lung nodule")], expected)
 
 
 def test_bad_finding_masks_are_refused_naming_the_file(tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from CTFoundationLib.errors import TrainingError
 from CTFoundationLib.inference.maps import TokenGrid
@@ -73,11 +73,13 @@ class FindingMasks:
             return targets
         grid = TokenGrid.of_model_input(volume, self.spec, self.patch, self.token_shape)
         centres, inside = token_centre_voxels(grid, volume)
+        spacing_mm = np.asarray(volume.spacing_ijk_mm)
         for finding, mask in masks.items():
             if finding in self.findings and mask.any():
-                distance = ndimage.distance_transform_edt(~mask, sampling=volume.spacing_ijk_mm)
-                near = inside & (distance[tuple(centres)] <= self.radius_mm)
-                targets[names.index(finding)] = near.reshape(self.token_shape)
+                # Distances from the token centres only (a tree of the finding's voxels), not a whole-volume EDT.
+                voxels = cKDTree(np.argwhere(mask) * spacing_mm)
+                distance, _ = voxels.query(centres.T * spacing_mm, distance_upper_bound=self.radius_mm + 1.0)
+                targets[names.index(finding)] = (inside & (distance <= self.radius_mm)).reshape(self.token_shape)
         return targets
 
 
