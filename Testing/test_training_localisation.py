@@ -21,6 +21,7 @@ from CTFoundationLib.io.reading import read_ct
 from CTFoundationLib.models.ctclip import tokenize, zero_shot_prompts
 from CTFoundationLib.preprocess import CTCLIP_DEMO
 from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
+from training.demo.pointing import nearest_distance_mm
 from training.finding_masks import FindingMasks, mask_file_name, read_finding_masks, token_centre_voxels
 from training.modeling import TrainableCTCLIP
 from training.recipes import localisation_loss
@@ -105,6 +106,17 @@ def test_token_targets_are_the_centres_within_the_radius_of_any_part(tmp_path):
         expected = (inside & (distance <= radius)).reshape(12, 7, 7)
         assert 0 < expected.sum() < expected.size
         assert np.array_equal(targets[CT_RATE_ABNORMALITIES.index("Lung nodule")], expected)
+
+
+def test_pointing_distances_are_the_distance_transform_at_the_peak():
+    rng = np.random.default_rng(1)
+    mask = np.zeros((30, 20, 10), bool)
+    mask[tuple(rng.integers(0, mask.shape, size=(6, 3)).T)] = True
+    spacing = (0.7, 1.5, 5.0)
+    transform = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    for voxel in [tuple(v) for v in rng.integers(0, mask.shape, size=(50, 3))] + [tuple(np.argwhere(mask)[0])]:
+        assert nearest_distance_mm(mask, voxel, spacing) == round(float(transform[voxel]), 2)
+    assert nearest_distance_mm(np.zeros((3, 3), bool), (1, 1), (1.0, 1.0)) == float("inf")
 
 
 def test_bad_finding_masks_are_refused_naming_the_file(tmp_path):

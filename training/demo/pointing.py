@@ -13,11 +13,11 @@ voxels projected along the axial axis, distances measured in-plane.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from CTFoundationLib.inference.ctclip import CTCLIPRuntime
 from CTFoundationLib.inference.maps import FindingMaps
@@ -89,7 +89,7 @@ def add_case(result: PointingResult, maps: FindingMaps, masks: dict[str, np.ndar
 def peak_distance_mm(values: np.ndarray, mask: np.ndarray, volume: CTVolume) -> float:
     """Distance (mm) from the maximum of `values` to the nearest True voxel of `mask` (same grid as the CT)."""
     peak = np.unravel_index(int(np.argmax(values)), values.shape)
-    return round(float(ndimage.distance_transform_edt(~mask, sampling=volume.spacing_ijk_mm)[peak]), 2)
+    return nearest_distance_mm(mask, peak, volume.spacing_ijk_mm)
 
 
 def in_plane_distance_mm(values: np.ndarray, mask: np.ndarray, volume: CTVolume) -> float:
@@ -98,7 +98,15 @@ def in_plane_distance_mm(values: np.ndarray, mask: np.ndarray, volume: CTVolume)
     spacing = [s for axis, s in enumerate(volume.spacing_ijk_mm) if axis != axial]
     plane, footprint = values.max(axis=axial), mask.any(axis=axial)
     peak = np.unravel_index(int(np.argmax(plane)), plane.shape)
-    return round(float(ndimage.distance_transform_edt(~footprint, sampling=spacing)[peak]), 2)
+    return nearest_distance_mm(footprint, peak, spacing)
+
+
+def nearest_distance_mm(mask: np.ndarray, voxel: tuple[int, ...], spacing_mm: Sequence[float]) -> float:
+    """Distance (mm, 2 decimals) from `voxel` to the nearest True voxel of `mask` (0 inside it; inf when empty)."""
+    if not mask.any():
+        return float("inf")
+    offsets_mm = (np.argwhere(mask) - np.asarray(voxel)) * np.asarray(spacing_mm)
+    return round(float(np.sqrt((offsets_mm**2).sum(axis=1).min())), 2)
 
 
 def pointing_report(result: PointingResult, cases: int, model: str = "") -> str:
