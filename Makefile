@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Batch report of the sample chest CT with the demo CT-CLIP (built here first when missing, about 25 minutes; it
+# Batch report of the sample chest CT with the demo CT-CLIP (built here first when missing, about 15 minutes; it
 # is trained on demo data, not for diagnosis). With official weights installed: make demo DEMO_MODEL=ct-clip-v2
 DEMO_MODEL ?= ct-clip-demo
 demo: venv

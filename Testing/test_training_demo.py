@@ -32,7 +32,7 @@ from training.demo.synth import DemoDataSpec, load_base, make_case, to_working_g
 from training.finding_masks import read_finding_masks
 
 SEED = 12345
-POINTING_FLOOR = 0.7  # the target 0.8, measured 0.817 (docs/maps.md); a case moves it by 0.01
+POINTING_FLOOR = 0.85  # the target 0.8, measured 0.968 (docs/maps.md); a case moves it by 0.01
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,8 @@ def test_eval_demo_prints_the_table_and_reproduces_training(demo_home, monkeypat
 @pytest.mark.slow
 def test_demo_model_reaches_the_auroc_target_on_held_out_cases(demo_home):
     _, record = demo_home
-    assert record["test_mean_auroc"] >= 0.9, record["test"]
-    assert all(record["test"][name]["auroc"] > 0.65 for name in DEMO_FINDINGS), record["test"]  # none near chance
+    assert record["test_mean_auroc"] >= 0.93, record["test"]
+    assert all(record["test"][name]["auroc"] > 0.75 for name in DEMO_FINDINGS), record["test"]  # none near chance
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def demo_data_folder(data_root: Path, home: Path | None, say: Say) -> Path:
 
     checkpoint = installed_demo(home)
     if checkpoint is None:
-        say(f"{ENCODER_ID} is not built yet: building it first (about 25 minutes on 2 CPU cores)")
+        say(f"{ENCODER_ID} is not built yet: building it first (about 15 minutes on 2 CPU cores)")
         train_demo(data_root, home, say=say)
         checkpoint = resolve_weights(ENCODER_ID, home=home)
     record = json.loads((checkpoint.parent / "training_record.json").read_text())

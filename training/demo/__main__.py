@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build = commands.add_parser("build", help="synthesise demo cases, train, export and install ct-clip-demo "
-                                              "(about 25 minutes on 2 CPU cores)")
+                                              "(about 15 minutes on 2 CPU cores)")
     build.add_argument("--if-missing", action="store_true", help="do nothing when a current build is installed")
     for stage in STAGES:
         build.add_argument(f"--{stage}-steps", type=int, help=f"steps of the {stage} stage (default: its config's)")
