@@ -9,6 +9,7 @@ import json
 import pickle
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -161,7 +162,10 @@ def test_bad_checkpoints_are_one_line_errors(ct_dir, small, tmp_path, capsys):
     config = small[small.index("--model-config") + 1]
     options = ["--model-config", config, "--text-encoder", str(bert_vocab()), "--device", "cpu"]
     for name, path in bad_checkpoints(tmp_path).items():
-        code, out, err = run(["detect", ct_dir / RICORD_3MM, "--weights", path, *options], capsys)
+        with warnings.catch_warnings(record=True) as caught:  # outside pytest a warning prints beside the error
+            warnings.simplefilter("always")
+            code, out, err = run(["detect", ct_dir / RICORD_3MM, "--weights", path, *options], capsys)
+        assert not caught, [f"{w.filename}: {w.message}" for w in caught]
         assert_one_line_error(code, err, name)
         assert tmp_path.exists()  # the code in code.pt never ran
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,7 +34,10 @@ def load_torch_file(path: str | Path, what: str) -> object:
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path} is not a file. Check the path or download the weights again.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            # torch's note on a pickle protocol it did not write would reach the user beside the one-line error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
         if unsafe:
