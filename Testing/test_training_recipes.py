@@ -195,6 +195,8 @@ def test_fixed_text_layers_run_once_per_text_and_give_the_latents_of_the_whole_t
     assert all(p.grad is None and not p.requires_grad for module in fixed for p in module.parameters())
     assert all(p.grad is not None for p in bert.encoder.layer[2].parameters())
     assert len(model.frozen_text.states) == len(sentences) and len(embedding_calls) == 1
+    stored = model.frozen_text.states.values()  # each text's own tensor, not a view holding its padded batch
+    assert sum(s.untyped_storage().nbytes() for s in stored) == model.frozen_text.stored_bytes
 
     model.eval()
     cached = model.text_latents(ids, mask)

@@ -94,7 +94,7 @@ class FrozenTextPrefix:
             mask = torch.arange(width, device=input_ids.device) < row_lengths[:, None]
             states = self._fixed_layers(input_ids[rows, :width], mask)
             for key, state, i in zip(missing, states, rows):
-                fresh[key] = state[: lengths[i]]
+                fresh[key] = state[: lengths[i]].clone()  # its own storage: a view would keep the padded batch
                 if self.stored_bytes + fresh[key].nbytes <= self.max_bytes:
                     self.states[key] = fresh[key]
                     self.stored_bytes += fresh[key].nbytes
