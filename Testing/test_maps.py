@@ -17,7 +17,6 @@ from CTFoundationLib.cli import main
 from CTFoundationLib.inference.maps import (
     FindingMaps,
     TokenGrid,
-    finding_of_map_file,
     model_grid_affine,
     token_contributions,
     write_map_niftis,
@@ -164,9 +163,6 @@ def test_map_niftis_overlay_the_ct(tmp_path):
     token_image = nib.load(small["Emphysema"].path)
     assert small["Emphysema"].path.name == "Emphysema.nii.gz" and token_image.shape == (12, 7, 7)
     assert np.allclose(token_image.affine, grid.affine_ras) and np.allclose(token_image.dataobj, tokens[1])
-    for file in (written["Emphysema"].path, small["Emphysema"].path):
-        assert finding_of_map_file(file) == "Emphysema"
-    assert finding_of_map_file(tmp_path / "other.nii.gz") is None
 
 
 def test_a_lipro_checkpoint_has_no_maps_and_says_so_before_the_image_pass(tmp_path, capsys):

@@ -82,7 +82,8 @@ def test_token_targets_are_the_tokens_centred_near_the_finding(tmp_path):
     voxels_ras = volume.affine_ras[:3, :3] @ np.argwhere(mask).T + volume.affine_ras[:3, 3:]
 
     def distance_mm(index) -> float:
-        return float(np.linalg.norm(voxels_ras - grid.centre_ras(index)[:, None], axis=0).min())
+        centre_ras = grid.affine_ras[:3, :3] @ np.asarray(index, float) + grid.affine_ras[:3, 3]
+        return float(np.linalg.norm(voxels_ras - centre_ras[:, None], axis=0).min())
 
     distances = {index: distance_mm(index) for index in np.ndindex(12, 7, 7)}
     assert all(distances[tuple(i)] <= 15.0 + 1.5 for i in np.argwhere(nodule))  # voxel rounding of the centre

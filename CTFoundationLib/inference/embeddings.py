@@ -40,14 +40,10 @@ def save_embedding(path: Path, tensors: dict[str, torch.Tensor], runtime: CTCLIP
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(temporary), metadata=meta)
 
 
-def case_latent(path: Path, runtime: CTCLIPRuntime) -> torch.Tensor:
-    """(D,) image latent of a CT, or of an embedding file saved by `save_embedding` with this checkpoint."""
-    return case_latent_and_thumbnail(path, runtime)[0]
-
-
 def case_latent_and_thumbnail(path: Path, runtime: CTCLIPRuntime,
                               thumbnail: Thumbnail | None = None) -> tuple[torch.Tensor, bytes | None]:
-    """`case_latent` and `thumbnail(volume)` of the CT (None without `thumbnail`, or for an embedding file)."""
+    """(D,) image latent of a CT, or of an embedding file saved by `save_embedding` with this checkpoint, and
+    `thumbnail(volume)` of the CT (None without `thumbnail`, or for an embedding file)."""
     if path.suffix != EMBEDDING_SUFFIX:
         volume = read_ct(path)
         return runtime.encode_volume(volume)[0][0], (thumbnail(volume) if thumbnail is not None else None)

@@ -32,7 +32,6 @@ from CTFoundationLib.io.files import atomic_write, require_writable_folder
 from CTFoundationLib.io.volume import CTVolume
 from CTFoundationLib.models.ctclip import CTCLIP
 from CTFoundationLib.preprocess import PreprocessSpec, output_size
-from CTFoundationLib.vocab import CT_RATE_ABNORMALITIES
 
 MAP_GRIDS = {"ct": ".nii", "tokens": ".nii.gz"}  # where a map file is sampled -> its file suffix
 
@@ -83,9 +82,6 @@ class TokenGrid:
         """The token axis that runs closest to an anatomical direction ('S', 'L', 'P', ...; either sense)."""
         world = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}[direction]
         return int(np.abs(self.affine_ras[world, :3]).argmax())
-
-    def centre_ras(self, index: Sequence[float]) -> np.ndarray:
-        return self.affine_ras[:3, :3] @ np.asarray(index, float) + self.affine_ras[:3, 3]
 
     def resample_to(self, values: np.ndarray, volume: CTVolume) -> np.ndarray:
         """A token-grid array -> `volume`'s (i, j, k) voxel grid, float32: linear between token centres, the edge
@@ -274,12 +270,3 @@ def read_map_files(files: Mapping[str, Path | str], model: str = "") -> FindingM
 def map_file_name(name: str, grid: str = "ct") -> str:
     """'Lung nodule' -> 'Lung_nodule.nii' (CT grid) or 'Lung_nodule.nii.gz' (token grid)."""
     return name.replace(" ", "_") + MAP_GRIDS[grid]
-
-
-def finding_of_map_file(path: Path) -> str | None:
-    """The finding whose map a file named by `map_file_name` holds, or None."""
-    stem = Path(path).name
-    for suffix in sorted(MAP_GRIDS.values(), key=len, reverse=True):
-        stem = stem.removesuffix(suffix)
-    stem = stem.replace("_", " ")
-    return stem if stem in CT_RATE_ABNORMALITIES else None
