@@ -15,6 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from CTFoundationLib.models.ctchat.loading import quiet_peft_probe
 from CTFoundationLib.models.ctchat.projector import AttnPoolProjector, ProjectorConfig
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,7 +74,9 @@ def make_ctchat_adapter(folder: Path, llm_folder: Path, n_added: int = 5, token_
     """
     base = AutoModelForCausalLM.from_pretrained(llm_folder)
     torch.manual_seed(seed)
-    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    with quiet_peft_probe():
+        adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                                  task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, parameter in adapter.named_parameters():
             if "lora_B" in name:

@@ -7,6 +7,7 @@ import hashlib
 import html
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,15 @@ def test_lora_and_non_lora_trainables_load_into_the_llm(model, tiny_llm, adapter
     torch.testing.assert_close(llm.model.layers[1].self_attn.v_proj.weight, merged, rtol=1e-5, atol=1e-6)
     for key, value in model.projector.state_dict().items():
         torch.testing.assert_close(value, state["base_model.model.model.mm_projector." + key], rtol=0, atol=0)
+
+
+def test_loading_a_lora_release_gives_no_library_notice(tiny_llm, adapter):
+    """peft probes the LLM's `is_gradient_checkpointing`, which transformers 5 deprecated; someone loading CT-CHAT
+    is not the one to act on that notice, so the console shows none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CTChatModel.load(tiny_llm, adapter[0], template="chatml_direct", device="cpu")
+    assert not [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
 
 
 def reference_greedy(model: CTChatModel, prompt: str, image: torch.Tensor, steps: int) -> str:

@@ -5,6 +5,7 @@ training-time model's logits."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -85,6 +86,35 @@ def test_a_fresh_projector_speaks_at_the_scale_of_the_token_embeddings(tiny_llm,
     keys = ln(sample.flatten(1, 3)).flatten(0, 1)
     torch.testing.assert_close(keys.mean(0), torch.zeros(GRID[-1]), atol=1e-4, rtol=0)
     torch.testing.assert_close(keys.std(0), torch.ones(GRID[-1]), atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_llm_layers_for_the_same_gradients(tiny_llm, tmp_path):
+    """The full-scale configs recompute the LLM's layers in the backward pass (transformers' activation
+    checkpointing): the same gradients as without it, each layer's MLP run twice, and no deprecation notice from
+    transformers or peft on the way."""
+    grids, items = grids_and_items(4)
+    gradients, layer_runs = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # peft's LoRA initialisation
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            config = stage_config(tiny_llm, tmp_path, "lora", gradient_checkpointing=checkpointing)
+            model = prepare_model(config, torch.cat(list(grids.values())), None).train()
+        assert not [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+        examples = [tokenize_item(item, model.tokenizer, "chatml_direct") for item in items]
+        batch = collate(examples, grids, model.projector.config.n_queries, model.tokenizer.pad_token_id)
+        runs = []
+        mlp = model.llm.get_base_model().model.layers[0].mlp  # counted by its forward: the recompute runs no hooks
+        forward = mlp.forward
+        mlp.forward = lambda *args, forward=forward: runs.append(1) or forward(*args)
+        model(**batch).backward()
+        layer_runs.append(len(runs))
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert layer_runs == [1, 2]
+    plain, checkpointed = gradients
+    assert plain.keys() == checkpointed.keys() and any("lora_B" in name for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
 
 def test_both_stages_learn_resume_and_export_round_trip(tiny_llm, tmp_path):

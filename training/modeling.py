@@ -181,10 +181,22 @@ def contrastive_loss(text_latents: Tensor, image_latents: Tensor, logit_scale: T
 
 def enable_gradient_checkpointing(clip: CTCLIP) -> None:
     """Recompute activations in the backward pass: every CTViT layer and every BERT layer (less memory)."""
-    clip.text_transformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpoint_transformers_model(clip.text_transformer)
     vit = clip.visual_transformer
     for layer in [*vit.enc_spatial_transformer.layers, *vit.enc_temporal_transformer.layers]:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+
+
+def checkpoint_transformers_model(model: nn.Module) -> None:
+    """transformers' own activation checkpointing, non-reentrant: `activation_checkpointing_enable` where it exists
+    (transformers 5 deprecated the older `gradient_checkpointing_enable`). A model that recomputes its layers keeps
+    no key/value cache, so `use_cache` goes off (else transformers says so at the first forward)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
 
 
 def build_clip(

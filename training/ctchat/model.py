@@ -15,9 +15,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from CTFoundationLib.models.ctchat.loading import load_llm, load_llm_tokenizer, untie_output_embeddings
+from CTFoundationLib.models.ctchat.loading import (
+    load_llm,
+    load_llm_tokenizer,
+    quiet_peft_probe,
+    untie_output_embeddings,
+)
 from CTFoundationLib.models.ctchat.projector import AttnPoolProjector, ProjectorConfig, load_projector
 from CTFoundationLib.models.ctchat.templates import IMAGE_TOKEN_INDEX, add_ctchat_tokens
+from training.modeling import checkpoint_transformers_model
 
 IGNORE_INDEX = -100
 PROJECTOR_KEY_PREFIX = "base_model.model.model.mm_projector."
@@ -121,9 +127,10 @@ class TrainableCTChat(nn.Module):
         config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
                             target_modules=targets, task_type="CAUSAL_LM")
         if gradient_checkpointing:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            checkpoint_transformers_model(self.llm)
             self.llm.enable_input_require_grads()
-        self.llm = get_peft_model(self.llm, config)
+        with quiet_peft_probe():
+            self.llm = get_peft_model(self.llm, config)
         self.projector.requires_grad_(True)
         self.train_added_rows()
 

@@ -4,7 +4,10 @@ adapter (any folder name) applied with peft and merged."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -165,13 +168,23 @@ def apply_lora(model: nn.Module, adapter: Path, llm: Path, merge: bool) -> nn.Mo
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        with quiet_peft_probe():
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(
             f"LoRA adapter {adapter} does not fit the base LLM {llm} ({first_line(error)}). It was trained on "
             f"{adapter_base_name(adapter)}; give that model with --llm."
         ) from None
     return model.merge_and_unload() if merge else model
+
+
+@contextlib.contextmanager
+def quiet_peft_probe() -> Iterator[None]:
+    """peft asks the LLM for `is_gradient_checkpointing`, which transformers 5 deprecated: its FutureWarning is
+    for peft's authors, not for someone loading or training CT-CHAT."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
 
 
 def adapter_base_name(adapter: Path) -> str:
