@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ SLICE_SPACING_TOLERANCE = 0.05  # relative deviation from the median slice step 
 TILT_TOLERANCE_DEG = 0.5  # shear (gantry tilt) beyond this is refused; the same bound flags an oblique grid
 SPACING_RANGE_MM = (0.01, 50.0)  # voxel sizes a CT can have; outside it the header is wrong
 SFORM_QFORM_TOLERANCE_MM = 0.5  # an ignored sform further than this from the qform is reported
+PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 AIR_HU = -1024.0  # what a non-finite voxel becomes: outside the field of view, as scanners pad it
 
 
@@ -333,7 +335,9 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, source: str) -> float
 
 def _decode_slices(files: list[Path], rescale: tuple[float, float] | None) -> tuple[np.ndarray, list, list]:
     """Decode and rescale every slice straight into one (k, j, i) HU array (int16 while exact, else float32)."""
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
+        # pydicom's note on a file that ends early: the slice then has no pixel data, refused in _decode_slice
+        warnings.filterwarnings("ignore", "End of file reached before delimiter", UserWarning)
         decoded = pool.map(_decode_slice, files)
         hu_kji, slopes, intercepts = None, [], []
         for k, (raw, slope, intercept) in enumerate(decoded):
@@ -356,6 +360,11 @@ def _decode_slice(file: Path) -> tuple[np.ndarray, float, float]:
 
     try:
         dataset = pydicom.dcmread(file)
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as error:
+        raise CTInputError(f"{file}: cannot be read ({error}); copy or export the series again") from None
+    if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
+        raise CTInputError(f"{file}: the file ends before its pixel data (cut short); copy or export the series again")
+    try:
         pixels = dataset.pixel_array
     except Exception as error:  # pixel decoders raise many types; all mean "cannot decode this slice"
         raise CTInputError(
