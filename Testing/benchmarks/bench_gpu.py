@@ -9,8 +9,9 @@ Parts (--parts, all by default):
   report      batch reports (`report_cases`, --read-workers) over --cases copies of the NIfTI and of the DICOM
               series: cases/s and, on CUDA, the GPU busy fraction sampled by NVML while it runs
   chat        CT-CHAT prefill (first token) and decoding tokens/s of `CTChatModel.generate`: a random Llama-3.1-8B
-              shape in bf16 on CUDA, the real SmolLM2-135M on CPU; on CUDA also transformers' static cache +
-              torch.compile on the same model, to judge whether the product should use it
+              shape in bf16 on CUDA, the real SmolLM2-135M on CPU; then a fixed number of tokens through
+              transformers' generate (dynamic cache; on CUDA also static cache + torch.compile, to judge whether
+              the product should use it)
   train       one full contrastive step (forward, backward, Adam) at --train-batch, bf16 autocast on CUDA, with and
               without gradient checkpointing: seconds, volumes/s, peak memory
   reference   with --reference-python/--reference-checkout: reference_pass.py (the reference's own code) on
@@ -222,9 +223,8 @@ def chat_part(setup: Setup) -> dict:
         answer = session.ask(question, "long")
         figures |= {f"chat_turn{turn}_first_token_s": answer.first_token_s,
                     f"chat_turn{turn}_tokens_per_s": answer.tokens_per_s, f"chat_turn{turn}_tokens": answer.new_tokens}
-    if setup.device.type == "cuda":
-        figures |= static_cache_figures(model.llm, runtime.image_embeddings(setup.volume), setup.args.new_tokens)
-    return figures
+    cached = ("dynamic", "static_compiled") if setup.device.type == "cuda" else ("dynamic",)
+    return figures | decoding_figures(model.llm, runtime.image_embeddings(setup.volume), setup.args.new_tokens, cached)
 
 
 def chat_model(setup: Setup):
@@ -258,11 +258,13 @@ def smollm_tokenizer_to(folder: Path) -> None:
     AutoTokenizer.from_pretrained(smollm2_gguf().parent, gguf_file=smollm2_gguf().name).save_pretrained(folder)
 
 
-def static_cache_figures(llm, image: torch.Tensor, tokens: int) -> dict:
-    """Decoding tokens/s of plain transformers generate: dynamic cache vs static cache + torch.compile."""
+def decoding_figures(llm, image: torch.Tensor, tokens: int, caches: tuple[str, ...]) -> dict:
+    """Tokens/s of transformers' generate forced to `tokens` new tokens (a random projector's answer may end at
+    once): the dynamic cache and, where asked, the static cache + torch.compile."""
     embeds = torch.cat([image, llm.get_input_embeddings()(torch.arange(40, device=image.device))[None]], dim=1)
     figures = {}
-    for name, options in (("dynamic", {}), ("static_compiled", {"cache_implementation": "static"})):
+    options_of = {"dynamic": {}, "static_compiled": {"cache_implementation": "static"}}
+    for name, options in ((name, options_of[name]) for name in caches):
         run = lambda: llm.generate(inputs_embeds=embeds, max_new_tokens=tokens, min_new_tokens=tokens,  # noqa: E731
                                    do_sample=False, **options)
         run()  # warm-up (compiles the static-cache graph)
