@@ -293,7 +293,7 @@ def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch
     CT-CLIP's token grids: stage 1's loss falls, it installs, evaluates and prints its figures, and the default
     CT-CHAT of a machine without the official weights is the demo one."""
     from CTFoundationLib.inference.chat import ChatRuntime
-    from training.ctchat.demo import build_chat_demo, case_volume, demo_data_folder, evaluate_chat_demo
+    from training.ctchat.demo import build_chat_demo, case_volume, demo_data_folder
 
     home, _ = demo_home
     monkeypatch.setenv("CTFOUNDATION_HOME", str(home))
@@ -308,8 +308,7 @@ def test_the_demo_ctchat_builds_learns_installs_and_chats(demo_home, monkeypatch
     assert test["yes_no_questions"] == 4 * 7 and 0 <= test["yes_no_accuracy"] <= 1
     assert {"short_answer", "report_generation"} <= set(test["text_metrics"])
     assert set(test["clinical"]["findings"]) == set(DEMO_FINDINGS)
-    assert "demo CT-CHAT yes/no accuracy: " in capsys.readouterr().out
-    assert evaluate_chat_demo(data_root(), home, cases=2)["yes_no_questions"] == 14
+    assert "demo CT-CHAT yes/no accuracy: " in capsys.readouterr().out  # the build evaluated the installed files
 
     runtime = ChatRuntime.from_registry(home=home, device="cpu")  # the default model, not installed here
     assert runtime.model_id == "ct-chat-demo" and "not for diagnosis" in runtime.notice
