@@ -40,7 +40,7 @@ from training.fvlm import (
     prompt_loss,
     soft_targets,
 )
-from training.trainer import Trainer, initial_model
+from training.trainer import Trainer, freeze_text_layers, initial_model
 
 RICORD_3MM = "ct/ricord1a_419639-000082_chest_noncontrast/ct_3mm_iso.nii.gz"
 LUNG_NORMAL = normal_template("lung")
@@ -114,6 +114,32 @@ def _tiny_model(organs: list[str]) -> TrainableFVLM:
 def _tokenize(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = load_tokenizer(bert_vocab())(texts, padding="longest", return_tensors="pt")
     return tokens["input_ids"], tokens["attention_mask"]
+
+
+def test_fixed_text_layers_run_once_per_text_and_give_the_features_of_the_whole_tower():
+    """fVLM's own BERT with its first layers fixed: the features of the runtime's `encode_text`, other padding
+    and batches alike, with the fixed layers run once per text."""
+    constructors = tiny_constructors(["lung"])
+    constructors["BertConfig"]["num_hidden_layers"] = 3
+    model = TrainableFVLM(build_fvlm(FVLMConfig.from_reference_constructors(constructors), seed=0))
+    freeze_text_layers(model, 2)
+    tower = model.fvlm.text_encoder
+    texts = [LUNG_NORMAL, "Nodule in the left lung.", "Bilateral pleural effusion with adjacent atelectasis."]
+    ids, mask = _tokenize(texts)
+    assert len(set(mask.sum(dim=1).tolist())) == len(texts)
+    embedding_calls = []
+    tower.embeddings.register_forward_hook(lambda *_: embedding_calls.append(1))
+    model.text_features(ids, mask).sum().backward()
+    fixed = [tower.embeddings, *tower.encoder["layer"][:2]]
+    assert all(p.grad is None and not p.requires_grad for module in fixed for p in module.parameters())
+    assert all(p.grad is not None for p in tower.encoder["layer"][2].parameters())
+    cached = model.text_features(ids, mask)
+    subset = model.text_features(ids[[2, 0]], mask[[2, 0]])
+    assert len(model.frozen_text.states) == len(texts) and len(embedding_calls) == 1
+    whole_tower = model.fvlm.encode_text(ids, mask)
+    torch.testing.assert_close(cached, whole_tower, atol=1e-5, rtol=0)
+    torch.testing.assert_close(subset, whole_tower[[2, 0]], atol=1e-5, rtol=0)
+    assert (whole_tower[0] - whole_tower[2]).abs().max() > 100 * 1e-5  # texts differ well beyond the tolerance
 
 
 def test_the_loss_is_the_soft_infonce_of_the_intact_organs_with_an_abnormal_case():

@@ -216,7 +216,8 @@ def test_fixed_text_layers_run_once_per_text_and_give_the_latents_of_the_whole_t
 def test_fixed_text_prefix_refuses_left_padding():
     bert = build_clip(CTCLIPConfig.from_reference_constructors(tiny_constructors())).text_transformer
     with pytest.raises(ValueError, match="right-padded"):
-        FrozenTextPrefix(bert, 1).text_cls(torch.tensor([[0, 101, 102]]), torch.tensor([[0, 1, 1]]))
+        FrozenTextPrefix(bert.embeddings, bert.encoder.layer, 1).text_cls(torch.tensor([[0, 101, 102]]),
+                                                                          torch.tensor([[0, 1, 1]]))
 
 
 def test_config_errors_name_the_problem(tmp_path):

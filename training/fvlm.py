@@ -53,7 +53,7 @@ from CTFoundationLib.models.checkpoint_io import as_state_dict, load_torch_file
 from CTFoundationLib.models.fvlm import FVLM, ZERO_SHOT_ITEMS, FVLMConfig, ZeroShotItem
 from CTFoundationLib.preprocess import OrganWindowSpec, PreprocessSpec
 from training.ctrate import read_labels, read_reports
-from training.modeling import load_local_bert
+from training.modeling import FrozenTextPrefix, load_local_bert
 
 NORMAL_TEMPLATE = "{organ} shows no significant abnormalities."
 REGION_ORGANS = {"pleura": "lung"}  # regions without fVLM organ whose findings fVLM scores on an organ
@@ -264,11 +264,19 @@ def text_for_encoder(text: str, organ: str) -> str:
 
 
 class TrainableFVLM(nn.Module):
-    """The library's FVLM with one training entry point (what accelerate wraps for data parallelism)."""
+    """The library's FVLM with one training entry point (what accelerate wraps for data parallelism).
+    `frozen_text`: set when the first text layers are fixed (`FrozenTextPrefix`)."""
 
     def __init__(self, fvlm: FVLM) -> None:
         super().__init__()
         self.fvlm = fvlm
+        self.frozen_text: FrozenTextPrefix | None = None
+
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(N, T) token ids and mask -> (N, E) L2-normed features (float32), as `FVLM.encode_text`."""
+        if self.frozen_text is None:
+            return self.fvlm.encode_text(input_ids, attention_mask).float()
+        return F.normalize(self.fvlm.text_proj(self.frozen_text.text_cls(input_ids, attention_mask)), dim=-1).float()
 
     def forward(self, image: Tensor, labels: Tensor, input_ids: Tensor, attention_mask: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -276,7 +284,7 @@ class TrainableFVLM(nn.Module):
         with torch.no_grad():
             self.fvlm.temp.clamp_(*TEMPERATURE_RANGE)
         organ_feats = self.fvlm.encode_organs(image, labels).float()
-        return organ_feats, self.fvlm.encode_text(input_ids, attention_mask).float(), self.fvlm.temp
+        return organ_feats, self.text_features(input_ids, attention_mask), self.fvlm.temp
 
 
 def _gather(tensor: Tensor) -> Tensor:

@@ -62,26 +62,28 @@ class CodebookEMA(nn.Module):
 
 
 class FrozenTextPrefix:
-    """The text tower's fixed part (embeddings and the first `count` BERT layers) run once per distinct text and
+    """A BERT text tower's fixed part (embeddings and the first `count` layers) run once per distinct text and
     kept, so that a training step runs only the trainable layers: the same texts come back every epoch (reports)
-    or every step (VocabFine's prompts). Fixed layers run without dropout (eval mode), which is what makes their
-    output a function of the text. Up to `max_bytes` of states are kept; texts beyond that are run each time."""
+    or every step (prompts). Fixed layers run without dropout (eval mode), which is what makes their output a
+    function of the text. Up to `max_bytes` of states are kept; texts beyond that are run each time.
 
-    def __init__(self, bert: nn.Module, count: int, max_bytes: int = 2**30) -> None:
-        self.bert, self.count, self.max_bytes = bert, count, max_bytes
+    The tower: `embeddings(input_ids)` and `layers[i](hidden, additive_mask)`, as transformers' BertModel and
+    fVLM's TextEncoder have them."""
+
+    def __init__(self, embeddings: nn.Module, layers: nn.ModuleList, count: int, max_bytes: int = 2**30) -> None:
+        self.embeddings, self.layers, self.count, self.max_bytes = embeddings, layers, count, max_bytes
         self.states: dict[bytes, Tensor] = {}  # token ids of a text (unpadded) -> (tokens, dim_text)
         self.stored_bytes = 0
 
     def text_cls(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(K, L) ids and right-padded 0/1 mask -> (K, dim_text) last-layer [CLS] state (float32), the value
-        `CTCLIP.text_cls` gives with the fixed layers in eval mode."""
+        """(K, L) ids and right-padded 0/1 mask -> (K, dim_text) last-layer [CLS] state (float32), the value of
+        the whole tower with the fixed layers in eval mode."""
         lengths = attention_mask.sum(dim=1)
         positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         if not torch.equal(attention_mask.bool(), positions < lengths[:, None]):
             raise ValueError("FrozenTextPrefix expects right-padded texts (mask: ones, then zeros)")
         hidden = nn.utils.rnn.pad_sequence(self._prefix_states(input_ids, lengths.tolist()), batch_first=True)
-        trainable = self.bert.encoder.layer[self.count :]
-        return self._run(trainable, hidden, attention_mask[:, : hidden.shape[1]])[:, 0].float()
+        return self._run(self.layers[self.count :], hidden, attention_mask[:, : hidden.shape[1]])[:, 0].float()
 
     def _prefix_states(self, input_ids: Tensor, lengths: list[int]) -> list[Tensor]:
         keys = [row[:n].numpy().tobytes() for row, n in zip(input_ids.cpu(), lengths)]
@@ -101,24 +103,24 @@ class FrozenTextPrefix:
         return [self.states.get(key, fresh.get(key)) for key in keys]
 
     def _fixed_layers(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        modules = [self.bert.embeddings, *self.bert.encoder.layer[: self.count]]
+        modules = [self.embeddings, *self.layers[: self.count]]
         modes = [module.training for module in modules]
         try:
             for module in modules:
                 module.eval()
             with torch.no_grad():
-                return self._run(modules[1:], self.bert.embeddings(input_ids=input_ids), attention_mask)
+                return self._run(modules[1:], self.embeddings(input_ids), attention_mask)
         finally:
             for module, mode in zip(modules, modes):
                 module.train(mode)
 
     @staticmethod
     def _run(layers, hidden: Tensor, attention_mask: Tensor) -> Tensor:
-        """BERT layers over (K, L, d) states; the mask as the additive (K, 1, 1, L) bias that both the eager and
-        the scaled-dot-product attention of transformers take."""
+        """Layers over (K, L, d) states; the 0/1 mask as an additive (K, 1, 1, L) bias (the dtype's minimum gives
+        padding exactly zero weight, as fVLM's -10000 does in float32)."""
         bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         for layer in layers:
-            out = layer(hidden, attention_mask=bias)
+            out = layer(hidden, bias)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
         return hidden
 

@@ -173,9 +173,9 @@ def parameter_groups(model: TrainableCTCLIP, config: TrainingConfig) -> list[dic
     return [{"params": rest, "lr": config.train.lr}, {"params": text, "lr": config.train.text_lr or config.train.lr}]
 
 
-def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
-    """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains); CT-CLIP runs
-    them once per distinct text (`FrozenTextPrefix`)."""
+def freeze_text_layers(model: TrainableCTCLIP | fvlm.TrainableFVLM, count: int) -> None:
+    """Keep the text embeddings and the first `count` BERT layers fixed (0: everything trains), run once per
+    distinct text (`FrozenTextPrefix`)."""
     if count <= 0:
         return
     is_fvlm = isinstance(model, fvlm.TrainableFVLM)
@@ -184,8 +184,7 @@ def freeze_text_layers(model: TrainableCTCLIP, count: int) -> None:
     for module in (bert.embeddings, *layers[:count]):
         for parameter in module.parameters():
             parameter.requires_grad_(False)
-    if not is_fvlm:
-        model.frozen_text = FrozenTextPrefix(bert, count)
+    model.frozen_text = FrozenTextPrefix(bert.embeddings, layers, count)
 
 
 def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
