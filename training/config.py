@@ -114,8 +114,8 @@ class DataSection:
 class TrainSection:
     """Optimisation. Defaults are the reference CTClipTrainer's: batch 8, Adam (betas 0.9/0.99) lr 1.25e-6,
     no weight decay, gradient-norm clip 0.5, 100,001 steps, constant learning rate. text_lr: another rate for
-    the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed (CT-CLIP
-    runs them once per distinct text, without dropout).
+    the text tower; freeze_text_layers: N > 0 keeps the text embeddings and the first N BERT layers fixed (run once
+    per distinct text, without dropout).
     epochs: when set, steps = epochs x batches per epoch; min_lr: where the cosine ends and the warm-up starts.
     prompt_weight (fvlm): > 0 adds that times the loss of fVLM's zero-shot prompt pairs against data.labels_csv
     (`training.fvlm.prompt_loss`). localisation_weight (vocabfine, not the reference's): > 0 adds that times
