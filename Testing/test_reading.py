@@ -215,7 +215,7 @@ def test_corrupt_dicom_pixels_are_refused(ct_dir, tmp_path):
     with warnings.catch_warnings(record=True) as caught, pytest.raises(CTInputError) as refused:
         warnings.simplefilter("always")
         read_ct(folder)
-    assert str(refused.value).startswith(f"{victim}: the file ends before its pixel data (cut short)")
+    assert str(refused.value).startswith(f"{victim}: no pixel data: the file is cut short")
     assert not [str(w.message) for w in caught]  # the one line only, not pydicom's note beside it
 
 

@@ -335,8 +335,9 @@ def _slice_step(positions: np.ndarray, normal: np.ndarray, source: str) -> float
 
 def _decode_slices(files: list[Path], rescale: tuple[float, float] | None) -> tuple[np.ndarray, list, list]:
     """Decode and rescale every slice straight into one (k, j, i) HU array (int16 while exact, else float32)."""
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool, warnings.catch_warnings():
-        # pydicom's note on a file that ends early: the slice then has no pixel data, refused in _decode_slice
+    # pydicom's note on a file that ends early (the slice then has no pixel data, refused in _decode_slice); the
+    # filter outlives the pool, whose threads may still decode when an error leaves the block
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         warnings.filterwarnings("ignore", "End of file reached before delimiter", UserWarning)
         decoded = pool.map(_decode_slice, files)
         hu_kji, slopes, intercepts = None, [], []
@@ -360,17 +361,15 @@ def _decode_slice(file: Path) -> tuple[np.ndarray, float, float]:
 
     try:
         dataset = pydicom.dcmread(file)
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as error:
-        raise CTInputError(f"{file}: cannot be read ({error}); copy or export the series again") from None
-    if not any(keyword in dataset for keyword in PIXEL_DATA_KEYWORDS):
-        raise CTInputError(f"{file}: the file ends before its pixel data (cut short); copy or export the series again")
-    try:
-        pixels = dataset.pixel_array
+        pixels = dataset.pixel_array if any(key in dataset for key in PIXEL_DATA_KEYWORDS) else None
     except Exception as error:  # pixel decoders raise many types; all mean "cannot decode this slice"
         raise CTInputError(
             f"{file}: cannot decode the pixel data ({type(error).__name__}: {error}). Compressed DICOM needs "
             "`pip install pylibjpeg pylibjpeg-libjpeg` (the 'dicom' extra); a truncated file must be re-exported."
         ) from error
+    if pixels is None:
+        raise CTInputError(f"{file}: no pixel data: the file is cut short or holds no image; copy or export the "
+                           "series again")
     return pixels, float(dataset.get("RescaleSlope", 1.0)), float(dataset.get("RescaleIntercept", 0.0))
 
 

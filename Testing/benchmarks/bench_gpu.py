@@ -223,8 +223,10 @@ def chat_part(setup: Setup) -> dict:
         answer = session.ask(question, "long")
         figures |= {f"chat_turn{turn}_first_token_s": answer.first_token_s,
                     f"chat_turn{turn}_tokens_per_s": answer.tokens_per_s, f"chat_turn{turn}_tokens": answer.new_tokens}
-    cached = ("dynamic", "static_compiled") if setup.device.type == "cuda" else ("dynamic",)
-    return figures | decoding_figures(model.llm, runtime.image_embeddings(setup.volume), setup.args.new_tokens, cached)
+    caches = {"dynamic": {}}
+    if setup.device.type == "cuda":
+        caches["static_compiled"] = {"cache_implementation": "static"}
+    return figures | decoding_figures(model.llm, runtime.image_embeddings(setup.volume), setup.args.new_tokens, caches)
 
 
 def chat_model(setup: Setup):
@@ -258,13 +260,12 @@ def smollm_tokenizer_to(folder: Path) -> None:
     AutoTokenizer.from_pretrained(smollm2_gguf().parent, gguf_file=smollm2_gguf().name).save_pretrained(folder)
 
 
-def decoding_figures(llm, image: torch.Tensor, tokens: int, caches: tuple[str, ...]) -> dict:
+def decoding_figures(llm, image: torch.Tensor, tokens: int, caches: dict[str, dict]) -> dict:
     """Tokens/s of transformers' generate forced to `tokens` new tokens (a random projector's answer may end at
-    once): the dynamic cache and, where asked, the static cache + torch.compile."""
+    once), per named set of generate options (the dynamic cache; the static cache, compiled by transformers)."""
     embeds = torch.cat([image, llm.get_input_embeddings()(torch.arange(40, device=image.device))[None]], dim=1)
     figures = {}
-    options_of = {"dynamic": {}, "static_compiled": {"cache_implementation": "static"}}
-    for name, options in ((name, options_of[name]) for name in caches):
+    for name, options in caches.items():
         run = lambda: llm.generate(inputs_embeds=embeds, max_new_tokens=tokens, min_new_tokens=tokens,  # noqa: E731
                                    do_sample=False, **options)
         run()  # warm-up (compiles the static-cache graph)
